@@ -1,0 +1,30 @@
+"""raymerge: SLERP-merge two Hugging Face causal language models, distributed over Ray."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+def merge(a: str, b: str, out: str, t: float | list[float] = 0.5, **options):
+    """Merge parents ``a`` (t=0) and ``b`` (t=1) into ``out``; the same code path as the CLI.
+
+    Args:
+        a, b: parent model directories.
+        out: output directory (``out/t-<t>`` per value when ``t`` is a list).
+        t: one interpolation factor, or several for a sweep.
+        **options: any other field of ``raymerge.options.MergeOptions`` (dtype, workers, ...).
+
+    Returns:
+        A ``MergeResult`` (outputs by t, tensor count, bytes written, seconds).
+
+    Example:
+        >>> import raymerge
+        >>> raymerge.merge("parent-a", "parent-b", "child", t=0.5)  # doctest: +SKIP
+    """
+    from raymerge.driver import merge as run_merge
+    from raymerge.options import MergeOptions, parse_size
+
+    ts = tuple(float(x) for x in t) if isinstance(t, (list, tuple)) else (float(t),)
+    if "max_shard_size" in options:
+        options["max_shard_size"] = parse_size(options["max_shard_size"])
+    return run_merge(MergeOptions(a=a, b=b, out=out, t=ts, progress=options.pop("progress", False), **options))

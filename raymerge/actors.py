@@ -1,0 +1,192 @@
+"""The merge actor: reads its tensors' slices with safetensors, pads, SLERPs, writes shards.
+
+Work comes in two idempotent passes over the actor's share of the plan:
+
+1. ``reduce``: stream each tensor in row blocks and return its float64 reductions (and finiteness,
+   equality of non-float tensors, the short parent's mean for ``--pad mean``). Nothing is written.
+2. ``write``: stream each tensor again, combine the blocks with the coefficients the driver
+   computed from the reductions (one set per t), and write the bytes at the tensor's planned
+   offset in its shard, for every output.
+
+Tensor bytes never travel through Ray: the actor reads the parents and writes the shards on the
+filesystem; Ray carries plans, paths and small records. The class is plain Python so that tests
+can drive it without Ray; ``remote_actor_class`` wraps it for Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass, field
+
+import ray
+import torch
+from safetensors import safe_open
+
+from raymerge.align import pad_rows
+from raymerge.plan import TensorPlan
+from raymerge.shards import TORCH_DTYPES, ShardFile, TensorEntry, numel
+from raymerge.slerp import Coefficients, Reductions, combine_block, reduce_block
+
+
+@dataclass(frozen=True)
+class TensorStats:
+    """What pass 1 learned about one tensor."""
+
+    name: str
+    reductions: Reductions
+    finite_a: bool
+    finite_b: bool
+    equal: bool = True  # non-float tensors: identical in both parents
+    s_mean: torch.Tensor | None = None  # --pad mean: the short parent's mean entry
+
+
+@dataclass(frozen=True)
+class WriteJob:
+    """Pass 2 for one actor and one shard: the tensors to write and where."""
+
+    shard_paths: tuple[str, ...]  # one partial file per output (per t)
+    header: bytes
+    tensors: tuple[TensorPlan, ...]
+    coefficients: dict[str, tuple[Coefficients, ...]]  # name -> one per output
+    means: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class MergeActor:
+    """One worker of a merge. Methods take and return plain records; each call is idempotent."""
+
+    def __init__(self, block_bytes: int, num_threads: int = 1, use_gpu: bool = False):
+        self.block_bytes = block_bytes
+        torch.set_num_threads(max(1, num_threads))
+        self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self._handles: dict[str, object] = {}
+
+    # ---- set-up checks -------------------------------------------------------------------
+
+    def where(self, read_paths: list[str], write_dir: str | None = None) -> dict:
+        """Report this actor's host and whether it can see the parents and write into OUT."""
+        missing = [p for p in read_paths if not os.path.exists(p)]
+        writable = True
+        if write_dir is not None:
+            probe = os.path.join(write_dir, f".raymerge-probe-{socket.gethostname()}-{os.getpid()}")
+            try:
+                with open(probe, "w") as f:
+                    f.write("ok")
+                os.remove(probe)
+            except OSError:
+                writable = False
+        return {"host": socket.gethostname(), "pid": os.getpid(), "missing": missing,
+                "writable": writable, "device": str(self.device)}
+
+    # ---- reading -------------------------------------------------------------------------
+
+    def _slice(self, entry: TensorEntry, r0: int, r1: int) -> torch.Tensor:
+        handle = self._handles.get(entry.file)
+        if handle is None:
+            handle = self._handles[entry.file] = safe_open(entry.file, framework="pt")
+        if not entry.shape:
+            return handle.get_tensor(entry.name)
+        return handle.get_slice(entry.name)[r0:r1]
+
+    def _rows(self, t: TensorPlan, parent: str, r0: int, r1: int, s_mean=None) -> torch.Tensor:
+        """Rows [r0, r1) of a parent's tensor, the short parent's padded rows synthesized."""
+        entry = t.a if parent == "a" else t.b
+        pad = t.pad
+        if pad is None or pad.short != parent or r1 <= pad.n:
+            return self._slice(entry, r0, r1).to(self.device)
+        long_entry = t.b if parent == "a" else t.a
+        real = self._slice(entry, r0, pad.n) if r0 < pad.n else None
+        new_rows = range(max(r0, pad.n), r1)
+        synth = pad_rows(
+            pad, new_rows,
+            s_last=self._slice(entry, pad.n - 1, pad.n)[0],
+            l_last=self._slice(long_entry, pad.N - 1, pad.N)[0],
+            l_rows=self._slice(long_entry, new_rows.start, new_rows.stop) if pad.strategy == "copy" else None,
+            s_mean=s_mean,
+        )
+        block = synth if real is None else torch.cat([real.to(torch.float32), synth])
+        return block.to(self.device)
+
+    def _blocks(self, shape: tuple[int, ...]):
+        """Row ranges of one tensor, sized so a float32 block holds about block_bytes."""
+        if not shape:
+            yield 0, 1
+            return
+        row_elems = max(1, numel(shape[1:]))
+        step = max(1, self.block_bytes // (4 * row_elems))
+        for r0 in range(0, shape[0], step):
+            yield r0, min(shape[0], r0 + step)
+
+    def _short_mean(self, t: TensorPlan) -> torch.Tensor:
+        entry = t.a if t.pad.short == "a" else t.b
+        total = torch.zeros(entry.shape[1:], dtype=torch.float64)
+        for r0, r1 in self._blocks(entry.shape):
+            total += self._slice(entry, r0, r1).to(torch.float64).sum(dim=0)
+        return (total / entry.shape[0]).to(torch.float32)
+
+    # ---- pass 1 --------------------------------------------------------------------------
+
+    def reduce(self, tensors: list[TensorPlan]) -> list[TensorStats]:
+        """Pass 1: the float64 reductions of each tensor, and its finiteness."""
+        return [self._reduce_one(t) for t in tensors]
+
+    def _reduce_one(self, t: TensorPlan) -> TensorStats:
+        if t.op in ("copy_a", "copy_b"):
+            parent = t.op[-1]
+            red = Reductions()
+            for r0, r1 in self._blocks(t.shape):
+                x = self._rows(t, parent, r0, r1)
+                red = red + (reduce_block(x, x) if x.is_floating_point() else Reductions())
+            ok = math.isfinite(red.aa)
+            return TensorStats(t.name, red, ok, ok)
+        if t.op == "equal":
+            equal = all(
+                torch.equal(self._rows(t, "a", r0, r1), self._rows(t, "b", r0, r1))
+                for r0, r1 in self._blocks(t.shape)
+            )
+            return TensorStats(t.name, Reductions(), True, True, equal=equal)
+        s_mean = self._short_mean(t) if t.pad is not None and t.pad.strategy == "mean" else None
+        red = Reductions()
+        for r0, r1 in self._blocks(t.shape):
+            red = red + reduce_block(self._rows(t, "a", r0, r1, s_mean), self._rows(t, "b", r0, r1, s_mean))
+        return TensorStats(t.name, red, math.isfinite(red.aa), math.isfinite(red.bb), s_mean=s_mean)
+
+    # ---- pass 2 --------------------------------------------------------------------------
+
+    def write(self, job: WriteJob) -> int:
+        """Pass 2: compute this job's tensors and write them into every output's partial shard.
+
+        Returns the number of bytes written (all outputs together).
+        """
+        files = [ShardFile(p, job.header) for p in job.shard_paths]
+        written = 0
+        try:
+            for t in job.tensors:
+                out_dtype = TORCH_DTYPES[t.dtype]
+                row_bytes = numel(t.shape[1:]) * out_dtype.itemsize if t.shape else 0
+                coefs = job.coefficients.get(t.name)
+                s_mean = job.means.get(t.name)
+                for r0, r1 in self._blocks(t.shape):
+                    offset = t.offset + r0 * row_bytes
+                    if t.op == "slerp":
+                        a = self._rows(t, "a", r0, r1, s_mean)
+                        b = self._rows(t, "b", r0, r1, s_mean)
+                        for f, coef in zip(files, coefs):
+                            f.write_tensor(offset, combine_block(a, b, coef, out_dtype).cpu())
+                            written += (r1 - r0) * row_bytes or out_dtype.itemsize
+                    else:
+                        x = self._rows(t, "b" if t.op == "copy_b" else "a", r0, r1).to(out_dtype).cpu()
+                        for f in files:
+                            f.write_tensor(offset, x)
+                            written += x.numel() * out_dtype.itemsize
+        finally:
+            for f in files:
+                f.close(sync=True)
+        return written
+
+
+def remote_actor_class(num_cpus: float, num_gpus: float, max_restarts: int = 3):
+    """The Ray actor class for MergeActor with its resource request."""
+    return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                      max_task_retries=max_restarts)(MergeActor)

@@ -1,0 +1,111 @@
+"""The assembler: everything in an output directory besides the shards.
+
+It writes the tokenizer files, ``generation_config.json``, the model card, the provenance file,
+the index and, last of all, ``config.json``: a directory without ``config.json`` is not a model
+to transformers or vLLM, so an interrupted merge never looks complete. Every file is written
+under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from raymerge import __version__
+from raymerge.options import MergeOptions
+from raymerge.parents import Parent
+from raymerge.plan import INDEX_NAME, MergePlan
+
+PROVENANCE_NAME = "raymerge.json"
+TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def write_atomic(path: str, data: str | bytes) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj: dict) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def index_json(plan: MergePlan) -> dict:
+    """``model.safetensors.index.json``: ``metadata.total_size`` and the sorted ``weight_map``."""
+    weight_map = {t.name: plan.shards[t.shard].filename for t in sorted(plan.tensors, key=lambda t: t.name)}
+    return {"metadata": {"total_size": plan.total_size()}, "weight_map": weight_map}
+
+
+def child_config(a: Parent, plan: MergePlan) -> dict:
+    """Parent A's config with the merged ``vocab_size``, tie flag and dtype."""
+    config = json.loads(json.dumps(a.config))
+    target = config["text_config"] if "vocab_size" not in config and isinstance(config.get("text_config"), dict) else config
+    if plan.vocab_size is not None:
+        target["vocab_size"] = plan.vocab_size
+    if not plan.tied_output and a.tie_word_embeddings:
+        config["tie_word_embeddings"] = False
+    dtype = TORCH_DTYPE_NAMES.get(plan.out_dtype)
+    keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
+    for k in keys:
+        config[k] = dtype
+    return config
+
+
+def model_card(a: Parent, b: Parent, t_label: str, options: MergeOptions) -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(
+        base_model=[a.path, b.path], library_name="transformers", tags=["merge", "raymerge", "slerp"],
+    )
+    command = options.command or f"raymerge merge {a.path} {b.path} -o OUT -t {t_label}"
+    content = (
+        f"---\n{data.to_yaml()}\n---\n\n"
+        "# Merged model\n\n"
+        f"This model is a SLERP merge of two parents made with raymerge {__version__}.\n\n"
+        f"- Parent A (base, t=0): `{a.path}`\n- Parent B (t=1): `{b.path}`\n"
+        f"- Method: spherical linear interpolation (SLERP), t = {t_label}\n\n"
+        "## Reproduce\n\n"
+        f"```\n{command}\n```\n"
+    )
+    return str(ModelCard(content))
+
+
+def provenance(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t: float, fingerprint: str) -> dict:
+    def parent_record(p: Parent) -> dict:
+        return {"path": p.path, "files": {os.path.basename(f): os.path.getsize(f) for f in p.weight_files}}
+
+    return {
+        "raymerge_version": __version__,
+        "method": "slerp",
+        "t": t,
+        "parents": {"a": parent_record(a), "b": parent_record(b)},
+        "options": {"dtype": TORCH_DTYPE_NAMES.get(plan.out_dtype), "pad": options.pad,
+                    "max_shard_size": options.max_shard_size, "tokenizer_from": plan.tokenizer_from,
+                    "sweep": list(options.t)},
+        "notes": list(plan.notes),
+        "plan_fingerprint": fingerprint,
+    }
+
+
+def assemble(out_dir: str, a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t: float,
+             fingerprint: str) -> None:
+    """Write every non-shard file of one output; ``config.json`` goes last."""
+    tok_parent = a if plan.tokenizer_from == "a" else b
+    for name in tok_parent.tokenizer_files():
+        tmp = os.path.join(out_dir, f".{name}.tmp")
+        shutil.copyfile(os.path.join(tok_parent.path, name), tmp)
+        os.replace(tmp, os.path.join(out_dir, name))
+    gen = os.path.join(a.path, "generation_config.json")
+    if os.path.isfile(gen):
+        with open(gen) as f:
+            write_atomic(os.path.join(out_dir, "generation_config.json"), f.read())
+    write_atomic(os.path.join(out_dir, "README.md"), model_card(a, b, format(t, "g"), options))
+    write_json(os.path.join(out_dir, PROVENANCE_NAME), provenance(a, b, plan, options, t, fingerprint))
+    if len(plan.shards) > 1:
+        write_json(os.path.join(out_dir, INDEX_NAME), index_json(plan))
+    write_json(os.path.join(out_dir, "config.json"), child_config(a, plan))
+

@@ -1,0 +1,97 @@
+"""The ``raymerge`` command line: builds MergeOptions and hands them to the driver."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+import click
+
+from raymerge.errors import RaymergeError
+from raymerge.options import DTYPE_CHOICES, PAD_STRATEGIES, MergeOptions, parse_size
+
+
+def _fail(err: Exception, debug: bool) -> None:
+    if debug:
+        raise err
+    click.echo(f"raymerge: error: {err}", err=True)
+    sys.exit(1)
+
+
+def _run_guarded(debug: bool, fn):
+    try:
+        return fn()
+    except RaymergeError as e:
+        _fail(e, debug)
+    except KeyboardInterrupt:
+        click.echo("raymerge: interrupted; rerun with --resume to continue", err=True)
+        sys.exit(130)
+
+
+@click.group()
+@click.version_option(package_name="raymerge")
+def main():
+    """SLERP-merge two Hugging Face causal language models, distributed over Ray."""
+
+
+def merge_options(f):
+    """Options shared by `merge` and `plan`."""
+    decorators = [
+        click.argument("a"),
+        click.argument("b"),
+        click.option("-t", "t_values", type=float, multiple=True,
+                     help="Interpolation factor in [0, 1] (0 = A, 1 = B). Repeat for a sweep."),
+        click.option("--dtype", type=click.Choice(list(DTYPE_CHOICES)), default=None,
+                     help="Output dtype (default: parent A's)."),
+        click.option("--max-shard-size", default="5GB", show_default=True,
+                     help="Largest output shard, e.g. 500MB, 5GB, 2GiB."),
+        click.option("--pad", type=click.Choice(PAD_STRATEGIES), default="gradient", show_default=True,
+                     help="How the shorter vocabulary is extended."),
+        click.option("--tokenizer-from", type=click.Choice(["a", "b"]), default=None,
+                     help="Parent to take tokenizer files from (default: the one with the merged vocabulary)."),
+        click.option("--workers", type=int, default=None,
+                     help="Number of actors (default: one per CPU, or one per GPU on a GPU cluster)."),
+        click.option("--gpus-per-actor", type=float, default=1.0, show_default=True),
+        click.option("--address", default=None,
+                     help="Ray cluster to attach to ('auto', 'ray://host:10001', host:port). "
+                          "Default: RAY_ADDRESS if set, else an embedded local Ray."),
+        click.option("--debug", is_flag=True, help="Show tracebacks."),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+def build_options(a, b, out, t_values, dtype, max_shard_size, pad, tokenizer_from, workers,
+                  gpus_per_actor, address, resume=False, overwrite=False, progress=True) -> MergeOptions:
+    return MergeOptions(
+        a=a, b=b, out=out, t=tuple(t_values) or (0.5,), dtype=dtype,
+        max_shard_size=parse_size(max_shard_size), workers=workers, address=address,
+        gpus_per_actor=gpus_per_actor, pad=pad, tokenizer_from=tokenizer_from, resume=resume,
+        overwrite=overwrite, progress=progress,
+        command=" ".join(shlex.quote(x) for x in ["raymerge", *sys.argv[1:]]),
+    )
+
+
+@main.command()
+@merge_options
+@click.option("-o", "--out", required=True, help="Output directory.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted merge into OUT.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier raymerge output in OUT.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def merge(a, b, out, t_values, dtype, max_shard_size, pad, tokenizer_from, workers, gpus_per_actor,
+          address, debug, resume, overwrite, quiet):
+    """Merge parents A (t=0) and B (t=1) into OUT by SLERP."""
+
+    def run():
+        from raymerge.driver import merge as run_merge, print_summary
+
+        options = build_options(a, b, out, t_values, dtype, max_shard_size, pad, tokenizer_from,
+                                workers, gpus_per_actor, address, resume, overwrite, not quiet)
+        print_summary(run_merge(options))
+
+    _run_guarded(debug, run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""The driver: resolves parents, builds the plan from headers, drives the actors, assembles.
+
+    parents ─ headers ─▶ plan ─▶ actors, pass 1 (reduce) ─▶ coefficients per tensor and t
+                                 actors, pass 2 (write)  ─▶ finished shards renamed into place
+                                 assembler               ─▶ index, config, tokenizer, card, provenance
+
+Every input is checked, and pass 1 has read every tensor (finiteness, equality of non-float
+tensors), before the output directory is created.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import ray
+
+from raymerge.actors import TensorStats, WriteJob, remote_actor_class
+from raymerge.align import check_tokenizer_prefix
+from raymerge.assemble import assemble
+from raymerge.errors import InputError
+from raymerge.options import MergeOptions
+from raymerge.outdir import OutputDir
+from raymerge.parents import Parent, load_parent
+from raymerge.plan import MergePlan, TensorPlan, build_plan
+from raymerge.progress import Progress
+from raymerge.slerp import Coefficients, slerp_coefficients
+
+# Pass-1 calls carry about this many input bytes, so progress moves and no call runs for long.
+REDUCE_CHUNK_BYTES = 512 * 2**20
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a merge produced: one output directory per t."""
+
+    outputs: dict[float, str]
+    tensors: int
+    bytes_written: int
+    seconds: float
+    actors: int
+    notes: tuple[str, ...]
+
+
+def load_parents(options: MergeOptions) -> tuple[Parent, Parent]:
+    a = load_parent(options.a, "A")
+    b = load_parent(options.b, "B")
+    va, vb = a.tokenizer_vocab(), b.tokenizer_vocab()
+    if va is not None and vb is not None:
+        check_tokenizer_prefix(va, vb)
+    return a, b
+
+
+@contextmanager
+def ray_session(address: str | None):
+    """Attach to ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray on all cores."""
+    started = False
+    if not ray.is_initialized():
+        if address or os.environ.get("RAY_ADDRESS"):
+            # Ray refuses resource arguments when attaching to an existing cluster.
+            ray.init(address=address, logging_level="ERROR", log_to_driver=True)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
+                     log_to_driver=True)
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@dataclass(frozen=True)
+class ActorShape:
+    count: int
+    num_cpus: float
+    num_gpus: float
+    threads: int
+
+
+def actor_shape(options: MergeOptions, resources: dict) -> ActorShape:
+    """How many actors, and what each asks of Ray: one per GPU on a GPU cluster, else one per CPU."""
+    cpus = int(resources.get("CPU", 1))
+    gpus = resources.get("GPU", 0)
+    if gpus > 0:
+        count = options.workers or max(1, int(gpus // options.gpus_per_actor))
+        return ActorShape(count, 1, options.gpus_per_actor, 1)
+    count = options.workers or max(1, cpus)
+    per_actor = max(1, cpus // count)
+    return ActorShape(count, per_actor, 0, per_actor)
+
+
+def _chunks(tensors: list[TensorPlan], limit: int) -> list[list[TensorPlan]]:
+    chunks: list[list[TensorPlan]] = [[]]
+    size = 0
+    for t in tensors:
+        if chunks[-1] and size + t.read_bytes > limit:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(t)
+        size += t.read_bytes
+    return chunks
+
+
+def _check_stats(plan: MergePlan, stats: dict[str, TensorStats]) -> None:
+    """Refuse non-finite parents and differing non-float tensors, naming file and tensor."""
+    for t in plan.tensors:
+        s = stats[t.name]
+        for ok, entry, label in ((s.finite_a, t.a, "A"), (s.finite_b, t.b, "B")):
+            if not ok and entry is not None:
+                raise InputError(f"parent {label}: {entry.file}: tensor {entry.name!r} holds NaN or inf")
+        if not s.equal:
+            raise InputError(f"non-float tensor {t.name!r} differs between the parents: it cannot be merged")
+
+
+def _run(pending: list, on_done) -> None:
+    """Wait for Ray calls, handing each finished one to ``on_done(ref, value)``."""
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        for ref in ready:
+            on_done(ref, ray.get(ref))
+
+
+def merge(options: MergeOptions) -> MergeResult:
+    """Merge two parents as ``options`` says and return what was written.
+
+    Example:
+        >>> merge(MergeOptions(a="parent-a", b="parent-b", out="child", t=(0.5,)))  # doctest: +SKIP
+    """
+    started = time.monotonic()
+    a, b = load_parents(options)
+    out = OutputDir(options.out, options.output_dirs())
+    out.check_target([a.path, b.path])
+    plan = build_plan(a, b, options, options.workers or os.cpu_count() or 1)
+    fingerprint = plan.fingerprint(options)
+    out.check_existing(fingerprint, options.resume, options.overwrite)
+
+    with ray_session(options.address):
+        shape = actor_shape(options, ray.cluster_resources())
+        plan = build_plan(a, b, options, shape.count)
+        actor_cls = remote_actor_class(shape.num_cpus, shape.num_gpus)
+        actors = [actor_cls.remote(options.block_bytes, shape.threads, shape.num_gpus > 0)
+                  for _ in range(plan.n_actors)]
+        try:
+            written = _drive(options, a, b, plan, fingerprint, out, actors)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+
+    outputs = {}
+    for t, sub in zip(options.t, options.output_dirs()):
+        assemble(out.output_path(sub), a, b, plan, options, t, fingerprint)
+        outputs[t] = out.output_path(sub)
+    out.cleanup()
+    return MergeResult(outputs, len(plan.tensors), written, time.monotonic() - started,
+                       plan.n_actors, plan.notes)
+
+
+def _drive(options: MergeOptions, a: Parent, b: Parent, plan: MergePlan, fingerprint: str,
+           out: OutputDir, actors: list) -> int:
+    read_paths = sorted({e.file for t in plan.tensors for e in (t.a, t.b) if e is not None})
+    for info in ray.get([actor.where.remote(read_paths) for actor in actors]):
+        if info["missing"]:
+            raise InputError(f"an actor on host {info['host']} cannot see {info['missing'][0]}: "
+                             "parents must sit on storage every node sees, at the same path")
+
+    by_actor: dict[int, list[TensorPlan]] = defaultdict(list)
+    for t in plan.tensors:
+        by_actor[t.actor].append(t)
+
+    # Pass 1: reductions of every tensor; nothing is written yet.
+    stats: dict[str, TensorStats] = {}
+    read_total = sum(t.read_bytes for t in plan.tensors)
+    progress = Progress("reduce", read_total, enabled=options.progress)
+    pending = {}
+    for i, tensors in by_actor.items():
+        for chunk in _chunks(tensors, REDUCE_CHUNK_BYTES):
+            pending[actors[i].reduce.remote(chunk)] = chunk
+
+    def reduced(ref, values):
+        for s in values:
+            stats[s.name] = s
+        progress.update(sum(t.read_bytes for t in pending[ref]))
+
+    _run(list(pending), reduced)
+    progress.close()
+    _check_stats(plan, stats)
+
+    coefficients: dict[str, tuple[Coefficients, ...]] = {
+        t.name: tuple(slerp_coefficients(stats[t.name].reductions, x) for x in options.t)
+        for t in plan.tensors if t.op == "slerp"
+    }
+    means = {n: s.s_mean for n, s in stats.items() if s.s_mean is not None}
+
+    # Pass 2: write. Shards already finished (a resume) are kept.
+    out.create(fingerprint, options.overwrite)
+    for info in ray.get([actor.where.remote([], out.state_dir) for actor in actors]):
+        if not info["writable"]:
+            raise InputError(f"an actor on host {info['host']} cannot write into {out.root}: "
+                             "the output must sit on storage every node sees, at the same path")
+    done = out.finished_shards(plan)
+    todo = [i for i in range(len(plan.shards)) if i not in done]
+    out.clear_partial(plan, set(todo))
+    jobs: dict = {}
+    remaining: dict[int, int] = defaultdict(int)
+    for i in todo:
+        shard = plan.shards[i]
+        members = [t for t in plan.tensors if t.shard == i]
+        for actor_id in sorted({t.actor for t in members}):
+            mine = tuple(t for t in members if t.actor == actor_id)
+            job = WriteJob(
+                shard_paths=tuple(out.partial_path(sub, shard.filename) for sub in out.subdirs),
+                header=shard.layout.header, tensors=mine,
+                coefficients={t.name: coefficients[t.name] for t in mine if t.name in coefficients},
+                means={t.name: means[t.name] for t in mine if t.name in means},
+            )
+            jobs[actors[actor_id].write.remote(job)] = i
+            remaining[i] += 1
+    write_total = sum(plan.shards[i].layout.size for i in todo) * len(out.subdirs)
+    progress = Progress("write", write_total, len(plan.shards), enabled=options.progress)
+    progress.update(shards=len(done))
+    written = 0
+
+    def wrote(ref, nbytes):
+        nonlocal written
+        written += nbytes
+        i = jobs[ref]
+        remaining[i] -= 1
+        finished = remaining[i] == 0
+        if finished:
+            out.finish_shard(plan, i)
+        progress.update(nbytes, shards=int(finished))
+
+    _run(list(jobs), wrote)
+    progress.close()
+    return written
+
+
+def print_summary(result: MergeResult, stream=sys.stderr) -> None:
+    for note in result.notes:
+        print(f"note: {note}", file=stream)
+    print(f"merged {result.tensors} tensors with {result.actors} actors in {result.seconds:.1f} s "
+          f"({result.bytes_written / 1e9:.2f} GB written)", file=stream)
+    for t, path in result.outputs.items():
+        print(f"  t={format(t, 'g')}: {path}", file=stream)
+

@@ -1,0 +1,105 @@
+"""MergeOptions: the one frozen description of a merge, built by the CLI or the Python API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from raymerge.errors import InputError
+
+DTYPE_CHOICES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
+PAD_STRATEGIES = ("gradient", "zeros", "copy", "mean")
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """Parse ``5GB``, ``500MB``, ``2GiB`` or a plain byte count (as transformers does).
+
+    Example:
+        >>> parse_size("5GB"), parse_size("2KiB"), parse_size(100)
+        (5000000000, 2048, 100)
+    """
+    if isinstance(text, int):
+        value = text
+    else:
+        s = text.strip().upper()
+        num = s.rstrip("KMGTIB")
+        unit = s[len(num):]
+        if unit not in _UNITS or not num:
+            raise InputError(f"cannot read size {text!r}: use bytes or a unit such as 500MB, 5GB, 2GiB")
+        try:
+            value = int(float(num) * _UNITS[unit])
+        except ValueError:
+            raise InputError(f"cannot read size {text!r}") from None
+    if value <= 0:
+        raise InputError(f"size must be positive, got {text!r}")
+    return value
+
+
+def t_dirname(t: float) -> str:
+    """The sub-directory of one sweep output: ``t-0.5`` (Python's ``format(t, "g")``)."""
+    return f"t-{format(t, 'g')}"
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Everything that decides a merge. Frozen: the driver and actors get it read-only.
+
+    Attributes:
+        a, b: parents (local directories); ``a`` is the base, reproduced at t=0.
+        out: the output directory.
+        t: one or more interpolation factors in [0, 1]; several make a sweep into ``out/t-<t>``.
+        dtype: output dtype name (``bfloat16``...), or None for parent A's dtype.
+        max_shard_size: bytes per output shard at most (a single tensor may exceed it).
+        workers: number of actors, or None for one per CPU (one per GPU on a GPU cluster).
+        address: Ray address to attach to, or None to start an embedded local Ray.
+        pad: how the shorter vocabulary is extended (see align.py).
+        tokenizer_from: "a", "b" or None (the parent whose vocabulary has the merged size).
+        resume / overwrite: what to do with a non-empty ``out``.
+        block_bytes: float32 bytes of one row block in the actors' two passes.
+    """
+
+    a: str
+    b: str
+    out: str
+    t: tuple[float, ...] = (0.5,)
+    dtype: str | None = None
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    workers: int | None = None
+    address: str | None = None
+    gpus_per_actor: float = 1.0
+    pad: str = "gradient"
+    tokenizer_from: str | None = None
+    resume: bool = False
+    overwrite: bool = False
+    block_bytes: int = 64 * 2**20
+    progress: bool = True
+    command: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        if not self.t:
+            raise InputError("give at least one t")
+        for t in self.t:
+            if not (0.0 <= t <= 1.0):
+                raise InputError(f"t={t} is outside [0, 1]: SLERP only interpolates between the parents")
+        if len(set(self.t)) != len(self.t):
+            raise InputError(f"the same t is given twice: {list(self.t)}")
+        if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
+            raise InputError(f"unknown dtype {self.dtype!r}: choose from {', '.join(DTYPE_CHOICES)}")
+        if self.pad not in PAD_STRATEGIES:
+            raise InputError(f"unknown pad strategy {self.pad!r}: choose from {', '.join(PAD_STRATEGIES)}")
+        if self.tokenizer_from not in (None, "a", "b"):
+            raise InputError("--tokenizer-from must be 'a' or 'b'")
+        if self.workers is not None and self.workers < 1:
+            raise InputError(f"--workers must be at least 1, got {self.workers}")
+        if self.resume and self.overwrite:
+            raise InputError("--resume and --overwrite exclude each other")
+
+    @property
+    def sweep(self) -> bool:
+        return len(self.t) > 1
+
+    def output_dirs(self) -> list[str]:
+        """Sub-directories of ``out`` holding the models, one per t ("" for a single t)."""
+        return [t_dirname(t) for t in self.t] if self.sweep else [""]

@@ -1,0 +1,127 @@
+"""Parents: find a model directory's config, tokenizer and weight files, and read their headers.
+
+Only headers are read here; tensor data is read later, in the actors, slice by slice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from raymerge.errors import InputError
+from raymerge.shards import FLOAT_DTYPES, TensorEntry, read_header
+
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+
+
+@dataclass(frozen=True)
+class Parent:
+    """One parent model: its directory, config and the header entry of every tensor."""
+
+    label: str  # "A" or "B", for messages
+    path: str
+    config: dict
+    tensors: dict[str, TensorEntry]
+    weight_files: tuple[str, ...]
+
+    @property
+    def vocab_size(self) -> int | None:
+        v = self.config.get("vocab_size")
+        if v is None and isinstance(self.config.get("text_config"), dict):
+            v = self.config["text_config"].get("vocab_size")
+        return v
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        # transformers' default is True, but most causal-LM configs state it; absent means tied.
+        return bool(self.config.get("tie_word_embeddings", True))
+
+    @property
+    def dtype(self) -> str:
+        """The float dtype holding most of the parent's bytes (the model's dtype)."""
+        totals: dict[str, int] = {}
+        for e in self.tensors.values():
+            if e.dtype in FLOAT_DTYPES:
+                totals[e.dtype] = totals.get(e.dtype, 0) + e.nbytes
+        return max(sorted(totals), key=lambda d: totals[d]) if totals else "F32"
+
+    def tokenizer_files(self) -> list[str]:
+        return [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(self.path, f))]
+
+    def tokenizer_vocab(self) -> list[str] | None:
+        """Token strings by id from ``tokenizer.json`` (None when the parent has none)."""
+        path = os.path.join(self.path, "tokenizer.json")
+        if not os.path.isfile(path):
+            return None
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(path)
+        vocab = tok.get_vocab(with_added_tokens=True)
+        by_id: list[str | None] = [None] * (max(vocab.values()) + 1 if vocab else 0)
+        for token, i in vocab.items():
+            by_id[i] = token
+        return by_id
+
+
+def _inside(root: str, name: str) -> str:
+    """Join a file name from an index to the model directory, refusing any escape from it."""
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
+        raise InputError(f"{root}: index names {name!r}, a path outside the model directory")
+    return path
+
+
+def _weight_files(path: str) -> list[str]:
+    index = os.path.join(path, SAFETENSORS_INDEX)
+    single = os.path.join(path, SAFETENSORS_SINGLE)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{index}: unreadable index ({e})") from None
+        files = []
+        for name in sorted(set(weight_map.values())):
+            full = _inside(path, name)
+            if not os.path.isfile(full):
+                raise InputError(f"{index}: names shard {name!r}, which does not exist")
+            files.append(full)
+        return files
+    if os.path.isfile(single):
+        return [single]
+    shards = sorted(Path(path).glob("model-*-of-*.safetensors"))
+    if shards:
+        return [str(p) for p in shards]
+    raise InputError(f"{path}: no weights found (expected {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX})")
+
+
+def load_parent(path: str, label: str) -> Parent:
+    """Resolve a parent directory and read its config and every weight file's header."""
+    if not os.path.isdir(path):
+        raise InputError(f"parent {label}: {path} is not a directory")
+    path = os.path.realpath(path)
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise InputError(f"parent {label}: {path} has no config.json (not a Hugging Face model directory)")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InputError(f"parent {label}: {config_path} is not valid JSON ({e})") from None
+    files = _weight_files(path)
+    tensors: dict[str, TensorEntry] = {}
+    for file in files:
+        for name, entry in read_header(file).items():
+            if name in tensors:
+                raise InputError(f"parent {label}: tensor {name!r} appears in two files")
+            tensors[name] = entry
+    if not tensors:
+        raise InputError(f"parent {label}: {path} holds no tensors")
+    return Parent(label, path, config, tensors, tuple(files))

@@ -1,0 +1,192 @@
+"""The merge plan: one row per output tensor, its sources, its shard and offset, and its actor.
+
+The plan is built by the driver from headers only, before any tensor data is read, and is the
+single description every actor works from. It is deterministic: the same parents and options
+give the same plan, hence the same shard layout and byte-identical output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field, replace
+
+import pyarrow as pa
+
+from raymerge.align import Alignment, PadSpec, align_parents
+from raymerge.errors import InputError
+from raymerge.options import DTYPE_CHOICES, MergeOptions
+from raymerge.parents import Parent
+from raymerge.shards import FLOAT_DTYPES, ShardLayout, TensorEntry, itemsize, layout_shard, numel
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """How one output tensor is made.
+
+    op is "slerp" (both parents), "copy_a" / "copy_b" (present in one parent only: copied and
+    cast), or "equal" (a non-float tensor that must be identical in both parents: copied).
+    """
+
+    name: str
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+    a: TensorEntry | None
+    b: TensorEntry | None
+    pad: PadSpec | None = None
+    shard: int = -1
+    offset: int = -1
+    actor: int = -1
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * itemsize(self.dtype)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(e.nbytes for e in (self.a, self.b) if e is not None)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    filename: str
+    layout: ShardLayout
+    tensors: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    tensors: tuple[TensorPlan, ...]
+    shards: tuple[ShardPlan, ...]
+    n_actors: int
+    out_dtype: str
+    vocab_size: int | None
+    tied_output: bool
+    tokenizer_from: str  # "a" or "b"
+    notes: tuple[str, ...] = field(default=())
+
+    def by_name(self) -> dict[str, TensorPlan]:
+        return {t.name: t for t in self.tensors}
+
+    def actor_bytes(self) -> list[int]:
+        load = [0] * self.n_actors
+        for t in self.tensors:
+            load[t.actor] += t.read_bytes + t.nbytes
+        return load
+
+    def total_size(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def to_table(self) -> pa.Table:
+        """The plan as a pyarrow table (one row per output tensor), e.g. to save as Parquet."""
+        rows = []
+        for t in self.tensors:
+            pad = t.pad
+            rows.append({
+                "name": t.name, "op": t.op, "shape": list(t.shape), "dtype": t.dtype,
+                "a_file": t.a.file if t.a else None, "a_shape": list(t.a.shape) if t.a else None,
+                "a_dtype": t.a.dtype if t.a else None,
+                "b_file": t.b.file if t.b else None, "b_shape": list(t.b.shape) if t.b else None,
+                "b_dtype": t.b.dtype if t.b else None,
+                "shard": self.shards[t.shard].filename, "offset": t.offset, "nbytes": t.nbytes,
+                "actor": t.actor,
+                "pad_axis": pad.axis if pad else None, "pad_short": pad.short if pad else None,
+                "pad_n": pad.n if pad else None, "pad_N": pad.N if pad else None,
+                "pad_strategy": pad.strategy if pad else None,
+            })
+        return pa.Table.from_pylist(rows)
+
+    def fingerprint(self, options: MergeOptions) -> str:
+        """A digest of everything that decides the output bytes, used to refuse a foreign resume."""
+        files = sorted({e.file for t in self.tensors for e in (t.a, t.b) if e is not None})
+        stat = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+        data = {
+            "files": stat, "t": list(options.t), "dtype": self.out_dtype, "pad": options.pad,
+            "shards": [(s.filename, hashlib.sha256(s.layout.header).hexdigest()) for s in self.shards],
+            "tokenizer_from": self.tokenizer_from,
+        }
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def natural_key(name: str) -> list:
+    """Sort ``layers.2`` before ``layers.10``."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _shard_filenames(n: int) -> list[str]:
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _assign_shards(tensors: list[TensorPlan], max_shard_size: int) -> list[list[TensorPlan]]:
+    groups: list[list[TensorPlan]] = [[]]
+    size = 0
+    for t in sorted(tensors, key=lambda t: natural_key(t.name)):
+        if groups[-1] and size + t.nbytes > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(t)
+        size += t.nbytes
+    return groups
+
+
+def _assign_actors(tensors: list[TensorPlan], n_actors: int) -> dict[str, int]:
+    """Longest-processing-time first: biggest tensors first, each to the least-loaded actor."""
+    load = [0] * n_actors
+    owner = {}
+    for t in sorted(tensors, key=lambda t: (-(t.read_bytes + t.nbytes), t.name)):
+        i = min(range(n_actors), key=lambda k: (load[k], k))
+        owner[t.name] = i
+        load[i] += t.read_bytes + t.nbytes
+    return owner
+
+
+def _tensor_plans(aligned: Alignment, out_dtype: str) -> list[TensorPlan]:
+    plans = []
+    for item in aligned.tensors:
+        ea, eb = item.a, item.b
+        src = ea or eb
+        if src.dtype not in FLOAT_DTYPES:
+            if ea is None or eb is None:
+                op = "copy_a" if ea else "copy_b"
+            else:
+                if ea.dtype != eb.dtype or ea.shape != eb.shape:
+                    raise InputError(
+                        f"non-float tensor {item.name!r} differs between the parents: "
+                        f"A {ea.dtype}{list(ea.shape)}, B {eb.dtype}{list(eb.shape)}"
+                    )
+                op = "equal"
+            plans.append(TensorPlan(item.name, op, item.shape, src.dtype, ea, eb))
+            continue
+        op = "slerp" if ea is not None and eb is not None else ("copy_a" if ea else "copy_b")
+        plans.append(TensorPlan(item.name, op, item.shape, out_dtype, ea, eb, item.pad))
+    return plans
+
+
+def build_plan(a: Parent, b: Parent, options: MergeOptions, n_actors: int) -> MergePlan:
+    """Build the whole plan from the parents' headers and configs and the options."""
+    out_dtype = DTYPE_CHOICES[options.dtype] if options.dtype else a.dtype
+    aligned = align_parents(a, b, options.pad)
+    plans = _tensor_plans(aligned, out_dtype)
+    n_actors = max(1, min(n_actors, len(plans)))
+    groups = _assign_shards(plans, options.max_shard_size)
+    names = _shard_filenames(len(groups))
+    owner = _assign_actors(plans, n_actors)
+    final: list[TensorPlan] = []
+    shards = []
+    for i, group in enumerate(groups):
+        layout = layout_shard([(t.name, t.dtype, t.shape) for t in group])
+        shards.append(ShardPlan(names[i], layout, tuple(t.name for t in group)))
+        for t in group:
+            final.append(replace(t, shard=i, offset=layout.offsets[t.name][0], actor=owner[t.name]))
+    return MergePlan(
+        tensors=tuple(final), shards=tuple(shards), n_actors=n_actors, out_dtype=out_dtype,
+        vocab_size=aligned.vocab_size, tied_output=aligned.tied_output,
+        tokenizer_from=options.tokenizer_from or aligned.tokenizer_from, notes=aligned.notes,
+    )

@@ -1,0 +1,158 @@
+"""The safetensors file format: reading headers, laying out shards, streaming tensors into them.
+
+A safetensors file is ``u64 little-endian header length | JSON header | tensor bytes``. The writer
+here lays a shard out exactly as ``safetensors.torch.save_file`` does (tensors sorted by dtype
+alignment, largest first, then by name; the header padded with spaces to a multiple of 8), so
+the header is known before any tensor is computed and every tensor's offset is fixed: several
+actors can then write their tensors into one shard at their offsets, in any order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raymerge.errors import InputError
+
+# safetensors dtype names, in the order of the Rust enum (which is also the sort key of
+# save_file: descending, so the most-aligned dtypes come first in the file).
+DTYPE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16",
+               "I32", "U32", "F32", "F64", "I64", "U64"]
+TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8,
+    "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
+    "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "U64": torch.uint64,
+}
+DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+SHARD_METADATA = {"format": "pt"}
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+def itemsize(dtype: str) -> int:
+    return TORCH_DTYPES[dtype].itemsize
+
+
+def numel(shape: tuple[int, ...] | list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies in a safetensors file (offsets are absolute, from the file start)."""
+
+    file: str
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: str | Path) -> dict[str, TensorEntry]:
+    """Read and validate a safetensors header without touching tensor data.
+
+    Raises InputError naming the file when the header is malformed or points outside the file.
+    """
+    path = str(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise InputError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + n
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (s, e) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: corrupt safetensors entry for tensor {name!r}") from None
+        if dtype not in TORCH_DTYPES:
+            raise InputError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+        if not (0 <= s <= e) or data_start + e > size or e - s != numel(shape) * itemsize(dtype):
+            raise InputError(
+                f"{path}: tensor {name!r} lies outside the file or has the wrong size "
+                f"(offsets {s}..{e}, data {size - data_start} bytes): truncated or corrupt"
+            )
+        entries[name] = TensorEntry(path, name, dtype, shape, data_start + s, data_start + e)
+    return entries
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """A planned shard: its exact header bytes and where each tensor's bytes go."""
+
+    header: bytes
+    offsets: dict[str, tuple[int, int]]  # name -> absolute (start, end) in the file
+    size: int  # the whole file, header included
+
+
+def layout_shard(tensors: list[tuple[str, str, tuple[int, ...]]]) -> ShardLayout:
+    """Lay out a shard of ``(name, dtype, shape)`` exactly as ``save_file`` would write it."""
+    order = sorted(tensors, key=lambda x: (-DTYPE_ORDER.index(x[1]), x[0]))
+    header: dict = {"__metadata__": SHARD_METADATA}
+    rel = {}
+    pos = 0
+    for name, dtype, shape in order:
+        nbytes = numel(shape) * itemsize(dtype)
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        rel[name] = (pos, pos + nbytes)
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    blob = struct.pack("<Q", len(raw)) + raw
+    offsets = {k: (len(blob) + s, len(blob) + e) for k, (s, e) in rel.items()}
+    return ShardLayout(blob, offsets, len(blob) + pos)
+
+
+class ShardFile:
+    """A shard being written in place: open (creating it), write at offsets, sync, close.
+
+    Several writers may hold the same shard at once; each writes the (identical) header and its
+    own tensors, so the order in which they run does not matter.
+    """
+
+    def __init__(self, path: str, layout_header: bytes):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        self.write_at(0, layout_header)
+
+    def write_at(self, offset: int, data) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def write_tensor(self, offset: int, tensor: torch.Tensor) -> None:
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        self.write_at(offset, raw.numpy())
+
+    def close(self, sync: bool = True) -> None:
+        if sync:
+            os.fsync(self.fd)
+        os.close(self.fd)
