@@ -1,0 +1,68 @@
+"""Session fixtures: tiny Llama parents built locally, and one Ray head shared by the session."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+
+import pytest
+
+from raymerge.synthetic import build_parent, llama_config
+from raynodes import RayNode
+
+VOCAB = 1000
+
+
+_token_dir = None
+
+
+def pytest_configure(config):
+    """Token authentication for the session's Ray (Ray's default for local clusters since 2.59).
+
+    Ray reads RAY_AUTH_* once per process, so they are set before anything imports ray; the
+    CLI processes the tests start inherit them. The token lives in a temporary directory.
+    """
+    global _token_dir
+    _token_dir = tempfile.mkdtemp(prefix="raymerge-token-")
+    token = os.path.join(_token_dir, "auth_token")
+    with open(token, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = token
+
+
+def pytest_unconfigure(config):
+    if _token_dir:
+        shutil.rmtree(_token_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("raymerge")
+
+
+@pytest.fixture(scope="session")
+def tiny_parents(session_dir):
+    """Two untied tiny Llamas of the same shape; B is a noisy fine-tune of A."""
+    config = llama_config(vocab_size=VOCAB)
+    a = build_parent(str(session_dir / "parent-a"), config, seed=1)
+    b = build_parent(str(session_dir / "parent-b"), config, seed=2, base=(config, 1))
+    return a, b
+
+
+@pytest.fixture(scope="session")
+def ray_head(session_dir):
+    """A Ray head on 127.0.0.1 (token authentication), and this process attached to it."""
+    import ray
+
+    node = RayNode(str(session_dir / "ray-head.log"), num_cpus=2)
+    try:
+        node.wait_ready()
+        ray.init(address=node.address, logging_level="ERROR")
+        yield node
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        node.stop()

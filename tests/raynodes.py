@@ -1,0 +1,90 @@
+"""Ray nodes started by the tests, and stopped by the process ids they started (never by name)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    tree, out, todo = _children(), [], [pid]
+    while todo:
+        p = todo.pop()
+        for c in tree.get(p, []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+class RayNode:
+    """``ray start --block`` in its own session; ``stop()`` kills exactly the processes it spawned."""
+
+    def __init__(self, log_path: str, head: bool = True, address: str | None = None, num_cpus: int = 2,
+                 resources: str | None = None, env: dict | None = None):
+        ray = os.path.join(os.path.dirname(sys.executable), "ray")
+        self.port = free_port()
+        cmd = [ray, "start", "--block", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
+        if head:
+            self.dashboard_port = free_port()
+            cmd += ["--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+                    f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
+                    f"--ray-client-server-port={free_port()}"]
+        else:
+            cmd += [f"--address={address}", "--node-ip-address=127.0.0.1"]
+        # Worker ports stay out of the range free_port() may hand the next node.
+        cmd += [f"--min-worker-port={20000 + (self.port % 20) * 1000}",
+                f"--max-worker-port={20000 + (self.port % 20) * 1000 + 999}"]
+        if resources:
+            cmd.append(f"--resources={resources}")
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env={**os.environ, **(env or {})})
+        self.address = f"127.0.0.1:{self.port}" if head else address
+        self._spawned: set[int] = set()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}: see {self.log.name}")
+            self._spawned.update(descendants(self.proc.pid))
+            with open(self.log.name) as f:
+                if "Ray runtime started" in f.read():
+                    return
+            time.sleep(0.5)
+        raise RuntimeError(f"ray start did not come up in {timeout} s: see {self.log.name}")
+
+    def stop(self) -> None:
+        self._spawned.update(descendants(self.proc.pid))
+        pids = [self.proc.pid, *sorted(self._spawned)]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait(timeout=30)
+        self.log.close()

@@ -1,0 +1,84 @@
+"""slerp.py on hand-made tensors: exact endpoints, fallbacks, blocks, a known angle."""
+
+import math
+
+import pytest
+import torch
+
+from raymerge.slerp import (Reductions, combine_block, reduce_block, slerp, slerp_coefficients)
+
+
+def test_endpoints_reproduce_the_parents_exactly():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 32, generator=g).to(torch.bfloat16)
+    b = torch.randn(64, 32, generator=g).to(torch.bfloat16)
+    assert torch.equal(slerp(a, b, 0.0), a)
+    assert torch.equal(slerp(a, b, 1.0), b)
+
+
+def test_known_angle_gives_known_coefficients():
+    # 60 degrees apart, |a| = 2, |b| = 3.
+    a = torch.tensor([2.0, 0.0], dtype=torch.float64)
+    b = torch.tensor([3 * math.cos(math.pi / 3), 3 * math.sin(math.pi / 3)], dtype=torch.float64)
+    c = slerp_coefficients(reduce_block(a, b), 0.25)
+    theta = math.pi / 3
+    assert not c.linear
+    assert c.theta == pytest.approx(theta, abs=1e-12)
+    assert c.ca == pytest.approx(math.sin(0.75 * theta) / math.sin(theta), abs=1e-12)
+    assert c.cb == pytest.approx(math.sin(0.25 * theta) / math.sin(theta), abs=1e-12)
+    out = slerp(a, b, 0.25)
+    assert torch.allclose(out, c.ca * a + c.cb * b, atol=0, rtol=1e-15)
+
+
+def test_orthogonal_unit_vectors_at_half():
+    out = slerp(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5)
+    assert torch.allclose(out, torch.tensor([math.sqrt(0.5), math.sqrt(0.5)]))
+
+
+@pytest.mark.parametrize("b_scale", [2.0, -3.0])
+def test_collinear_falls_back_to_linear(b_scale):
+    a = torch.tensor([1.0, 2.0, 3.0])
+    b = b_scale * a
+    c = slerp_coefficients(reduce_block(a, b), 0.3)
+    assert c.linear and (c.ca, c.cb) == (pytest.approx(0.7), pytest.approx(0.3))
+    assert torch.allclose(slerp(a, b, 0.3), 0.7 * a + 0.3 * b)
+
+
+def test_zero_norm_falls_back_to_linear():
+    a = torch.zeros(5)
+    b = torch.arange(5.0)
+    c = slerp_coefficients(reduce_block(a, b), 0.4)
+    assert c.linear
+    assert torch.allclose(slerp(a, b, 0.4), 0.4 * b)
+
+
+def test_row_blocks_equal_whole_tensor_float64_maths():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(1000, 24, generator=g, dtype=torch.float64)
+    b = a + 0.7 * torch.randn(1000, 24, generator=g, dtype=torch.float64)
+    red = Reductions()
+    for r0 in range(0, 1000, 37):
+        red = red + reduce_block(a[r0:r0 + 37], b[r0:r0 + 37])
+    # Plain whole-tensor float64 maths, written out independently.
+    aa, bb, ab = float((a * a).sum()), float((b * b).sum()), float((a * b).sum())
+    assert red.aa == pytest.approx(aa, rel=1e-13)
+    assert red.ab == pytest.approx(ab, rel=1e-13)
+    theta = math.acos(ab / math.sqrt(aa * bb))
+    want = (math.sin(0.6 * theta) * a + math.sin(0.4 * theta) * b) / math.sin(theta)
+    c = slerp_coefficients(red, 0.4)
+    got = torch.cat([combine_block(a[r0:r0 + 37], b[r0:r0 + 37], c, torch.float64) for r0 in range(0, 1000, 37)])
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def test_float32_combine_and_round_to_nearest():
+    a = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
+    b = torch.tensor([2.0, 1.0], dtype=torch.bfloat16)
+    c = slerp_coefficients(reduce_block(a, b), 0.5)
+    got = combine_block(a, b, c, torch.bfloat16)
+    want = (c.ca * a.float() + c.cb * b.float()).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
+def test_t_outside_unit_interval_is_refused():
+    with pytest.raises(ValueError):
+        slerp_coefficients(Reductions(1.0, 1.0, 0.0), 1.5)
