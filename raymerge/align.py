@@ -127,6 +127,9 @@ def align_parents(a: Parent, b: Parent, pad: str) -> Alignment:
             tensors.append(AlignedTensor(name, e.shape, ea, eb, None))
             continue
         spec = _pad_spec(name, ea, eb, vocab_sizes, pad)
+        if spec is not None:
+            notes.append(f"{name}: parent {spec.short.upper()} has {spec.n} rows, the other {spec.N}; "
+                         f"{spec.k} rows padded ({spec.strategy})")
         shape = ea.shape if spec is None else (ea.shape if spec.short == "b" else eb.shape)
         tensors.append(AlignedTensor(name, shape, ea, eb, spec))
     rows_a, rows_b = _rows(a), _rows(b)

@@ -64,8 +64,9 @@ def ray_session(address: str | None):
             # Ray refuses resource arguments when attaching to an existing cluster.
             ray.init(address=address, logging_level="ERROR", log_to_driver=True)
         else:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR",
-                     log_to_driver=True)
+            # "local" starts a new instance even when another `ray start` runs on this machine.
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                     logging_level="ERROR", log_to_driver=True)
         started = True
     try:
         yield

@@ -43,10 +43,10 @@ class Progress:
         elapsed = max(1e-9, time.monotonic() - self.start)
         rate = self.done_bytes / elapsed
         frac = min(1.0, self.done_bytes / self.total)
-        eta = (self.total - self.done_bytes) / rate if rate > 0 else float("inf")
+        eta = f"ETA {(self.total - self.done_bytes) / rate:.0f} s" if rate > 0 else "ETA ?"
         shards = f", shards {self.done_shards}/{self.shards}" if self.shards else ""
         text = (f"{self.label}: {_gb(self.done_bytes)}/{_gb(self.total)} ({frac:.0%}){shards}, "
-                f"{rate / 1e9:.2f} GB/s, " + (f"{elapsed:.1f} s" if final else f"ETA {eta:.0f} s"))
+                f"{rate / 1e9:.2f} GB/s, " + (f"{elapsed:.1f} s" if final else eta))
         if self.tty:
             width = 24
             bar = "#" * int(frac * width) + "-" * (width - int(frac * width))

@@ -128,10 +128,10 @@ def build_parent(path: str, config, seed: int = 0, base: tuple | None = None, no
         total = sum(dtype.itemsize * int(torch.Size(s).numel()) for s in shapes.values())
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    config.save_pretrained(path)
     from transformers import GenerationConfig
 
     GenerationConfig(bos_token_id=1, eos_token_id=2, max_new_tokens=16).save_pretrained(path)
     if tokenizer:
         build_tokenizer(path, base_vocab or config.vocab_size, config.vocab_size, words_seed)
+    config.save_pretrained(path)  # last: a directory with config.json is complete
     return path
