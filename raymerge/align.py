@@ -80,7 +80,7 @@ def _rows(p: Parent) -> int | None:
     return p.tensors[e].shape[0] if e else None
 
 
-def _tied(p: Parent) -> bool:
+def tied(p: Parent) -> bool:
     # transformers ties lm_head to the input embedding when the config says so, whatever the file
     # holds; without an lm_head in the file the head can only be the embedding.
     return embedding_name(p) is not None and (p.tie_word_embeddings or head_name(p) is None)
@@ -89,7 +89,7 @@ def _tied(p: Parent) -> bool:
 def _sources(p: Parent, untie: bool) -> dict[str, TensorEntry]:
     """The parent's tensors by output name, with a tied head dropped or spelled out."""
     tensors = dict(p.tensors)
-    if not _tied(p):
+    if not tied(p):
         return tensors
     head = head_name(p)
     if head:
@@ -104,7 +104,7 @@ def align_parents(a: Parent, b: Parent, pad: str) -> Alignment:
 
     Raises InputError, naming the tensor and both shapes, for any other shape difference.
     """
-    tied_a, tied_b = _tied(a), _tied(b)
+    tied_a, tied_b = tied(a), tied(b)
     untie = tied_a != tied_b
     src_a, src_b = _sources(a, untie), _sources(b, untie)
     if untie and HEAD_NAMES[0] not in src_a | src_b:

@@ -93,5 +93,33 @@ def merge(a, b, out, t_values, dtype, max_shard_size, pad, tokenizer_from, worke
     _run_guarded(debug, run)
 
 
+@main.command()
+@merge_options
+@click.option("--save", "save_path", default=None, help="Write the plan table as Parquet.")
+def plan(a, b, t_values, dtype, max_shard_size, pad, tokenizer_from, workers, gpus_per_actor, address,
+         debug, save_path):
+    """Show what merging A and B would do, reading headers only (no tensor data, no Ray)."""
+
+    def run():
+        import os
+
+        import pyarrow.parquet as pq
+
+        from raymerge.driver import load_parents
+        from raymerge.plan import build_plan
+        from raymerge.report import describe_plan
+
+        options = build_options(a, b, "(plan)", t_values, dtype, max_shard_size, pad, tokenizer_from,
+                                workers, gpus_per_actor, address)
+        pa_, pb_ = load_parents(options)
+        the_plan = build_plan(pa_, pb_, options, options.workers or os.cpu_count() or 1)
+        click.echo(describe_plan(pa_, pb_, the_plan, options))
+        if save_path:
+            pq.write_table(the_plan.to_table(), save_path)
+            click.echo(f"plan table written to {save_path}")
+
+    _run_guarded(debug, run)
+
+
 if __name__ == "__main__":
     main()

@@ -51,12 +51,13 @@ def load_dir(path: str) -> dict[str, torch.Tensor]:
 
 
 def assert_within_one_ulp(got: torch.Tensor, reference: tuple[torch.Tensor, torch.Tensor], name: str) -> None:
-    """Within one output ulp of the reference, plus the reference's own float32 rounding where
-    the two terms cancel (a result near zero from terms of size ~|s0 a|)."""
+    """Within one output ulp of the reference, plus the reference's own float32 error where the
+    two terms cancel: its coefficients come from a float32 dot and arccos (about 1e-6 relative),
+    which matters for a result near zero made of terms of size ~|s0 a|."""
     want_f32, scale = reference
     want = want_f32.to(got.dtype)
     diff = (got.float() - want.float()).abs()
-    bad = diff > ulp(want) + 2.0**-21 * scale
+    bad = diff > ulp(want) + 2.0**-18 * scale
     assert not bad.any(), f"{name}: {int(bad.sum())} elements more than one ulp from the reference"
 
 
