@@ -1,0 +1,114 @@
+"""Tensors in one parent only, non-float tensors, non-finite values and bad inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import raymerge
+from reference import load_dir
+
+CLI = [sys.executable, "-m", "raymerge.cli"]
+
+
+def clone_with(src: str, dst: str, changes: dict) -> str:
+    """Copy a single-file parent, replacing, adding (a tensor) or dropping (None) tensors."""
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    for name, value in changes.items():
+        if value is None:
+            tensors.pop(name)
+        else:
+            tensors[name] = value
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def tree_digest(path: str) -> str:
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)):
+        for f in sorted(files):
+            h.update(f.encode())
+            with open(os.path.join(root, f), "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+def run_cli(*args):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_one_parent_tensors_are_copied_and_non_float_equal_tensors_kept(tiny_parents, ray_head, tmp_path):
+    a, b = tiny_parents
+    extra_b = torch.linspace(-1, 1, 64, dtype=torch.float32)
+    ids = torch.arange(10, dtype=torch.int64)
+    a2 = clone_with(a, str(tmp_path / "a"), {"model.rotary.ids": ids})
+    b2 = clone_with(b, str(tmp_path / "b"), {"model.extra.scale": extra_b, "model.rotary.ids": ids,
+                                              "model.layers.0.mlp.gate_proj.weight": None})
+    out = str(tmp_path / "out")
+    result = raymerge.merge(a2, b2, out, t=0.5, workers=2)
+    child, pa = load_dir(out), load_dir(a2)
+    assert torch.equal(child["model.extra.scale"], extra_b.to(torch.bfloat16)), "cast, never scaled"
+    assert torch.equal(child["model.layers.0.mlp.gate_proj.weight"], pa["model.layers.0.mlp.gate_proj.weight"])
+    assert torch.equal(child["model.rotary.ids"], ids)
+    assert any("model.extra.scale: only in parent B" in n for n in result.notes)
+    assert any("gate_proj.weight: only in parent A" in n for n in result.notes)
+
+
+def test_differing_non_float_tensors_are_refused(tiny_parents, ray_head, tmp_path):
+    a, b = tiny_parents
+    a2 = clone_with(a, str(tmp_path / "a"), {"model.rotary.ids": torch.arange(10)})
+    b2 = clone_with(b, str(tmp_path / "b"), {"model.rotary.ids": torch.arange(10) + 1})
+    proc = run_cli("merge", a2, b2, "-o", str(tmp_path / "out"), "--address", ray_head.address, "--quiet")
+    assert proc.returncode == 1
+    assert "non-float tensor 'model.rotary.ids' differs" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_parent_is_refused_before_anything_is_written(tiny_parents, ray_head, tmp_path, bad):
+    a, b = tiny_parents
+    w = load_file(os.path.join(b, "model.safetensors"))["model.layers.1.self_attn.q_proj.weight"].clone()
+    w[3, 5] = bad
+    b2 = clone_with(b, str(tmp_path / "b"), {"model.layers.1.self_attn.q_proj.weight": w})
+    before = tree_digest(b2)
+    proc = run_cli("merge", a, b2, "-o", str(tmp_path / "out"), "--address", ray_head.address, "--quiet")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "parent B" in last and "model.safetensors" in last and "q_proj.weight" in last and "NaN or inf" in last
+    assert not (tmp_path / "out").exists()
+    assert tree_digest(b2) == before
+
+
+def test_bad_inputs_get_one_line_and_exit_1(tiny_parents, tmp_path):
+    a, b = tiny_parents
+    nonempty = tmp_path / "nonempty"
+    nonempty.mkdir()
+    (nonempty / "keep.txt").write_text("mine")
+    not_model = tmp_path / "not-a-model"
+    not_model.mkdir()
+    cases = [
+        (["merge", str(tmp_path / "missing"), b, "-o", str(tmp_path / "o1")], "is not a directory"),
+        (["merge", a, str(not_model), "-o", str(tmp_path / "o2")], "has no config.json"),
+        (["merge", a, b, "-o", str(tmp_path / "o3"), "-t", "1.5"], "outside [0, 1]"),
+        (["merge", a, b, "-o", os.path.join(a, "child")], "lies inside parent"),
+        (["merge", a, b, "-o", str(nonempty)], "is not empty"),
+        (["merge", a, b, "-o", str(nonempty), "--overwrite"], "not a raymerge output"),
+        (["merge", a, b, "-o", str(tmp_path / "o4"), "--max-shard-size", "lots"], "cannot read size"),
+    ]
+    digests = [tree_digest(a), tree_digest(b)]
+    for args, expected in cases:
+        proc = run_cli(*args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1, (args, proc.stderr)
+        assert len(lines) == 1 and expected in lines[0], (args, proc.stderr)
+    assert [tree_digest(a), tree_digest(b)] == digests
+    assert (nonempty / "keep.txt").read_text() == "mine"
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
