@@ -74,14 +74,19 @@ def model_card(a: Parent, b: Parent, t_label: str, options: MergeOptions) -> str
     return str(ModelCard(content))
 
 
-def provenance(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t: float, fingerprint: str) -> dict:
+def provenance(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t_label: str,
+               fingerprint: str) -> dict:
     def parent_record(p: Parent) -> dict:
         return {"path": p.path, "files": {os.path.basename(f): os.path.getsize(f) for f in p.weight_files}}
 
     return {
         "raymerge_version": __version__,
         "method": "slerp",
-        "t": t,
+        "t": None if options.schedule else float(t_label),
+        "schedule": None if options.schedule is None else {
+            "default": list(options.schedule.default),
+            "filters": [[needle, list(values)] for needle, values in options.schedule.filters],
+        },
         "parents": {"a": parent_record(a), "b": parent_record(b)},
         "options": {"dtype": TORCH_DTYPE_NAMES.get(plan.out_dtype), "pad": options.pad,
                     "max_shard_size": options.max_shard_size, "tokenizer_from": plan.tokenizer_from,
@@ -91,7 +96,7 @@ def provenance(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t: 
     }
 
 
-def assemble(out_dir: str, a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t: float,
+def assemble(out_dir: str, a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t_label: str,
              fingerprint: str) -> None:
     """Write every non-shard file of one output; ``config.json`` goes last."""
     tok_parent = a if plan.tokenizer_from == "a" else b
@@ -103,8 +108,8 @@ def assemble(out_dir: str, a: Parent, b: Parent, plan: MergePlan, options: Merge
     if os.path.isfile(gen):
         with open(gen) as f:
             write_atomic(os.path.join(out_dir, "generation_config.json"), f.read())
-    write_atomic(os.path.join(out_dir, "README.md"), model_card(a, b, format(t, "g"), options))
-    write_json(os.path.join(out_dir, PROVENANCE_NAME), provenance(a, b, plan, options, t, fingerprint))
+    write_atomic(os.path.join(out_dir, "README.md"), model_card(a, b, t_label, options))
+    write_json(os.path.join(out_dir, PROVENANCE_NAME), provenance(a, b, plan, options, t_label, fingerprint))
     if len(plan.shards) > 1:
         write_json(os.path.join(out_dir, INDEX_NAME), index_json(plan))
     write_json(os.path.join(out_dir, "config.json"), child_config(a, plan))

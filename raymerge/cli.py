@@ -7,8 +7,9 @@ import sys
 
 import click
 
-from raymerge.errors import RaymergeError
+from raymerge.errors import InputError, RaymergeError
 from raymerge.options import DTYPE_CHOICES, PAD_STRATEGIES, MergeOptions, parse_size
+from raymerge.schedule import parse_range, parse_t_for
 
 
 def _fail(err: Exception, debug: bool) -> None:
@@ -40,7 +41,11 @@ def merge_options(f):
         click.argument("a"),
         click.argument("b"),
         click.option("-t", "t_values", type=float, multiple=True,
-                     help="Interpolation factor in [0, 1] (0 = A, 1 = B). Repeat for a sweep."),
+                     help="Interpolation factor in [0, 1] (0 = A, 1 = B). Repeat for a sweep. "
+                          "With --t-for, the default for unmatched tensors."),
+        click.option("--t-range", default=None, help="A sweep START:STOP:STEP, both ends included."),
+        click.option("--t-for", "t_for", multiple=True,
+                     help="Per-layer schedule FILTER=V or FILTER=V0,V1,... (repeatable, first match wins)."),
         click.option("--dtype", type=click.Choice(list(DTYPE_CHOICES)), default=None,
                      help="Output dtype (default: parent A's)."),
         click.option("--max-shard-size", default="5GB", show_default=True,
@@ -62,10 +67,18 @@ def merge_options(f):
     return f
 
 
-def build_options(a, b, out, t_values, dtype, max_shard_size, pad, tokenizer_from, workers,
-                  gpus_per_actor, address, resume=False, overwrite=False, progress=True) -> MergeOptions:
+def build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad, tokenizer_from,
+                  workers, gpus_per_actor, address, resume=False, overwrite=False, progress=True,
+                  schedule=None) -> MergeOptions:
+    t = tuple(t_values) + (parse_range(t_range) if t_range else ())
+    if t_for:
+        if len(t) > 1:
+            raise InputError("--t-for takes at most one -t (the default), not a sweep")
+        schedule = parse_t_for(t_for, t)
+    elif schedule is None and not t:
+        t = (0.5,)
     return MergeOptions(
-        a=a, b=b, out=out, t=tuple(t_values) or (0.5,), dtype=dtype,
+        a=a, b=b, out=out, t=t, schedule=schedule, dtype=dtype,
         max_shard_size=parse_size(max_shard_size), workers=workers, address=address,
         gpus_per_actor=gpus_per_actor, pad=pad, tokenizer_from=tokenizer_from, resume=resume,
         overwrite=overwrite, progress=progress,
@@ -79,15 +92,16 @@ def build_options(a, b, out, t_values, dtype, max_shard_size, pad, tokenizer_fro
 @click.option("--resume", is_flag=True, help="Continue an interrupted merge into OUT.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier raymerge output in OUT.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def merge(a, b, out, t_values, dtype, max_shard_size, pad, tokenizer_from, workers, gpus_per_actor,
-          address, debug, resume, overwrite, quiet):
+def merge(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad, tokenizer_from, workers,
+          gpus_per_actor, address, debug, resume, overwrite, quiet):
     """Merge parents A (t=0) and B (t=1) into OUT by SLERP."""
 
     def run():
         from raymerge.driver import merge as run_merge, print_summary
 
-        options = build_options(a, b, out, t_values, dtype, max_shard_size, pad, tokenizer_from,
-                                workers, gpus_per_actor, address, resume, overwrite, not quiet)
+        options = build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad,
+                                tokenizer_from, workers, gpus_per_actor, address, resume, overwrite,
+                                not quiet)
         print_summary(run_merge(options))
 
     _run_guarded(debug, run)
@@ -96,8 +110,8 @@ def merge(a, b, out, t_values, dtype, max_shard_size, pad, tokenizer_from, worke
 @main.command()
 @merge_options
 @click.option("--save", "save_path", default=None, help="Write the plan table as Parquet.")
-def plan(a, b, t_values, dtype, max_shard_size, pad, tokenizer_from, workers, gpus_per_actor, address,
-         debug, save_path):
+def plan(a, b, t_values, t_range, t_for, dtype, max_shard_size, pad, tokenizer_from, workers,
+         gpus_per_actor, address, debug, save_path):
     """Show what merging A and B would do, reading headers only (no tensor data, no Ray)."""
 
     def run():
@@ -109,8 +123,8 @@ def plan(a, b, t_values, dtype, max_shard_size, pad, tokenizer_from, workers, gp
         from raymerge.plan import build_plan
         from raymerge.report import describe_plan
 
-        options = build_options(a, b, "(plan)", t_values, dtype, max_shard_size, pad, tokenizer_from,
-                                workers, gpus_per_actor, address)
+        options = build_options(a, b, "(plan)", t_values, t_range, t_for, dtype, max_shard_size, pad,
+                                tokenizer_from, workers, gpus_per_actor, address)
         pa_, pb_ = load_parents(options)
         the_plan = build_plan(pa_, pb_, options, options.workers or os.cpu_count() or 1)
         click.echo(describe_plan(pa_, pb_, the_plan, options))
@@ -119,6 +133,35 @@ def plan(a, b, t_values, dtype, max_shard_size, pad, tokenizer_from, workers, gp
             click.echo(f"plan table written to {save_path}")
 
     _run_guarded(debug, run)
+
+
+@main.command()
+@click.argument("recipe")
+@click.option("-o", "--out", required=True, help="Output directory.")
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--pad", type=click.Choice(PAD_STRATEGIES), default="gradient", show_default=True)
+@click.option("--workers", type=int, default=None)
+@click.option("--gpus-per-actor", type=float, default=1.0, show_default=True)
+@click.option("--address", default=None)
+@click.option("--resume", is_flag=True)
+@click.option("--overwrite", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@click.option("--debug", is_flag=True)
+def run(recipe, out, max_shard_size, pad, workers, gpus_per_actor, address, resume, overwrite, quiet, debug):
+    """Merge as a mergekit slerp RECIPE (YAML) says: models, base_model, parameters.t, dtype."""
+
+    def go():
+        from raymerge.driver import merge as run_merge, print_summary
+        from raymerge.parents import load_parent
+        from raymerge.recipe import check_layer_range, load_recipe
+
+        r = load_recipe(recipe)
+        check_layer_range(r, load_parent(r.a, "A").num_layers, load_parent(r.b, "B").num_layers)
+        options = build_options(r.a, r.b, out, (), None, (), r.dtype, max_shard_size, pad, None, workers,
+                                gpus_per_actor, address, resume, overwrite, not quiet, schedule=r.schedule)
+        print_summary(run_merge(options))
+
+    _run_guarded(debug, go)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ REDUCE_CHUNK_BYTES = 512 * 2**20
 class MergeResult:
     """What a merge produced: one output directory per t."""
 
-    outputs: dict[float, str]
+    outputs: dict[str, str]  # t (as format(t, "g")) or the schedule -> output directory
     tensors: int
     bytes_written: int
     seconds: float
@@ -139,6 +139,7 @@ def merge(options: MergeOptions) -> MergeResult:
     plan = build_plan(a, b, options, options.workers or os.cpu_count() or 1)
     fingerprint = plan.fingerprint(options)
     out.check_existing(fingerprint, options.resume, options.overwrite)
+    t_by_name = {t.name: options.t_for(t.name, plan.n_layers) for t in plan.tensors if t.op == "slerp"}
 
     with ray_session(options.address):
         shape = actor_shape(options, ray.cluster_resources())
@@ -147,22 +148,22 @@ def merge(options: MergeOptions) -> MergeResult:
         actors = [actor_cls.remote(options.block_bytes, shape.threads, shape.num_gpus > 0)
                   for _ in range(plan.n_actors)]
         try:
-            written = _drive(options, a, b, plan, fingerprint, out, actors)
+            written = _drive(options, plan, t_by_name, fingerprint, out, actors)
         finally:
             for actor in actors:
                 ray.kill(actor)
 
     outputs = {}
-    for t, sub in zip(options.t, options.output_dirs()):
-        assemble(out.output_path(sub), a, b, plan, options, t, fingerprint)
-        outputs[t] = out.output_path(sub)
+    for label, sub in zip(options.t_labels(), options.output_dirs()):
+        assemble(out.output_path(sub), a, b, plan, options, label, fingerprint)
+        outputs[label] = out.output_path(sub)
     out.cleanup()
     return MergeResult(outputs, len(plan.tensors), written, time.monotonic() - started,
                        plan.n_actors, plan.notes)
 
 
-def _drive(options: MergeOptions, a: Parent, b: Parent, plan: MergePlan, fingerprint: str,
-           out: OutputDir, actors: list) -> int:
+def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[float, ...]],
+           fingerprint: str, out: OutputDir, actors: list) -> int:
     read_paths = sorted({e.file for t in plan.tensors for e in (t.a, t.b) if e is not None})
     for info in ray.get([actor.where.remote(read_paths) for actor in actors]):
         if info["missing"]:
@@ -192,8 +193,8 @@ def _drive(options: MergeOptions, a: Parent, b: Parent, plan: MergePlan, fingerp
     _check_stats(plan, stats)
 
     coefficients: dict[str, tuple[Coefficients, ...]] = {
-        t.name: tuple(slerp_coefficients(stats[t.name].reductions, x) for x in options.t)
-        for t in plan.tensors if t.op == "slerp"
+        name: tuple(slerp_coefficients(stats[name].reductions, x) for x in ts)
+        for name, ts in t_by_name.items()
     }
     means = {n: s.s_mean for n, s in stats.items() if s.s_mean is not None}
 
@@ -246,6 +247,6 @@ def print_summary(result: MergeResult, stream=sys.stderr) -> None:
         print(f"note: {note}", file=stream)
     print(f"merged {result.tensors} tensors with {result.actors} actors in {result.seconds:.1f} s "
           f"({result.bytes_written / 1e9:.2f} GB written)", file=stream)
-    for t, path in result.outputs.items():
-        print(f"  t={format(t, 'g')}: {path}", file=stream)
+    for label, path in result.outputs.items():
+        print(f"  {'schedule ' + label if '=' in label else 't=' + label}: {path}", file=stream)
 

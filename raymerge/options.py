@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raymerge.errors import InputError
+from raymerge.schedule import Schedule
 
 DTYPE_CHOICES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
 PAD_STRATEGIES = ("gradient", "zeros", "copy", "mean")
@@ -50,6 +51,7 @@ class MergeOptions:
         a, b: parents (local directories); ``a`` is the base, reproduced at t=0.
         out: the output directory.
         t: one or more interpolation factors in [0, 1]; several make a sweep into ``out/t-<t>``.
+        schedule: per-tensor t (filters and gradients across layers); excludes a sweep.
         dtype: output dtype name (``bfloat16``...), or None for parent A's dtype.
         max_shard_size: bytes per output shard at most (a single tensor may exceed it).
         workers: number of actors, or None for one per CPU (one per GPU on a GPU cluster).
@@ -64,6 +66,7 @@ class MergeOptions:
     b: str
     out: str
     t: tuple[float, ...] = (0.5,)
+    schedule: Schedule | None = None
     dtype: str | None = None
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     workers: int | None = None
@@ -78,7 +81,10 @@ class MergeOptions:
     command: str = field(default="", compare=False)
 
     def __post_init__(self):
-        if not self.t:
+        if self.schedule is not None:
+            if len(self.t) > 1:
+                raise InputError("a sweep (several t) and a per-layer schedule cannot be combined")
+        elif not self.t:
             raise InputError("give at least one t")
         for t in self.t:
             if not (0.0 <= t <= 1.0):
@@ -98,7 +104,19 @@ class MergeOptions:
 
     @property
     def sweep(self) -> bool:
-        return len(self.t) > 1
+        return self.schedule is None and len(self.t) > 1
+
+    def t_for(self, name: str, n_layers: int) -> tuple[float, ...]:
+        """The t values one tensor is merged at: one per output."""
+        if self.schedule is not None:
+            return (self.schedule.t_for(name, n_layers),)
+        return self.t
+
+    def t_labels(self) -> list[str]:
+        """One label per output: ``0.5``, or the schedule's description."""
+        if self.schedule is not None:
+            return [self.schedule.describe()]
+        return [format(t, "g") for t in self.t]
 
     def output_dirs(self) -> list[str]:
         """Sub-directories of ``out`` holding the models, one per t ("" for a single t)."""

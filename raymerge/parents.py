@@ -39,6 +39,11 @@ class Parent:
         return v
 
     @property
+    def num_layers(self) -> int:
+        cfg = self.config if "num_hidden_layers" in self.config else self.config.get("text_config", {})
+        return int(cfg.get("num_hidden_layers", 0) or 0)
+
+    @property
     def tie_word_embeddings(self) -> bool:
         # transformers' default is True, but most causal-LM configs state it; absent means tied.
         return bool(self.config.get("tie_word_embeddings", True))

@@ -68,6 +68,7 @@ class MergePlan:
     vocab_size: int | None
     tied_output: bool
     tokenizer_from: str  # "a" or "b"
+    n_layers: int
     notes: tuple[str, ...] = field(default=())
 
     def by_name(self) -> dict[str, TensorPlan]:
@@ -106,7 +107,8 @@ class MergePlan:
         files = sorted({e.file for t in self.tensors for e in (t.a, t.b) if e is not None})
         stat = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
         data = {
-            "files": stat, "t": list(options.t), "dtype": self.out_dtype, "pad": options.pad,
+            "files": stat, "t": list(options.t),
+            "schedule": options.schedule.describe() if options.schedule else None, "dtype": self.out_dtype, "pad": options.pad,
             "shards": [(s.filename, hashlib.sha256(s.layout.header).hexdigest()) for s in self.shards],
             "tokenizer_from": self.tokenizer_from,
         }
@@ -188,5 +190,6 @@ def build_plan(a: Parent, b: Parent, options: MergeOptions, n_actors: int) -> Me
     return MergePlan(
         tensors=tuple(final), shards=tuple(shards), n_actors=n_actors, out_dtype=out_dtype,
         vocab_size=aligned.vocab_size, tied_output=aligned.tied_output,
-        tokenizer_from=options.tokenizer_from or aligned.tokenizer_from, notes=aligned.notes,
+        tokenizer_from=options.tokenizer_from or aligned.tokenizer_from, n_layers=a.num_layers,
+        notes=aligned.notes,
     )

@@ -21,7 +21,7 @@ def describe_plan(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions) 
         f"parent B (t=1): {b.path}",
         f"  vocab_size {b.vocab_size}, {len(b.tensors)} tensors, dtype {b.dtype}, "
         f"tied embeddings: {'yes' if tied(b) else 'no'}",
-        f"t: {', '.join(format(t, 'g') for t in options.t)}",
+        f"t: {', '.join(options.t_labels())}",
         f"output: {len(plan.tensors)} tensors, dtype {plan.out_dtype}, vocab_size {plan.vocab_size}, "
         f"tied embeddings: {'yes' if plan.tied_output else 'no'}, tokenizer from parent {plan.tokenizer_from.upper()}",
     ]
