@@ -76,7 +76,8 @@ class MergeActor:
                 os.remove(probe)
             except OSError:
                 writable = False
-        return {"host": socket.gethostname(), "pid": os.getpid(), "missing": missing,
+        return {"host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid(), "missing": missing,
                 "writable": writable, "device": str(self.device)}
 
     # ---- reading -------------------------------------------------------------------------

@@ -43,6 +43,7 @@ class MergeResult:
     bytes_written: int
     seconds: float
     actors: int
+    nodes: int
     notes: tuple[str, ...]
 
 
@@ -83,16 +84,38 @@ class ActorShape:
     threads: int
 
 
-def actor_shape(options: MergeOptions, resources: dict) -> ActorShape:
-    """How many actors, and what each asks of Ray: one per GPU on a GPU cluster, else one per CPU."""
-    cpus = int(resources.get("CPU", 1))
-    gpus = resources.get("GPU", 0)
+def _cluster_text(nodes: list[dict]) -> str:
+    cpus = sum(n.get("CPU", 0) for n in nodes)
+    gpus = sum(n.get("GPU", 0) for n in nodes)
+    return f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs on {len(nodes)} node(s)"
+
+
+def actor_shape(options: MergeOptions, nodes: list[dict]) -> ActorShape:
+    """How many actors, and what each asks of Ray, given each live node's resources.
+
+    One actor per GPU on a cluster with GPUs (``--gpus-per-actor`` each), else one per CPU. A
+    request that no placement can satisfy fails here, at once, instead of waiting forever.
+    """
+    cpus = sum(n.get("CPU", 0) for n in nodes)
+    gpus = sum(n.get("GPU", 0) for n in nodes)
     if gpus > 0:
-        count = options.workers or max(1, int(gpus // options.gpus_per_actor))
-        return ActorShape(count, 1, options.gpus_per_actor, 1)
-    count = options.workers or max(1, cpus)
-    per_actor = max(1, cpus // count)
-    return ActorShape(count, per_actor, 0, per_actor)
+        per = options.gpus_per_actor
+        fit = sum(int(n.get("GPU", 0) // per) for n in nodes) if per > 0 else 0
+        count = options.workers or fit
+        if per <= 0 or count > fit or fit == 0:
+            raise InputError(f"{count or 1} actor(s) with {per:g} GPU(s) each can never be scheduled: "
+                             f"{_cluster_text(nodes)} (largest node: {max(n.get('GPU', 0) for n in nodes):g} GPUs)")
+        return ActorShape(count, 0, per, max(1, int(cpus // max(1, count))))
+    if cpus <= 0:
+        raise InputError(f"no actor can be scheduled: {_cluster_text(nodes)}")
+    count = options.workers or int(cpus)
+    largest = max(n.get("CPU", 0) for n in nodes)
+    # More actors than CPUs share them (fractions); fewer get several each, within one node.
+    per = min(largest, cpus // count) if count <= cpus else int(100 * cpus / count) / 100
+    fit = sum(int(n.get("CPU", 0) // per) for n in nodes) if per > 0 else 0
+    if per <= 0 or fit < count:
+        raise InputError(f"{count} CPU actors can never be scheduled: {_cluster_text(nodes)}")
+    return ActorShape(count, per, 0, max(1, int(per)))
 
 
 def _chunks(tensors: list[TensorPlan], limit: int) -> list[list[TensorPlan]]:
@@ -142,13 +165,13 @@ def merge(options: MergeOptions) -> MergeResult:
     t_by_name = {t.name: options.t_for(t.name, plan.n_layers) for t in plan.tensors if t.op == "slerp"}
 
     with ray_session(options.address):
-        shape = actor_shape(options, ray.cluster_resources())
+        shape = actor_shape(options, [n["Resources"] for n in ray.nodes() if n["Alive"]])
         plan = build_plan(a, b, options, shape.count)
         actor_cls = remote_actor_class(shape.num_cpus, shape.num_gpus)
         actors = [actor_cls.remote(options.block_bytes, shape.threads, shape.num_gpus > 0)
                   for _ in range(plan.n_actors)]
         try:
-            written = _drive(options, plan, t_by_name, fingerprint, out, actors)
+            written, n_nodes = _drive(options, plan, t_by_name, fingerprint, out, actors)
         finally:
             for actor in actors:
                 ray.kill(actor)
@@ -159,13 +182,20 @@ def merge(options: MergeOptions) -> MergeResult:
         outputs[label] = out.output_path(sub)
     out.cleanup()
     return MergeResult(outputs, len(plan.tensors), written, time.monotonic() - started,
-                       plan.n_actors, plan.notes)
+                       plan.n_actors, n_nodes, plan.notes)
 
 
 def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[float, ...]],
-           fingerprint: str, out: OutputDir, actors: list) -> int:
+           fingerprint: str, out: OutputDir, actors: list) -> tuple[int, int]:
+    """Both passes; returns (bytes written, number of nodes the actors ran on)."""
     read_paths = sorted({e.file for t in plan.tensors for e in (t.a, t.b) if e is not None})
-    for info in ray.get([actor.where.remote(read_paths) for actor in actors]):
+    try:
+        placed = ray.get([actor.where.remote(read_paths) for actor in actors], timeout=options.schedule_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise InputError(f"the actors were not scheduled within {options.schedule_timeout_s:g} s; "
+                         f"{_cluster_text([n['Resources'] for n in ray.nodes() if n['Alive']])}") from None
+    nodes = {info["node"] for info in placed}
+    for info in placed:
         if info["missing"]:
             raise InputError(f"an actor on host {info['host']} cannot see {info['missing'][0]}: "
                              "parents must sit on storage every node sees, at the same path")
@@ -239,13 +269,14 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
 
     _run(list(jobs), wrote)
     progress.close()
-    return written
+    return written, len(nodes)
 
 
 def print_summary(result: MergeResult, stream=sys.stderr) -> None:
     for note in result.notes:
         print(f"note: {note}", file=stream)
-    print(f"merged {result.tensors} tensors with {result.actors} actors in {result.seconds:.1f} s "
+    print(f"merged {result.tensors} tensors with {result.actors} actors on {result.nodes} node(s) "
+          f"in {result.seconds:.1f} s "
           f"({result.bytes_written / 1e9:.2f} GB written)", file=stream)
     for label, path in result.outputs.items():
         print(f"  {'schedule ' + label if '=' in label else 't=' + label}: {path}", file=stream)

@@ -60,6 +60,8 @@ class MergeOptions:
         tokenizer_from: "a", "b" or None (the parent whose vocabulary has the merged size).
         resume / overwrite: what to do with a non-empty ``out``.
         block_bytes: float32 bytes of one row block in the actors' two passes.
+        schedule_timeout_s: how long actors may wait for resources (e.g. an autoscaler) before
+            the merge gives up.
     """
 
     a: str
@@ -77,6 +79,7 @@ class MergeOptions:
     resume: bool = False
     overwrite: bool = False
     block_bytes: int = 64 * 2**20
+    schedule_timeout_s: float = 300.0
     progress: bool = True
     command: str = field(default="", compare=False)
 

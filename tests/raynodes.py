@@ -44,7 +44,7 @@ class RayNode:
     """``ray start --block`` in its own session; ``stop()`` kills exactly the processes it spawned."""
 
     def __init__(self, log_path: str, head: bool = True, address: str | None = None, num_cpus: int = 2,
-                 resources: str | None = None, env: dict | None = None):
+                 resources: str | None = None, env: dict | None = None, extra_args: list[str] | None = None):
         ray = os.path.join(os.path.dirname(sys.executable), "ray")
         self.port = free_port()
         cmd = [ray, "start", "--block", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
@@ -60,6 +60,7 @@ class RayNode:
                 f"--max-worker-port={20000 + (self.port % 20) * 1000 + 999}"]
         if resources:
             cmd.append(f"--resources={resources}")
+        cmd += extra_args or []
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True, env={**os.environ, **(env or {})})

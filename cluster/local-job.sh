@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Start a Ray head on 127.0.0.1, submit a merge to it with `ray job submit`, wait for it, report
+# the job's status, and stop exactly the processes this script started. CI and the tests use it;
+# it is also the shortest way to try the job path on a laptop.
+#
+#   cluster/local-job.sh PARENT_A PARENT_B OUT [raymerge merge options...]
+#
+# Exits with the job's outcome: 0 when the merge succeeded, non-zero otherwise.
+set -uo pipefail
+
+if [ $# -lt 3 ]; then
+  echo "usage: $0 PARENT_A PARENT_B OUT [raymerge merge options...]" >&2
+  exit 2
+fi
+A=$1 B=$2 OUT=$3
+shift 3
+
+RAY=${RAY:-$(command -v ray)}
+PY=${PYTHON:-$(dirname "$RAY")/python}
+WORK=$(mktemp -d -t raymerge-local-job.XXXXXX)
+
+# Ray's token authentication, with a throw-away token, unless the caller brings its own.
+if [ -z "${RAY_AUTH_MODE:-}" ]; then
+  "$PY" -c 'import secrets; print(secrets.token_hex(32))' > "$WORK/token"
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$WORK/token"
+fi
+
+free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+GCS_PORT=$(free_port) DASH_PORT=$(free_port) CLIENT_PORT=$(free_port)
+
+setsid "$RAY" start --head --block --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
+  --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --ray-client-server-port="$CLIENT_PORT" \
+  --disable-usage-stats > "$WORK/head.log" 2>&1 &
+HEAD_PID=$!
+
+descendants() {
+  local child
+  for child in $(pgrep -P "$1"); do
+    echo "$child"
+    descendants "$child"
+  done
+}
+stop_head() {
+  local pids
+  pids="$HEAD_PID $(descendants "$HEAD_PID")"
+  kill -9 $pids 2>/dev/null
+  wait "$HEAD_PID" 2>/dev/null
+  rm -rf "$WORK"
+}
+trap stop_head EXIT
+
+for _ in $(seq 120); do
+  grep -q "Ray runtime started" "$WORK/head.log" && break
+  if ! kill -0 "$HEAD_PID" 2>/dev/null; then
+    echo "local-job: the Ray head did not start:" >&2
+    tail -20 "$WORK/head.log" >&2
+    exit 1
+  fi
+  sleep 0.5
+done
+
+ADDRESS="http://127.0.0.1:$DASH_PORT"
+JOB_ID="raymerge-$(date +%s)-$$"
+echo "local-job: Ray head on 127.0.0.1:$GCS_PORT, job API at $ADDRESS"
+# Right after start-up the head may not have a job agent yet ("No available agent"): retry.
+submitted=0
+for _ in $(seq 60); do
+  if "$RAY" job submit --no-wait --address "$ADDRESS" --submission-id "$JOB_ID" -- \
+      "$PY" -m raymerge.cli merge "$A" "$B" -o "$OUT" "$@" > "$WORK/submit.log" 2>&1; then
+    submitted=1
+    break
+  fi
+  grep -q "No available agent" "$WORK/submit.log" || break
+  sleep 1
+done
+if [ "$submitted" -ne 1 ]; then
+  echo "local-job: ray job submit failed:" >&2
+  tail -5 "$WORK/submit.log" >&2
+  exit 1
+fi
+"$RAY" job logs --follow --address "$ADDRESS" "$JOB_ID"
+STATUS=$("$RAY" job status --address "$ADDRESS" "$JOB_ID" 2>&1 | grep -o "SUCCEEDED\|FAILED\|STOPPED" | tail -1)
+echo "local-job: job $JOB_ID ${STATUS:-UNKNOWN}"
+RC=1
+[ "$STATUS" = "SUCCEEDED" ] && RC=0
+exit "$RC"
