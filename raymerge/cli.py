@@ -164,5 +164,20 @@ def run(recipe, out, max_shard_size, pad, workers, gpus_per_actor, address, resu
     _run_guarded(debug, go)
 
 
+@main.command("verify")
+@click.argument("out")
+@click.option("--load", is_flag=True, help="Also load the model with transformers and run a forward pass.")
+def verify_cmd(out, load):
+    """Check a merged model directory: shards, index, finiteness, vocabulary, provenance."""
+    from raymerge.verify import verify
+
+    problems = verify(out, load=load)
+    for p in problems:
+        click.echo(f"problem: {p}", err=True)
+    if problems:
+        sys.exit(1)
+    click.echo(f"{out}: ok")
+
+
 if __name__ == "__main__":
     main()
