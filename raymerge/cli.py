@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 
 import click
@@ -19,13 +20,19 @@ def _fail(err: Exception, debug: bool) -> None:
     sys.exit(1)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _run_guarded(debug: bool, fn):
+    # `ray job stop` and schedulers send SIGTERM: stop as cleanly as on Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return fn()
     except RaymergeError as e:
         _fail(e, debug)
     except KeyboardInterrupt:
-        click.echo("raymerge: interrupted; rerun with --resume to continue", err=True)
+        click.echo("raymerge: interrupted; finished shards are kept: rerun with --resume to continue", err=True)
         sys.exit(130)
 
 

@@ -172,6 +172,12 @@ def merge(options: MergeOptions) -> MergeResult:
                   for _ in range(plan.n_actors)]
         try:
             written, n_nodes = _drive(options, plan, t_by_name, fingerprint, out, actors)
+        except KeyboardInterrupt:
+            # Stop the actors first, so that nobody writes while the partial shards go.
+            for actor in actors:
+                ray.kill(actor)
+            out.clear_partial(plan, set(range(len(plan.shards))))
+            raise
         finally:
             for actor in actors:
                 ray.kill(actor)

@@ -28,6 +28,15 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root + os.sep)
 
 
+def _fsync_dir(path: str) -> None:
+    """Make a rename durable: the shard's bytes were synced before it, the directory entry now."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class OutputDir:
     """One merge's output directory and the sub-directories of its outputs."""
 
@@ -125,6 +134,7 @@ class OutputDir:
             if size != shard.layout.size:
                 raise RuntimeError(f"{src}: {size} bytes written, {shard.layout.size} planned")
             os.replace(src, self.final_path(sub, shard.filename))
+            _fsync_dir(self.output_path(sub))
 
     def cleanup(self) -> None:
         shutil.rmtree(self.state_dir, ignore_errors=True)
