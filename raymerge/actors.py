@@ -85,7 +85,10 @@ class MergeActor:
     def _slice(self, entry: TensorEntry, r0: int, r1: int) -> torch.Tensor:
         handle = self._handles.get(entry.file)
         if handle is None:
-            handle = self._handles[entry.file] = safe_open(entry.file, framework="pt")
+            handle = self._handles[entry.file] = _open(entry.file)
+        if isinstance(handle, dict):  # a .bin state dict of memory-mapped tensors
+            tensor = handle[entry.name]
+            return tensor.clone() if not entry.shape else tensor[r0:r1].clone()
         if not entry.shape:
             return handle.get_tensor(entry.name)
         return handle.get_slice(entry.name)[r0:r1]
@@ -185,6 +188,13 @@ class MergeActor:
             for f in files:
                 f.close(sync=True)
         return written
+
+
+def _open(file: str):
+    """safetensors files through safe_open; PyTorch .bin files memory-mapped, weights only."""
+    if file.endswith(".bin"):
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    return safe_open(file, framework="pt")
 
 
 def remote_actor_class(num_cpus: float, num_gpus: float, max_restarts: int = 3):

@@ -7,14 +7,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from raymerge.errors import InputError
-from raymerge.shards import FLOAT_DTYPES, TensorEntry, read_header
+from raymerge.shards import DTYPE_NAMES, FLOAT_DTYPES, TensorEntry, numel, read_header
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# What a merge needs from a hub repository: weights, configs, tokenizer files.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "tokenizer.model", "*.txt", "*.jinja"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
@@ -84,8 +92,20 @@ def _inside(root: str, name: str) -> str:
 
 
 def _weight_files(path: str) -> list[str]:
-    index = os.path.join(path, SAFETENSORS_INDEX)
-    single = os.path.join(path, SAFETENSORS_SINGLE)
+    for index_name, single_name in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (BIN_INDEX, BIN_SINGLE)):
+        files = _indexed_files(path, index_name, single_name)
+        if files:
+            return files
+    shards = sorted(Path(path).glob("model-*-of-*.safetensors"))
+    if shards:
+        return [str(p) for p in shards]
+    raise InputError(f"{path}: no weights found (expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
+                     f"{BIN_SINGLE} or {BIN_INDEX})")
+
+
+def _indexed_files(path: str, index_name: str, single_name: str) -> list[str]:
+    index = os.path.join(path, index_name)
+    single = os.path.join(path, single_name)
     if os.path.isfile(index):
         try:
             with open(index) as f:
@@ -101,14 +121,52 @@ def _weight_files(path: str) -> list[str]:
         return files
     if os.path.isfile(single):
         return [single]
-    shards = sorted(Path(path).glob("model-*-of-*.safetensors"))
-    if shards:
-        return [str(p) for p in shards]
-    raise InputError(f"{path}: no weights found (expected {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX})")
+    return []
 
 
-def load_parent(path: str, label: str) -> Parent:
-    """Resolve a parent directory and read its config and every weight file's header."""
+def read_bin_header(path: str) -> dict[str, TensorEntry]:
+    """Names, dtypes and shapes of a PyTorch ``.bin`` checkpoint, without reading its data.
+
+    ``weights_only=True`` means the pickle can only rebuild tensors and plain containers: a
+    hostile file cannot run code. ``mmap=True`` maps the storages instead of reading them.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # the unpickler's own refusal, or a damaged zip: the file is bad input
+        raise InputError(f"{path}: not a loadable PyTorch checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: not a state dict")
+    entries = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor) or t.dtype not in DTYPE_NAMES:
+            raise InputError(f"{path}: entry {name!r} is not a tensor raymerge can read")
+        shape = tuple(t.shape)
+        entries[name] = TensorEntry(path, name, DTYPE_NAMES[t.dtype], shape, 0, numel(shape) * t.element_size())
+    return entries
+
+
+def resolve(spec: str, label: str) -> str:
+    """A local directory as is; ``org/name[@revision]`` through the Hugging Face cache.
+
+    Hub downloads honour ``HF_HOME``, ``HF_HUB_OFFLINE`` and the local cache, and fetch only
+    weights, configs and tokenizer files.
+    """
+    if os.path.isdir(spec) or not HUB_ID.match(spec):
+        return spec
+    from huggingface_hub import snapshot_download
+
+    repo_id, _, revision = spec.partition("@")
+    try:
+        return snapshot_download(repo_id, revision=revision or None, allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # offline and not cached, unknown repo, no network...
+        raise InputError(f"parent {label}: {spec} is not a local directory, and the Hugging Face hub "
+                         f"could not provide it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def load_parent(spec: str, label: str) -> Parent:
+    """Resolve a parent (directory or hub id) and read its config and every weight file's header."""
+    path = resolve(spec, label)
     if not os.path.isdir(path):
         raise InputError(f"parent {label}: {path} is not a directory")
     path = os.path.realpath(path)
@@ -123,7 +181,8 @@ def load_parent(path: str, label: str) -> Parent:
     files = _weight_files(path)
     tensors: dict[str, TensorEntry] = {}
     for file in files:
-        for name, entry in read_header(file).items():
+        header = read_bin_header(file) if file.endswith(".bin") else read_header(file)
+        for name, entry in header.items():
             if name in tensors:
                 raise InputError(f"parent {label}: tensor {name!r} appears in two files")
             tensors[name] = entry

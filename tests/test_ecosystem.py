@@ -1,0 +1,136 @@
+"""Hub ids through an offline Hugging Face cache, PyTorch .bin parents, a hostile pickle, the
+model card, and the Python API against the CLI."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import raymerge
+
+CLI = [sys.executable, "-m", "raymerge.cli"]
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def same_shards(x: str, y: str) -> None:
+    names = sorted(f for f in os.listdir(x) if f.endswith((".safetensors", ".index.json")))
+    assert names and names == sorted(f for f in os.listdir(y) if f.endswith((".safetensors", ".index.json")))
+    for n in names:
+        assert filecmp.cmp(os.path.join(x, n), os.path.join(y, n), shallow=False), n
+
+
+@pytest.fixture(scope="module")
+def plain_merge(tiny_parents, ray_head, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("eco") / "plain")
+    raymerge.merge(*tiny_parents, out, t=0.4)
+    return out
+
+
+def _hub_cache(root, repo: str, source: str) -> None:
+    """Lay a model out as huggingface_hub's cache does: blobs, a snapshot, refs/main."""
+    repo_dir = root / "hub" / f"models--{repo.replace('/', '--')}"
+    snap = repo_dir / "snapshots" / COMMIT
+    snap.mkdir(parents=True)
+    (repo_dir / "blobs").mkdir()
+    for name in os.listdir(source):
+        blob = repo_dir / "blobs" / f"blob-{name}"
+        shutil.copyfile(os.path.join(source, name), blob)
+        os.symlink(os.path.relpath(blob, snap), snap / name)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(COMMIT)
+
+
+def test_hub_ids_from_an_offline_cache(tiny_parents, ray_head, plain_merge, tmp_path):
+    hf_home = tmp_path / "hf"
+    _hub_cache(hf_home, "raymerge-test/tiny-a", tiny_parents[0])
+    _hub_cache(hf_home, "raymerge-test/tiny-b", tiny_parents[1])
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "out"
+    proc = subprocess.run([*CLI, "merge", "raymerge-test/tiny-a", f"raymerge-test/tiny-b@{COMMIT}", "-o", str(out),
+                           "-t", "0.4", "--address", ray_head.address, "--quiet"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    same_shards(str(out), plain_merge)
+    missing = subprocess.run([*CLI, "merge", "raymerge-test/not-cached", "raymerge-test/tiny-b", "-o",
+                              str(tmp_path / "o2")], capture_output=True, text=True, timeout=300, env=env)
+    assert missing.returncode == 1
+    assert "raymerge-test/not-cached is not a local directory" in missing.stderr.strip().splitlines()[-1]
+
+
+def _bin_twin(src: str, dst: str, shards: int) -> str:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model*.safetensors*"))
+    state = load_file(os.path.join(src, "model.safetensors"))
+    if shards == 1:
+        torch.save(state, os.path.join(dst, "pytorch_model.bin"))
+        return dst
+    names = sorted(state)
+    weight_map = {}
+    for i in range(shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        part = {n: state[n] for n in names[i::shards]}
+        torch.save(part, os.path.join(dst, file))
+        weight_map.update({n: file for n in part})
+    with open(os.path.join(dst, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return dst
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_bin_parents_merge_like_their_safetensors_twins(tiny_parents, ray_head, plain_merge, tmp_path, shards):
+    a = _bin_twin(tiny_parents[0], str(tmp_path / "a"), shards)
+    b = _bin_twin(tiny_parents[1], str(tmp_path / "b"), shards)
+    out = str(tmp_path / "out")
+    raymerge.merge(a, b, out, t=0.4)
+    same_shards(out, plain_merge)
+
+
+class _Hostile:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hostile_pickle_is_refused_and_runs_nothing(tiny_parents, tmp_path):
+    marker = tmp_path / "pwned"
+    a = str(tmp_path / "evil")
+    shutil.copytree(tiny_parents[0], a, ignore=shutil.ignore_patterns("model*.safetensors*"))
+    # torch.save writes the zip format a real checkpoint has, with the hostile object in data.pkl.
+    torch.save({"model.embed_tokens.weight": _Hostile(str(marker))}, os.path.join(a, "pytorch_model.bin"))
+    assert not marker.exists()
+    proc = subprocess.run([*CLI, "merge", a, tiny_parents[1], "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "not a loadable PyTorch checkpoint" in last and "UnpicklingError" in last, last
+    assert not marker.exists(), "the pickle ran code"
+
+
+def test_model_card_and_provenance(tiny_parents, plain_merge):
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(os.path.join(plain_merge, "README.md"))
+    assert card.data.base_model == [os.path.realpath(p) for p in tiny_parents]
+    assert card.data.library_name == "transformers"
+    assert {"merge", "raymerge"} <= set(card.data.tags)
+    with open(os.path.join(plain_merge, "raymerge.json")) as f:
+        prov = json.load(f)
+    assert json.loads(json.dumps(prov)) == prov
+    assert prov["t"] == 0.4 and prov["method"] == "slerp" and prov["raymerge_version"] == raymerge.__version__
+    assert set(prov["parents"]) == {"a", "b"} and prov["parents"]["b"]["files"]
+
+
+def test_python_api_and_cli_give_identical_shards(tiny_parents, ray_head, plain_merge, tmp_path):
+    proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(tmp_path / "cli"), "-t", "0.4",
+                           "--address", ray_head.address, "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    same_shards(str(tmp_path / "cli"), plain_merge)
