@@ -76,7 +76,7 @@ def merge_options(f):
 
 def build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad, tokenizer_from,
                   workers, gpus_per_actor, address, resume=False, overwrite=False, progress=True,
-                  schedule=None) -> MergeOptions:
+                  schedule=None, report=None) -> MergeOptions:
     t = tuple(t_values) + (parse_range(t_range) if t_range else ())
     if t_for:
         if len(t) > 1:
@@ -88,7 +88,7 @@ def build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pa
         a=a, b=b, out=out, t=t, schedule=schedule, dtype=dtype,
         max_shard_size=parse_size(max_shard_size), workers=workers, address=address,
         gpus_per_actor=gpus_per_actor, pad=pad, tokenizer_from=tokenizer_from, resume=resume,
-        overwrite=overwrite, progress=progress,
+        overwrite=overwrite, progress=progress, report=report,
         command=" ".join(shlex.quote(x) for x in ["raymerge", *sys.argv[1:]]),
     )
 
@@ -99,8 +99,10 @@ def build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pa
 @click.option("--resume", is_flag=True, help="Continue an interrupted merge into OUT.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier raymerge output in OUT.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
+@click.option("--report", "report_path", default=None,
+              help="Write a per-tensor report (angle, fallback, norms, padding) as Parquet.")
 def merge(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad, tokenizer_from, workers,
-          gpus_per_actor, address, debug, resume, overwrite, quiet):
+          gpus_per_actor, address, debug, resume, overwrite, quiet, report_path):
     """Merge parents A (t=0) and B (t=1) into OUT by SLERP."""
 
     def run():
@@ -108,7 +110,7 @@ def merge(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad, token
 
         options = build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad,
                                 tokenizer_from, workers, gpus_per_actor, address, resume, overwrite,
-                                not quiet)
+                                not quiet, report=report_path)
         print_summary(run_merge(options))
 
     _run_guarded(debug, run)
@@ -184,6 +186,19 @@ def verify_cmd(out, load):
     if problems:
         sys.exit(1)
     click.echo(f"{out}: ok")
+
+
+@main.command("report")
+@click.argument("path")
+def report_cmd(path):
+    """Summarise a per-tensor report written by `raymerge merge --report PATH`."""
+    from raymerge.report import describe_report
+
+    try:
+        click.echo(describe_report(path))
+    except (OSError, ValueError) as e:  # missing file, not Parquet, not a raymerge report
+        click.echo(f"raymerge: error: {path}: cannot read the report ({e})", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

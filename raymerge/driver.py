@@ -17,6 +17,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import pyarrow.parquet as pq
 import ray
 
 from raymerge.actors import TensorStats, WriteJob, remote_actor_class
@@ -28,6 +29,7 @@ from raymerge.outdir import OutputDir
 from raymerge.parents import Parent, load_parent
 from raymerge.plan import MergePlan, TensorPlan, build_plan
 from raymerge.progress import Progress
+from raymerge.report import tensor_report
 from raymerge.slerp import Coefficients, slerp_coefficients
 
 # Pass-1 calls carry about this many input bytes, so progress moves and no call runs for long.
@@ -236,6 +238,10 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
 
     # Pass 2: write. Shards already finished (a resume) are kept.
     out.create(fingerprint, options.overwrite)
+    if options.report:
+        os.makedirs(os.path.dirname(os.path.abspath(options.report)), exist_ok=True)
+        pq.write_table(tensor_report(plan, {n: s.reductions for n, s in stats.items()}, coefficients, t_by_name),
+                       options.report)
     for info in ray.get([actor.where.remote([], out.state_dir) for actor in actors]):
         if not info["writable"]:
             raise InputError(f"an actor on host {info['host']} cannot write into {out.root}: "

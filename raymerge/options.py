@@ -60,6 +60,7 @@ class MergeOptions:
         tokenizer_from: "a", "b" or None (the parent whose vocabulary has the merged size).
         resume / overwrite: what to do with a non-empty ``out``.
         block_bytes: float32 bytes of one row block in the actors' two passes.
+        report: where to write the per-tensor report (Parquet), or None.
         schedule_timeout_s: how long actors may wait for resources (e.g. an autoscaler) before
             the merge gives up.
     """
@@ -81,6 +82,7 @@ class MergeOptions:
     block_bytes: int = 64 * 2**20
     schedule_timeout_s: float = 300.0
     progress: bool = True
+    report: str | None = None
     command: str = field(default="", compare=False)
 
     def __post_init__(self):

@@ -1,11 +1,20 @@
-"""Human-readable summaries: what a plan will do (``raymerge plan``)."""
+"""Human-readable summaries: what a plan will do (``raymerge plan``), and the per-tensor report
+of a finished merge (``--report report.parquet``, read back by ``raymerge report``)."""
 
 from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from raymerge.align import tied
 from raymerge.options import MergeOptions
 from raymerge.parents import Parent
 from raymerge.plan import MergePlan
+from raymerge.schedule import layer_index
+from raymerge.slerp import Coefficients, Reductions
 
 
 def _mb(n: int) -> str:
@@ -42,4 +51,51 @@ def describe_plan(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions) 
         lines.append(f"  actor {i}: {_mb(load)} read + written")
     for note in plan.notes:
         lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def tensor_report(plan: MergePlan, reductions: dict[str, Reductions],
+                  coefficients: dict[str, tuple[Coefficients, ...]], t_by_name: dict[str, tuple[float, ...]]) -> pa.Table:
+    """One row per output tensor: angle between the parents, fallback, norms, padding, copies."""
+    rows = []
+    for t in plan.tensors:
+        red = reductions.get(t.name, Reductions())
+        coefs = coefficients.get(t.name, ())
+        rows.append({
+            "name": t.name, "shape": list(t.shape), "op": t.op,
+            "t": list(t_by_name.get(t.name, ())),
+            "angle_deg": math.degrees(coefs[0].theta) if coefs else None,
+            "linear_fallback": any(c.linear for c in coefs) if coefs else None,
+            "norm_a": math.sqrt(red.aa) if t.a is not None else None,
+            "norm_b": math.sqrt(red.bb) if t.b is not None else None,
+            "padded_rows": t.pad.k if t.pad else 0,
+            "pad_strategy": t.pad.strategy if t.pad else None,
+            "copied_from": t.op[-1] if t.op in ("copy_a", "copy_b") else None,
+        })
+    return pa.Table.from_pylist(rows)
+
+
+def describe_report(path: str) -> str:
+    """What a user wants from a report: angles by layer, fallbacks, padding, copies."""
+    rows = pq.read_table(path).to_pylist()
+    merged = [r for r in rows if r["angle_deg"] is not None]
+    lines = [f"{len(rows)} tensors, {len(merged)} SLERPed"]
+    by_layer: dict = defaultdict(list)
+    for r in merged:
+        by_layer[layer_index(r["name"])].append(r["angle_deg"])
+    lines.append("mean angle between the parents, by layer (degrees):")
+    for layer in sorted(by_layer, key=lambda x: (x is not None, x if x is not None else -1)):
+        angles = by_layer[layer]
+        label = "outside layers" if layer is None else f"layer {layer}"
+        lines.append(f"  {label:>14}: {sum(angles) / len(angles):7.2f}  (max {max(angles):.2f}, {len(angles)} tensors)")
+    fallbacks = [r["name"] for r in merged if r["linear_fallback"]]
+    lines.append(f"linear fallbacks: {len(fallbacks)}" + (f" ({', '.join(fallbacks[:5])}{', ...' if len(fallbacks) > 5 else ''})" if fallbacks else ""))
+    padded = [r for r in rows if r["padded_rows"]]
+    lines.append(f"padded tensors: {len(padded)}")
+    for r in padded:
+        lines.append(f"  {r['name']}: {r['padded_rows']} rows ({r['pad_strategy']})")
+    copied = [r for r in rows if r["copied_from"]]
+    lines.append(f"copied from one parent: {len(copied)}")
+    for r in copied:
+        lines.append(f"  {r['name']}: from parent {r['copied_from'].upper()}")
     return "\n".join(lines)

@@ -134,3 +134,19 @@ def test_python_api_and_cli_give_identical_shards(tiny_parents, ray_head, plain_
                            "--address", ray_head.address, "--quiet"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     same_shards(str(tmp_path / "cli"), plain_merge)
+
+
+def test_per_tensor_report(tiny_parents, ray_head, tmp_path):
+    import pyarrow.parquet as pq
+
+    report = tmp_path / "out" / "report.parquet"
+    raymerge.merge(*tiny_parents, str(tmp_path / "out"), t=0.4, report=str(report))
+    rows = {r["name"]: r for r in pq.read_table(report).to_pylist()}
+    assert len(rows) == 39
+    q = rows["model.layers.1.self_attn.q_proj.weight"]
+    assert 0 < q["angle_deg"] < 90 and q["linear_fallback"] is False and q["t"] == [0.4]
+    w = load_file(os.path.join(tiny_parents[0], "model.safetensors"))["model.layers.1.self_attn.q_proj.weight"]
+    assert q["norm_a"] == pytest.approx(float(w.double().norm()), rel=1e-12)
+    proc = subprocess.run([*CLI, "report", str(report)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "layer 3" in proc.stdout and "linear fallbacks: 0" in proc.stdout and "padded tensors: 0" in proc.stdout
