@@ -55,9 +55,7 @@ class RayNode:
                     f"--ray-client-server-port={free_port()}"]
         else:
             cmd += [f"--address={address}", "--node-ip-address=127.0.0.1"]
-        # Worker ports stay out of the range free_port() may hand the next node.
-        cmd += [f"--min-worker-port={20000 + (self.port % 20) * 1000}",
-                f"--max-worker-port={20000 + (self.port % 20) * 1000 + 999}"]
+        # Ports from free_port() are ephemeral (32768+); Ray's worker ports (10002-19999) never clash.
         if resources:
             cmd.append(f"--resources={resources}")
         cmd += extra_args or []
@@ -71,7 +69,9 @@ class RayNode:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited with {self.proc.returncode}: see {self.log.name}")
+                with open(self.log.name) as f:
+                    tail = f.read()[-2000:]
+                raise RuntimeError(f"ray start exited with {self.proc.returncode}: {tail}")
             self._spawned.update(descendants(self.proc.pid))
             with open(self.log.name) as f:
                 if "Ray runtime started" in f.read():
