@@ -28,7 +28,8 @@ fi
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 GCS_PORT=$(free_port) DASH_PORT=$(free_port) CLIENT_PORT=$(free_port)
 
-setsid "$RAY" start --head --block --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
+# In this script's process group: whoever stops the script's group stops the head with it.
+"$RAY" start --head --block --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
   --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --ray-client-server-port="$CLIENT_PORT" \
   --disable-usage-stats > "$WORK/head.log" 2>&1 &
 HEAD_PID=$!
@@ -48,6 +49,7 @@ stop_head() {
   rm -rf "$WORK"
 }
 trap stop_head EXIT
+trap 'exit 130' INT TERM
 
 for _ in $(seq 120); do
   grep -q "Ray runtime started" "$WORK/head.log" && break
@@ -63,24 +65,16 @@ ADDRESS="http://127.0.0.1:$DASH_PORT"
 JOB_ID="raymerge-$(date +%s)-$$"
 echo "local-job: Ray head on 127.0.0.1:$GCS_PORT, job API at $ADDRESS"
 # Right after start-up the head may not have a job agent yet ("No available agent"): retry.
-submitted=0
+# `ray job submit` waits for the job, streams its log and exits non-zero when the job fails.
+RC=1
 for _ in $(seq 60); do
-  if "$RAY" job submit --no-wait --address "$ADDRESS" --submission-id "$JOB_ID" -- \
-      "$PY" -m raymerge.cli merge "$A" "$B" -o "$OUT" "$@" > "$WORK/submit.log" 2>&1; then
-    submitted=1
-    break
-  fi
+  "$RAY" job submit --address "$ADDRESS" --submission-id "$JOB_ID" -- \
+    "$PY" -m raymerge.cli merge "$A" "$B" -o "$OUT" "$@" 2>&1 | tee "$WORK/submit.log"
+  RC=${PIPESTATUS[0]}
   grep -q "No available agent" "$WORK/submit.log" || break
   sleep 1
 done
-if [ "$submitted" -ne 1 ]; then
-  echo "local-job: ray job submit failed:" >&2
-  tail -5 "$WORK/submit.log" >&2
-  exit 1
-fi
-"$RAY" job logs --follow --address "$ADDRESS" "$JOB_ID"
-STATUS=$("$RAY" job status --address "$ADDRESS" "$JOB_ID" 2>&1 | grep -o "SUCCEEDED\|FAILED\|STOPPED" | tail -1)
-echo "local-job: job $JOB_ID ${STATUS:-UNKNOWN}"
-RC=1
-[ "$STATUS" = "SUCCEEDED" ] && RC=0
+STATUS=$("$RAY" job status --address "$ADDRESS" "$JOB_ID" 2>&1 \
+  | grep -oiE "job '[^']+' (succeeded|failed|stopped)" | awk '{print toupper($NF)}' | tail -1)
+echo "local-job: job $JOB_ID ${STATUS:-was not accepted} (ray job submit exited $RC)"
 exit "$RC"

@@ -4,6 +4,7 @@ resource checks. Every Ray process a test starts, it stops by process id."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -99,10 +100,18 @@ def _state(pid: int) -> str:
         return "Z"
 
 
-def _local_job(*args, **kw):
+def _local_job(*args):
+    """Run cluster/local-job.sh in its own process group, and stop that group if it hangs."""
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    return subprocess.run(["bash", os.path.join(ROOT, "cluster", "local-job.sh"), *args],
-                          capture_output=True, text=True, timeout=400, env=env)
+    proc = subprocess.Popen(["bash", os.path.join(ROOT, "cluster", "local-job.sh"), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"local-job.sh hung:\n{out}\n{err}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def test_ray_job_submit_good_merge_succeeds(tiny_parents, tmp_path):
