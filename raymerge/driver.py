@@ -32,8 +32,9 @@ from raymerge.progress import Progress
 from raymerge.report import tensor_report
 from raymerge.slerp import Coefficients, slerp_coefficients
 
-# Pass-1 calls carry about this many input bytes, so progress moves and no call runs for long.
-REDUCE_CHUNK_BYTES = 512 * 2**20
+# Each actor call reads (pass 1) or writes (pass 2) about this many bytes: progress moves, and
+# no call runs for long.
+CALL_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -120,15 +121,15 @@ def actor_shape(options: MergeOptions, nodes: list[dict]) -> ActorShape:
     return ActorShape(count, per, 0, max(1, int(per)))
 
 
-def _chunks(tensors: list[TensorPlan], limit: int) -> list[list[TensorPlan]]:
+def _chunks(tensors: list[TensorPlan], limit: int, cost) -> list[list[TensorPlan]]:
     chunks: list[list[TensorPlan]] = [[]]
     size = 0
     for t in tensors:
-        if chunks[-1] and size + t.read_bytes > limit:
+        if chunks[-1] and size + cost(t) > limit:
             chunks.append([])
             size = 0
         chunks[-1].append(t)
-        size += t.read_bytes
+        size += cost(t)
     return chunks
 
 
@@ -202,23 +203,44 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
     except ray.exceptions.GetTimeoutError:
         raise InputError(f"the actors were not scheduled within {options.schedule_timeout_s:g} s; "
                          f"{_cluster_text([n['Resources'] for n in ray.nodes() if n['Alive']])}") from None
-    nodes = {info["node"] for info in placed}
     for info in placed:
         if info["missing"]:
             raise InputError(f"an actor on host {info['host']} cannot see {info['missing'][0]}: "
                              "parents must sit on storage every node sees, at the same path")
 
-    by_actor: dict[int, list[TensorPlan]] = defaultdict(list)
-    for t in plan.tensors:
-        by_actor[t.actor].append(t)
+    stats = _reduce_pass(options, plan, actors)
+    coefficients: dict[str, tuple[Coefficients, ...]] = {
+        name: tuple(slerp_coefficients(stats[name].reductions, x) for x in ts)
+        for name, ts in t_by_name.items()
+    }
 
-    # Pass 1: reductions of every tensor; nothing is written yet.
+    out.create(fingerprint, options.overwrite)
+    for info in ray.get([actor.where.remote([], out.state_dir) for actor in actors]):
+        if not info["writable"]:
+            raise InputError(f"an actor on host {info['host']} cannot write into {out.root}: "
+                             "the output must sit on storage every node sees, at the same path")
+    if options.report:
+        os.makedirs(os.path.dirname(os.path.abspath(options.report)), exist_ok=True)
+        pq.write_table(tensor_report(plan, {n: s.reductions for n, s in stats.items()}, coefficients, t_by_name),
+                       options.report)
+    written = _write_pass(options, plan, stats, coefficients, out, actors)
+    return written, len({info["node"] for info in placed})
+
+
+def _by_actor(tensors) -> dict[int, list[TensorPlan]]:
+    groups: dict[int, list[TensorPlan]] = defaultdict(list)
+    for t in tensors:
+        groups[t.actor].append(t)
+    return groups
+
+
+def _reduce_pass(options: MergeOptions, plan: MergePlan, actors: list) -> dict[str, TensorStats]:
+    """Pass 1: every tensor's reductions, finiteness and equality; nothing is written."""
     stats: dict[str, TensorStats] = {}
-    read_total = sum(t.read_bytes for t in plan.tensors)
-    progress = Progress("reduce", read_total, enabled=options.progress)
+    progress = Progress("reduce", sum(t.read_bytes for t in plan.tensors), enabled=options.progress)
     pending = {}
-    for i, tensors in by_actor.items():
-        for chunk in _chunks(tensors, REDUCE_CHUNK_BYTES):
+    for i, tensors in _by_actor(plan.tensors).items():
+        for chunk in _chunks(tensors, CALL_BYTES, lambda t: t.read_bytes):
             pending[actors[i].reduce.remote(chunk)] = chunk
 
     def reduced(ref, values):
@@ -229,23 +251,13 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
     _run(list(pending), reduced)
     progress.close()
     _check_stats(plan, stats)
+    return stats
 
-    coefficients: dict[str, tuple[Coefficients, ...]] = {
-        name: tuple(slerp_coefficients(stats[name].reductions, x) for x in ts)
-        for name, ts in t_by_name.items()
-    }
+
+def _write_pass(options: MergeOptions, plan: MergePlan, stats: dict[str, TensorStats],
+                coefficients: dict[str, tuple[Coefficients, ...]], out: OutputDir, actors: list) -> int:
+    """Pass 2: compute and write every shard not already finished; rename each when complete."""
     means = {n: s.s_mean for n, s in stats.items() if s.s_mean is not None}
-
-    # Pass 2: write. Shards already finished (a resume) are kept.
-    out.create(fingerprint, options.overwrite)
-    if options.report:
-        os.makedirs(os.path.dirname(os.path.abspath(options.report)), exist_ok=True)
-        pq.write_table(tensor_report(plan, {n: s.reductions for n, s in stats.items()}, coefficients, t_by_name),
-                       options.report)
-    for info in ray.get([actor.where.remote([], out.state_dir) for actor in actors]):
-        if not info["writable"]:
-            raise InputError(f"an actor on host {info['host']} cannot write into {out.root}: "
-                             "the output must sit on storage every node sees, at the same path")
     done = out.finished_shards(plan)
     todo = [i for i in range(len(plan.shards)) if i not in done]
     out.clear_partial(plan, set(todo))
@@ -253,17 +265,17 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
     remaining: dict[int, int] = defaultdict(int)
     for i in todo:
         shard = plan.shards[i]
-        members = [t for t in plan.tensors if t.shard == i]
-        for actor_id in sorted({t.actor for t in members}):
-            mine = tuple(t for t in members if t.actor == actor_id)
-            job = WriteJob(
-                shard_paths=tuple(out.partial_path(sub, shard.filename) for sub in out.subdirs),
-                header=shard.layout.header, tensors=mine,
-                coefficients={t.name: coefficients[t.name] for t in mine if t.name in coefficients},
-                means={t.name: means[t.name] for t in mine if t.name in means},
-            )
-            jobs[actors[actor_id].write.remote(job)] = i
-            remaining[i] += 1
+        paths = tuple(out.partial_path(sub, shard.filename) for sub in out.subdirs)
+        for actor_id, mine in sorted(_by_actor(t for t in plan.tensors if t.shard == i).items()):
+            # Calls of bounded size: progress moves, and a lost actor costs one call, not a shard.
+            for chunk in _chunks(mine, CALL_BYTES, lambda t: t.nbytes * len(paths)):
+                job = WriteJob(
+                    shard_paths=paths, header=shard.layout.header, tensors=tuple(chunk),
+                    coefficients={t.name: coefficients[t.name] for t in chunk if t.name in coefficients},
+                    means={t.name: means[t.name] for t in chunk if t.name in means},
+                )
+                jobs[actors[actor_id].write.remote(job)] = i
+                remaining[i] += 1
     write_total = sum(plan.shards[i].layout.size for i in todo) * len(out.subdirs)
     progress = Progress("write", write_total, len(plan.shards), enabled=options.progress)
     progress.update(shards=len(done))
@@ -281,7 +293,7 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
 
     _run(list(jobs), wrote)
     progress.close()
-    return written, len(nodes)
+    return written
 
 
 def print_summary(result: MergeResult, stream=sys.stderr) -> None:
