@@ -27,7 +27,7 @@ from safetensors import safe_open
 from raymerge.align import pad_rows
 from raymerge.plan import TensorPlan
 from raymerge.shards import TORCH_DTYPES, ShardFile, TensorEntry, numel
-from raymerge.slerp import Coefficients, Reductions, combine_block, reduce_block
+from raymerge.slerp import Coefficients, Reductions, combine_block, reduce_block, to_work
 
 
 @dataclass(frozen=True)
@@ -174,8 +174,7 @@ class MergeActor:
                 for r0, r1 in self._blocks(t.shape):
                     offset = t.offset + r0 * row_bytes
                     if t.op == "slerp":
-                        a = self._rows(t, "a", r0, r1, s_mean)
-                        b = self._rows(t, "b", r0, r1, s_mean)
+                        a, b = to_work(self._rows(t, "a", r0, r1, s_mean), self._rows(t, "b", r0, r1, s_mean))
                         for f, coef in zip(files, coefs):
                             f.write_tensor(offset, combine_block(a, b, coef, out_dtype).cpu())
                             written += (r1 - r0) * row_bytes or out_dtype.itemsize

@@ -79,7 +79,7 @@ class MergeOptions:
     tokenizer_from: str | None = None
     resume: bool = False
     overwrite: bool = False
-    block_bytes: int = 64 * 2**20
+    block_bytes: int = 2**20
     schedule_timeout_s: float = 300.0
     progress: bool = True
     report: str | None = None

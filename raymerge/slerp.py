@@ -107,10 +107,16 @@ def combine_block(
     Both products are computed separately (no fused multiply-add), so every device and every
     block size gives the same bits.
     """
-    work = compute_dtype(a.dtype, b.dtype)
-    out = a.to(work, copy=True).mul_(coef.ca)
-    out.add_(b.to(work, copy=True).mul_(coef.cb))
+    a_w, b_w = to_work(a, b)
+    out = torch.mul(a_w, coef.ca)
+    out.add_(torch.mul(b_w, coef.cb))
     return out.to(out_dtype)
+
+
+def to_work(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both blocks in the dtype values are combined in; a sweep converts once for all its t."""
+    work = compute_dtype(a.dtype, b.dtype)
+    return a.to(work), b.to(work)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
