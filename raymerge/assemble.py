@@ -55,18 +55,23 @@ def child_config(a: Parent, plan: MergePlan) -> dict:
     return config
 
 
+def _card_name(p: Parent) -> str:
+    """A hub id as the user named it (without @revision), else the local path."""
+    return p.source.partition("@")[0] if p.revision else p.path
+
+
 def model_card(a: Parent, b: Parent, t_label: str, options: MergeOptions) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(
-        base_model=[a.path, b.path], library_name="transformers", tags=["merge", "raymerge", "slerp"],
+        base_model=[_card_name(a), _card_name(b)], library_name="transformers", tags=["merge", "raymerge", "slerp"],
     )
     command = options.command or f"raymerge merge {a.path} {b.path} -o OUT -t {t_label}"
     content = (
         f"---\n{data.to_yaml()}\n---\n\n"
         "# Merged model\n\n"
         f"This model is a SLERP merge of two parents made with raymerge {__version__}.\n\n"
-        f"- Parent A (base, t=0): `{a.path}`\n- Parent B (t=1): `{b.path}`\n"
+        f"- Parent A (base, t=0): `{a.source or a.path}`\n- Parent B (t=1): `{b.source or b.path}`\n"
         f"- Method: spherical linear interpolation (SLERP), t = {t_label}\n\n"
         "## Reproduce\n\n"
         f"```\n{command}\n```\n"
@@ -77,7 +82,8 @@ def model_card(a: Parent, b: Parent, t_label: str, options: MergeOptions) -> str
 def provenance(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t_label: str,
                fingerprint: str) -> dict:
     def parent_record(p: Parent) -> dict:
-        return {"path": p.path, "files": {os.path.basename(f): os.path.getsize(f) for f in p.weight_files}}
+        return {"source": p.source, "path": p.path, "revision": p.revision,
+                "files": {os.path.basename(f): os.path.getsize(f) for f in p.weight_files}}
 
     return {
         "raymerge_version": __version__,

@@ -38,6 +38,8 @@ class Parent:
     config: dict
     tensors: dict[str, TensorEntry]
     weight_files: tuple[str, ...]
+    source: str = ""  # what the user named: a directory or a hub id
+    revision: str | None = None  # the hub commit, for a parent from the Hugging Face cache
 
     @property
     def vocab_size(self) -> int | None:
@@ -188,4 +190,6 @@ def load_parent(spec: str, label: str) -> Parent:
             tensors[name] = entry
     if not tensors:
         raise InputError(f"parent {label}: {path} holds no tensors")
-    return Parent(label, path, config, tensors, tuple(files))
+    snapshot = re.search(r"/snapshots/([0-9a-f]{40})$", path)
+    return Parent(label, path, config, tensors, tuple(files), source=spec,
+                  revision=snapshot.group(1) if snapshot else None)

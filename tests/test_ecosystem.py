@@ -59,6 +59,12 @@ def test_hub_ids_from_an_offline_cache(tiny_parents, ray_head, plain_merge, tmp_
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     same_shards(str(out), plain_merge)
+    with open(out / "raymerge.json") as f:
+        prov = json.load(f)["parents"]
+    assert prov["a"]["source"] == "raymerge-test/tiny-a" and prov["b"]["revision"] == COMMIT
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load(out / "README.md").data.base_model == ["raymerge-test/tiny-a", "raymerge-test/tiny-b"]
     missing = subprocess.run([*CLI, "merge", "raymerge-test/not-cached", "raymerge-test/tiny-b", "-o",
                               str(tmp_path / "o2")], capture_output=True, text=True, timeout=300, env=env)
     assert missing.returncode == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -39,6 +40,17 @@ def tree_digest(path: str) -> str:
             with open(os.path.join(root, f), "rb") as fh:
                 h.update(fh.read())
     return h.hexdigest()
+
+
+def _indexed(src: str, dst: str, bad_name: str) -> str:
+    """A copy whose index maps one tensor to ``bad_name`` (missing, or outside the directory)."""
+    shutil.copytree(src, dst)
+    names = sorted(load_file(os.path.join(dst, "model.safetensors")))
+    weight_map = {n: "model.safetensors" for n in names}
+    weight_map[names[0]] = bad_name
+    with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return dst
 
 
 def run_cli(*args):
@@ -94,7 +106,16 @@ def test_bad_inputs_get_one_line_and_exit_1(tiny_parents, tmp_path):
     (nonempty / "keep.txt").write_text("mine")
     not_model = tmp_path / "not-a-model"
     not_model.mkdir()
+    truncated = str(tmp_path / "truncated")
+    shutil.copytree(b, truncated)
+    st = os.path.join(truncated, "model.safetensors")
+    os.truncate(st, os.path.getsize(st) - 1000)
+    escaping = _indexed(b, str(tmp_path / "escaping"), "../../outside.safetensors")
+    missing_shard = _indexed(b, str(tmp_path / "missing-shard"), "model-00002-of-00002.safetensors")
     cases = [
+        (["merge", a, truncated, "-o", str(tmp_path / "o5")], "truncated or corrupt"),
+        (["merge", a, escaping, "-o", str(tmp_path / "o6")], "a path outside the model directory"),
+        (["merge", a, missing_shard, "-o", str(tmp_path / "o7")], "which does not exist"),
         (["merge", str(tmp_path / "missing"), b, "-o", str(tmp_path / "o1")], "is not a directory"),
         (["merge", a, str(not_model), "-o", str(tmp_path / "o2")], "has no config.json"),
         (["merge", a, b, "-o", str(tmp_path / "o3"), "-t", "1.5"], "outside [0, 1]"),
@@ -111,4 +132,4 @@ def test_bad_inputs_get_one_line_and_exit_1(tiny_parents, tmp_path):
         assert len(lines) == 1 and expected in lines[0], (args, proc.stderr)
     assert [tree_digest(a), tree_digest(b)] == digests
     assert (nonempty / "keep.txt").read_text() == "mine"
-    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 5))
+    assert not any((tmp_path / f"o{i}").exists() for i in range(1, 8))
