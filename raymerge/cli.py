@@ -64,6 +64,9 @@ def merge_options(f):
         click.option("--workers", type=int, default=None,
                      help="Number of actors (default: one per CPU, or one per GPU on a GPU cluster)."),
         click.option("--gpus-per-actor", type=float, default=1.0, show_default=True),
+        click.option("--block-size", default="1MiB", show_default=True,
+                     help="Row block each actor streams, as float32 bytes: 1MiB keeps temporaries in "
+                          "CPU cache; a different size may change the last bit of some values."),
         click.option("--address", default=None,
                      help="Ray cluster to attach to ('auto', 'ray://host:10001', host:port). "
                           "Default: RAY_ADDRESS if set, else an embedded local Ray."),
@@ -75,8 +78,8 @@ def merge_options(f):
 
 
 def build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad, tokenizer_from,
-                  workers, gpus_per_actor, address, resume=False, overwrite=False, progress=True,
-                  schedule=None, report=None) -> MergeOptions:
+                  workers, gpus_per_actor, block_size, address, resume=False, overwrite=False,
+                  progress=True, schedule=None, report=None) -> MergeOptions:
     t = tuple(t_values) + (parse_range(t_range) if t_range else ())
     if t_for:
         if len(t) > 1:
@@ -87,7 +90,7 @@ def build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pa
     return MergeOptions(
         a=a, b=b, out=out, t=t, schedule=schedule, dtype=dtype,
         max_shard_size=parse_size(max_shard_size), workers=workers, address=address,
-        gpus_per_actor=gpus_per_actor, pad=pad, tokenizer_from=tokenizer_from, resume=resume,
+        gpus_per_actor=gpus_per_actor, block_bytes=parse_size(block_size), pad=pad, tokenizer_from=tokenizer_from, resume=resume,
         overwrite=overwrite, progress=progress, report=report,
         command=" ".join(shlex.quote(x) for x in ["raymerge", *sys.argv[1:]]),
     )
@@ -102,15 +105,15 @@ def build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pa
 @click.option("--report", "report_path", default=None,
               help="Write a per-tensor report (angle, fallback, norms, padding) as Parquet.")
 def merge(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad, tokenizer_from, workers,
-          gpus_per_actor, address, debug, resume, overwrite, quiet, report_path):
+          gpus_per_actor, block_size, address, debug, resume, overwrite, quiet, report_path):
     """Merge parents A (t=0) and B (t=1) into OUT by SLERP."""
 
     def run():
         from raymerge.driver import merge as run_merge, print_summary
 
         options = build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad,
-                                tokenizer_from, workers, gpus_per_actor, address, resume, overwrite,
-                                not quiet, report=report_path)
+                                tokenizer_from, workers, gpus_per_actor, block_size, address, resume,
+                                overwrite, not quiet, report=report_path)
         print_summary(run_merge(options))
 
     _run_guarded(debug, run)
@@ -120,7 +123,7 @@ def merge(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad, token
 @merge_options
 @click.option("--save", "save_path", default=None, help="Write the plan table as Parquet.")
 def plan(a, b, t_values, t_range, t_for, dtype, max_shard_size, pad, tokenizer_from, workers,
-         gpus_per_actor, address, debug, save_path):
+         gpus_per_actor, block_size, address, debug, save_path):
     """Show what merging A and B would do, reading headers only (no tensor data, no Ray)."""
 
     def run():
@@ -133,7 +136,7 @@ def plan(a, b, t_values, t_range, t_for, dtype, max_shard_size, pad, tokenizer_f
         from raymerge.report import describe_plan
 
         options = build_options(a, b, "(plan)", t_values, t_range, t_for, dtype, max_shard_size, pad,
-                                tokenizer_from, workers, gpus_per_actor, address)
+                                tokenizer_from, workers, gpus_per_actor, block_size, address)
         pa_, pb_ = load_parents(options)
         the_plan = build_plan(pa_, pb_, options, options.workers or os.cpu_count() or 1)
         click.echo(describe_plan(pa_, pb_, the_plan, options))
@@ -151,12 +154,14 @@ def plan(a, b, t_values, t_range, t_for, dtype, max_shard_size, pad, tokenizer_f
 @click.option("--pad", type=click.Choice(PAD_STRATEGIES), default="gradient", show_default=True)
 @click.option("--workers", type=int, default=None)
 @click.option("--gpus-per-actor", type=float, default=1.0, show_default=True)
+@click.option("--block-size", default="1MiB", show_default=True)
 @click.option("--address", default=None)
 @click.option("--resume", is_flag=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--quiet", is_flag=True)
 @click.option("--debug", is_flag=True)
-def run(recipe, out, max_shard_size, pad, workers, gpus_per_actor, address, resume, overwrite, quiet, debug):
+def run(recipe, out, max_shard_size, pad, workers, gpus_per_actor, block_size, address, resume, overwrite,
+        quiet, debug):
     """Merge as a mergekit slerp RECIPE (YAML) says: models, base_model, parameters.t, dtype."""
 
     def go():
@@ -167,7 +172,8 @@ def run(recipe, out, max_shard_size, pad, workers, gpus_per_actor, address, resu
         r = load_recipe(recipe)
         check_layer_range(r, load_parent(r.a, "A").num_layers, load_parent(r.b, "B").num_layers)
         options = build_options(r.a, r.b, out, (), None, (), r.dtype, max_shard_size, pad, None, workers,
-                                gpus_per_actor, address, resume, overwrite, not quiet, schedule=r.schedule)
+                                gpus_per_actor, block_size, address, resume, overwrite, not quiet,
+                                schedule=r.schedule)
         print_summary(run_merge(options))
 
     _run_guarded(debug, go)

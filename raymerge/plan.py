@@ -108,7 +108,8 @@ class MergePlan:
         stat = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
         data = {
             "files": stat, "t": list(options.t),
-            "schedule": options.schedule.describe() if options.schedule else None, "dtype": self.out_dtype, "pad": options.pad,
+            "schedule": options.schedule.describe() if options.schedule else None,
+            "block_bytes": options.block_bytes, "dtype": self.out_dtype, "pad": options.pad,
             "shards": [(s.filename, hashlib.sha256(s.layout.header).hexdigest()) for s in self.shards],
             "tokenizer_from": self.tokenizer_from,
         }

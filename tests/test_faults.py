@@ -134,3 +134,22 @@ def test_resume_into_a_different_merge_is_refused(medium_parents, ray_head, undi
                            "-t", "0.7", "--resume", "--address", ray_head.address], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 1 and "holds a different merge" in proc.stderr
+
+
+def test_ctrl_c_stops_cleans_up_and_resumes(medium_parents, ray_head, undisturbed, tmp_path):
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "raymerge.cli", "merge", *medium_parents, "-o", out, "-t", "0.5",
+           "--workers", "2", "--max-shard-size", "20MB", "--block-size", "256KiB", "--address", ray_head.address]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finished = lambda: any(f.endswith(".safetensors") for f in os.listdir(out)) if os.path.isdir(out) else False
+    assert _wait_for(finished), "no shard was finished"
+    assert proc.poll() is None, "the interrupt must land mid-merge"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "rerun with --resume" in err
+    assert _partial_files(out) == [], "partial shards are removed"
+    assert not os.path.exists(os.path.join(out, "config.json"))
+    again = subprocess.run([*cmd, "--resume", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    same_shards(out, undisturbed)
