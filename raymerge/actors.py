@@ -10,7 +10,7 @@ Work comes in two idempotent passes over the actor's share of the plan:
 
 Tensor bytes never travel through Ray: the actor reads the parents and writes the shards on the
 filesystem; Ray carries plans, paths and small records. The class is plain Python so that tests
-can drive it without Ray; ``remote_actor_class`` wraps it for Ray.
+and bench/gpu_check.sh can drive it without Ray; ``remote_actor_class`` wraps it for Ray.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-import ray
 import torch
 from safetensors import safe_open
 
@@ -76,6 +75,8 @@ class MergeActor:
                 os.remove(probe)
             except OSError:
                 writable = False
+        import ray
+
         return {"host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "missing": missing,
                 "writable": writable, "device": str(self.device)}
@@ -198,5 +199,7 @@ def _open(file: str):
 
 def remote_actor_class(num_cpus: float, num_gpus: float, max_restarts: int = 3):
     """The Ray actor class for MergeActor with its resource request."""
+    import ray  # here, so that MergeActor itself runs (and is tested, and GPU-checked) without Ray
+
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
                       max_task_retries=max_restarts)(MergeActor)
