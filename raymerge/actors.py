@@ -169,25 +169,28 @@ class MergeActor:
         try:
             for t in job.tensors:
                 out_dtype = TORCH_DTYPES[t.dtype]
-                row_bytes = numel(t.shape[1:]) * out_dtype.itemsize if t.shape else 0
+                row_bytes = numel(t.shape[1:]) * out_dtype.itemsize
                 coefs = job.coefficients.get(t.name)
                 s_mean = job.means.get(t.name)
                 for r0, r1 in self._blocks(t.shape):
                     offset = t.offset + r0 * row_bytes
-                    if t.op == "slerp":
-                        a, b = to_work(self._rows(t, "a", r0, r1, s_mean), self._rows(t, "b", r0, r1, s_mean))
-                        for f, coef in zip(files, coefs):
-                            f.write_tensor(offset, combine_block(a, b, coef, out_dtype).cpu())
-                            written += (r1 - r0) * row_bytes or out_dtype.itemsize
-                    else:
-                        x = self._rows(t, "b" if t.op == "copy_b" else "a", r0, r1).to(out_dtype).cpu()
-                        for f in files:
-                            f.write_tensor(offset, x)
-                            written += x.numel() * out_dtype.itemsize
+                    for f, block in zip(files, self._out_blocks(t, r0, r1, coefs, s_mean, out_dtype, len(files))):
+                        f.write_tensor(offset, block)
+                        written += block.numel() * block.element_size()
         finally:
             for f in files:
                 f.close(sync=True)
         return written
+
+    def _out_blocks(self, t: TensorPlan, r0: int, r1: int, coefs, s_mean, out_dtype, n_outputs: int):
+        """Rows [r0, r1) of the tensor in every output: one SLERP per t, or the copied rows."""
+        if t.op == "slerp":
+            a, b = to_work(self._rows(t, "a", r0, r1, s_mean), self._rows(t, "b", r0, r1, s_mean))
+            for coef in coefs:
+                yield combine_block(a, b, coef, out_dtype).cpu()
+        else:
+            x = self._rows(t, "b" if t.op == "copy_b" else "a", r0, r1).to(out_dtype).cpu()
+            yield from [x] * n_outputs
 
 
 def _open(file: str):
