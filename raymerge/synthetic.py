@@ -25,8 +25,10 @@ def llama_config(vocab_size: int = 1000, hidden_size: int = 64, intermediate_siz
                  tie_word_embeddings: bool = False, dtype: str = "bfloat16"):
     from transformers import LlamaConfig
 
+    # architectures is what transformers' save_pretrained of a model records; mergekit and vLLM
+    # read it to pick the model class.
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        architectures=["LlamaForCausalLM"], vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads, max_position_embeddings=256,
         tie_word_embeddings=tie_word_embeddings, bos_token_id=1, eos_token_id=2, dtype=dtype,
