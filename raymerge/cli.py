@@ -16,7 +16,14 @@ from raymerge.schedule import parse_range, parse_t_for
 def _fail(err: Exception, debug: bool) -> None:
     if debug:
         raise err
-    click.echo(f"raymerge: error: {err}", err=True)
+    # An error raised in an actor comes back wrapped by Ray, remote traceback and all: show the
+    # original exception's own message.
+    cause = getattr(err, "cause", None) or err
+    if isinstance(cause, OSError) and cause.strerror:
+        text = f"{cause.filename}: {cause.strerror}" if cause.filename else cause.strerror
+    else:
+        text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    click.echo(f"raymerge: error: {text}", err=True)
     sys.exit(1)
 
 
@@ -29,7 +36,7 @@ def _run_guarded(debug: bool, fn):
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return fn()
-    except RaymergeError as e:
+    except (RaymergeError, OSError) as e:  # OSError: unreadable input, full or read-only output
         _fail(e, debug)
     except KeyboardInterrupt:
         click.echo("raymerge: interrupted; finished shards are kept: rerun with --resume to continue", err=True)

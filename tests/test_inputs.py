@@ -133,3 +133,20 @@ def test_bad_inputs_get_one_line_and_exit_1(tiny_parents, tmp_path):
     assert [tree_digest(a), tree_digest(b)] == digests
     assert (nonempty / "keep.txt").read_text() == "mine"
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 8))
+
+
+def test_an_actor_error_prints_as_one_line(capsys):
+    """Full storage in an actor comes back wrapped by Ray: the user sees one line, exit 1."""
+    import errno
+
+    import ray.exceptions
+
+    from raymerge import cli
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/out/.raymerge/partial/model.safetensors")
+    wrapped = ray.exceptions.RayTaskError("write", "Traceback (most recent call last):\n  ...", full).as_instanceof_cause()
+    with pytest.raises(SystemExit) as e:
+        cli._fail(wrapped, debug=False)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["raymerge: error: /out/.raymerge/partial/model.safetensors: No space left on device"]
