@@ -61,16 +61,20 @@ def load_parents(options: MergeOptions) -> tuple[Parent, Parent]:
 
 @contextmanager
 def ray_session(address: str | None):
-    """Attach to ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray on all cores."""
+    """Attach to ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray on all cores.
+
+    Actors never print (errors come back as exceptions, progress through the driver), so worker
+    logs are not forwarded: Ray's own retry chatter would only break the one-line errors.
+    """
     started = False
     if not ray.is_initialized():
         if address or os.environ.get("RAY_ADDRESS"):
             # Ray refuses resource arguments when attaching to an existing cluster.
-            ray.init(address=address, logging_level="ERROR", log_to_driver=True)
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         else:
             # "local" starts a new instance even when another `ray start` runs on this machine.
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                     logging_level="ERROR", log_to_driver=True)
+                     logging_level="ERROR", log_to_driver=False)
         started = True
     try:
         yield

@@ -144,9 +144,12 @@ class ShardFile:
 
     def write_at(self, offset: int, data) -> None:
         view = memoryview(data).cast("B")
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as e:  # a full or failing disk: say which file
+            raise OSError(e.errno, e.strerror, self.path) from None
 
     def write_tensor(self, offset: int, tensor: torch.Tensor) -> None:
         raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)

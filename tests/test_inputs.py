@@ -150,3 +150,31 @@ def test_an_actor_error_prints_as_one_line(capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["raymerge: error: /out/.raymerge/partial/model.safetensors: No space left on device"]
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A 300 KiB tmpfs (needs root, as CI and the dev machines have): a really full disk."""
+    mnt = tmp_path / "tinyfs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_full_and_read_only_output_storage(tiny_parents, ray_head, tiny_fs):
+    a, b = tiny_parents
+    digests = [tree_digest(a), tree_digest(b)]
+    full = run_cli("merge", a, b, "-o", str(tiny_fs / "out"), "--address", ray_head.address, "--quiet")
+    lines = full.stderr.strip().splitlines()
+    assert full.returncode == 1 and lines[-1].startswith("raymerge: error: ")
+    assert "No space left on device" in lines[-1], full.stderr
+    assert not (tiny_fs / "out" / "config.json").exists() and not (tiny_fs / "out" / "model.safetensors").exists()
+    subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
+    ro = run_cli("merge", a, b, "-o", str(tiny_fs / "other"), "--address", ray_head.address, "--quiet")
+    assert ro.returncode == 1 and "Read-only file system" in ro.stderr.strip().splitlines()[-1], ro.stderr
+    assert [tree_digest(a), tree_digest(b)] == digests
