@@ -13,27 +13,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-
-def _children_map() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(ppid, []).append(int(entry))
-    return tree
+# The process-tree walk is the one the tests use to stop exactly the Ray processes they start.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from raynodes import descendants  # noqa: E402
 
 
 def _tree(pid: int) -> list[int]:
-    tree, out, todo = _children_map(), [pid], [pid]
-    while todo:
-        for c in tree.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
+    return [pid, *descendants(pid)]
 
 
 def own_memory_kb(pid: int) -> tuple[str, int] | None:
