@@ -156,6 +156,17 @@ def _run(pending: list, on_done) -> None:
             on_done(ref, ray.get(ref))
 
 
+def _stop_and_wait(actors: list, timeout_s: float = 60.0) -> None:
+    """Kill the actors and return once Ray reports each one dead (ray.kill alone is asynchronous)."""
+    for actor in actors:
+        ray.kill(actor)
+    for actor in actors:
+        try:
+            ray.get(actor.where.remote([]), timeout=timeout_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+
+
 def merge(options: MergeOptions) -> MergeResult:
     """Merge two parents as ``options`` says and return what was written.
 
@@ -180,9 +191,9 @@ def merge(options: MergeOptions) -> MergeResult:
         try:
             written, n_nodes = _drive(options, plan, t_by_name, fingerprint, out, actors)
         except KeyboardInterrupt:
-            # Stop the actors first, so that nobody writes while the partial shards go.
-            for actor in actors:
-                ray.kill(actor)
+            # Stop the actors, and wait until they are gone, so that nobody writes while the
+            # partial shards go.
+            _stop_and_wait(actors)
             out.clear_partial(plan, set(range(len(plan.shards))))
             raise
         finally:
