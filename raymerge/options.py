@@ -94,8 +94,8 @@ class MergeOptions:
         for t in self.t:
             if not (0.0 <= t <= 1.0):
                 raise InputError(f"t={t} is outside [0, 1]: SLERP only interpolates between the parents")
-        if len(set(self.t)) != len(self.t):
-            raise InputError(f"the same t is given twice: {list(self.t)}")
+        if len({format(t, "g") for t in self.t}) != len(self.t):
+            raise InputError(f"the same t is given twice (outputs are named t-<format(t, 'g')>): {list(self.t)}")
         if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
             raise InputError(f"unknown dtype {self.dtype!r}: choose from {', '.join(DTYPE_CHOICES)}")
         if self.pad not in PAD_STRATEGIES:
