@@ -71,9 +71,6 @@ class MergePlan:
     n_layers: int
     notes: tuple[str, ...] = field(default=())
 
-    def by_name(self) -> dict[str, TensorPlan]:
-        return {t.name: t for t in self.tensors}
-
     def actor_bytes(self) -> list[int]:
         load = [0] * self.n_actors
         for t in self.tensors:
