@@ -56,9 +56,9 @@ stats = actor.reduce(list(plan.tensors))
 t1 = time.perf_counter()
 coefficients = {s.name: (slerp_coefficients(s.reductions, 0.5),) for s in stats}
 total = 0
-for shard in plan.shards:
+for i, shard in enumerate(plan.shards):
     path = os.path.join(out, shard.filename)
-    tensors = tuple(t for t in plan.tensors if t.shard == plan.shards.index(shard))
+    tensors = tuple(t for t in plan.tensors if t.shard == i)
     total += actor.write(WriteJob((path,), shard.layout.header, tensors,
                                   {t.name: coefficients[t.name] for t in tensors if t.name in coefficients}))
 t2 = time.perf_counter()
