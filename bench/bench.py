@@ -55,9 +55,9 @@ CONTENDED = 0.35  # CPUs busy with other processes during a run, above which it 
 @dataclass
 class Contender:
     name: str
-    argv: Callable[[str], list[str]]  # output path -> command line
+    argv: Callable[[str, str | None], list[str]]  # (output path, head address) -> command line
     env: dict[str, str] | None = None
-    warm: bool = False  # its memory includes the Ray head's process tree
+    warm: bool = False  # runs against the Ray head; its memory includes the head's process tree
     runs: list[Run] = field(default_factory=list)
     note: str = ""
 
@@ -109,73 +109,87 @@ def start_head(workdir: str, env: dict[str, str]) -> RayNode:
     return node
 
 
-def contenders(a: str, b: str, work: str, head: str | None, plain_env: dict[str, str],
-               rm_env: dict[str, str], auth_env: dict[str, str], mergekit: str | None,
-               mk_note: str) -> list[Contender]:
+def contenders(a: str, b: str, work: str, plain_env: dict[str, str], rm_env: dict[str, str],
+               auth_env: dict[str, str], mergekit: str | None, mk_note: str) -> list[Contender]:
     out_bytes = sum(os.path.getsize(f) for f in weight_files(a))
     files = weight_files(a) + weight_files(b)
     merge = [RAYMERGE, "merge", a, b, "--quiet"]
-    cs = [Contender("I/O floor", lambda o: [sys.executable, os.path.join(HERE, "iofloor.py"), o,
-                                            str(out_bytes), *files], plain_env),
-          Contender("raymerge cold (embedded Ray)", lambda o: merge + ["-o", o, "-t", "0.5"], rm_env)]
-    if head:
-        warm = merge + ["--address", head]
-        cs += [Contender("raymerge warm (default actors)", lambda o: warm + ["-o", o, "-t", "0.5"], auth_env, True),
-               Contender("raymerge warm --workers 1", lambda o: warm + ["-o", o, "-t", "0.5", "--workers", "1"],
-                         auth_env, True),
-               Contender("raymerge warm --workers 2", lambda o: warm + ["-o", o, "-t", "0.5", "--workers", "2"],
-                         auth_env, True),
-               Contender("raymerge warm 9-t sweep", lambda o: warm + ["-o", o] + [x for t in SWEEP for x in ("-t", str(t))],
-                         auth_env, True)]
+    single = ["-t", "0.5"]
+    cs = [Contender("I/O floor", lambda o, _: [sys.executable, os.path.join(HERE, "iofloor.py"), o,
+                                               str(out_bytes), *files], plain_env),
+          Contender("raymerge cold (embedded Ray)", lambda o, _: merge + ["-o", o, *single], rm_env)]
+    cs += [Contender("raymerge warm (default actors)", lambda o, h: merge + ["--address", h, "-o", o, *single],
+                     auth_env, True),
+           Contender("raymerge warm --workers 1",
+                     lambda o, h: merge + ["--address", h, "-o", o, *single, "--workers", "1"], auth_env, True),
+           Contender("raymerge warm --workers 2",
+                     lambda o, h: merge + ["--address", h, "-o", o, *single, "--workers", "2"], auth_env, True),
+           Contender("raymerge warm 9-t sweep",
+                     lambda o, h: merge + ["--address", h, "-o", o] + [x for t in SWEEP for x in ("-t", str(t))],
+                     auth_env, True)]
     if mergekit:
         recipe = write_recipe(os.path.join(work, "recipe.yml"), mergekit_view(a, os.path.join(work, "mk-a")),
                               mergekit_view(b, os.path.join(work, "mk-b")))
-        cs.append(Contender("mergekit 0.1.5", lambda o: [mergekit, recipe, o, *MERGEKIT_FLAGS], plain_env))
+        cs.append(Contender("mergekit 0.1.5", lambda o, _: [mergekit, recipe, o, *MERGEKIT_FLAGS], plain_env))
     else:
-        cs.append(Contender("mergekit 0.1.5", lambda o: [], plain_env, note=mk_note))
+        cs.append(Contender("mergekit 0.1.5", lambda o, _: [], plain_env, note=mk_note))
     return cs
 
 
-def run_all(cs: list[Contender], reps: int, parent_files: list[str], head_pid: int | None,
+def run_all(cs: list[Contender], reps: int, parent_files: list[str], start_head: Callable[[], RayNode],
             retries: int = 2) -> list[str]:
     """Round-robin reps; returns the lines of the correctness checks done on rep 0's outputs.
 
-    A run during which other processes kept more than CONTENDED CPUs busy is repeated (at most
-    ``retries`` times); the least contended attempt is the one recorded.
+    Each rep runs the contenders that need no Ray head first, with none running (a live head
+    would slow an embedded Ray's start by seconds, which a laptop user never pays), then starts a
+    head, runs the warm contenders against it and stops it. A run during which other processes
+    kept more than CONTENDED CPUs busy is repeated (at most ``retries`` times); the least
+    contended attempt is the one recorded.
     """
     kept: dict[str, str] = {}  # contender -> its rep-0 output, kept for the checks
     kept_tmp: list[str] = []
     checks: list[str] = []
     for rep in range(reps):
-        order = cs[rep % len(cs):] + cs[:rep % len(cs)]
-        for c in order:
-            if c.note:
+        for warm in (False, True):
+            group = [c for c in cs if c.warm == warm and not c.note]
+            if not group:
                 continue
-            best: Run | None = None
-            for attempt in range(1 + retries):
-                tmp = tempfile.mkdtemp(prefix="raymerge-bench-", dir="/tmp")
-                out = os.path.join(tmp, "child" if c.name != "I/O floor" else "model.safetensors")
-                read_fully(parent_files)
-                wait_quiet()
-                run = measured(c.argv(out), c.env, exclude=None if c.warm else head_pid)
-                print(f"rep {rep + 1}/{reps}  {c.name:34s} {run.wall_s:7.1f} s  {'ok' if run.ok else 'FAILED'}  "
-                      f"peak process {run.peak_process_kb / MIB:5.0f} MiB  total {run.peak_total_kb / MIB:5.0f} MiB  "
-                      f"other load {run.other_cpus:.2f} CPUs", flush=True)
-                if best is None or run.other_cpus < best.other_cpus:
-                    best = run
-                done = not run.ok or run.other_cpus <= CONTENDED or attempt == retries
-                if done and rep == 0 and run.ok and c.name.startswith(("raymerge cold", "mergekit", "raymerge warm 9")):
-                    kept[c.name] = os.path.join(out, "t-0.5") if "sweep" in c.name else out
-                    kept_tmp.append(tmp)
-                    for extra in glob.glob(os.path.join(out, "t-*")):  # the sweep keeps t-0.5 only
-                        if extra != kept[c.name]:
-                            shutil.rmtree(extra)
-                else:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                if done:
-                    break
-                print("  (contended: repeating this run)", flush=True)
-            c.runs.append(best)
+            group = group[rep % len(group):] + group[:rep % len(group)]
+            try:
+                node = start_head() if warm else None
+            except RuntimeError as e:
+                print(f"rep {rep + 1}/{reps}: warm contenders skipped: {e}", flush=True)
+                continue
+            try:
+                for c in group:
+                    best: Run | None = None
+                    for attempt in range(1 + retries):
+                        tmp = tempfile.mkdtemp(prefix="raymerge-bench-", dir="/tmp")
+                        out = os.path.join(tmp, "child" if c.name != "I/O floor" else "model.safetensors")
+                        read_fully(parent_files)
+                        wait_quiet()
+                        run = measured(c.argv(out, node.address if node else None), c.env)
+                        print(f"rep {rep + 1}/{reps}  {c.name:34s} {run.wall_s:7.1f} s  {'ok' if run.ok else 'FAILED'}  "
+                              f"peak process {run.peak_process_kb / MIB:5.0f} MiB  total {run.peak_total_kb / MIB:5.0f} MiB  "
+                              f"other load {run.other_cpus:.2f} CPUs", flush=True)
+                        if best is None or run.other_cpus < best.other_cpus:
+                            best = run
+                        done = not run.ok or run.other_cpus <= CONTENDED or attempt == retries
+                        if done and rep == 0 and run.ok and c.name.startswith(("raymerge cold", "mergekit", "raymerge warm 9")):
+                            kept[c.name] = os.path.join(out, "t-0.5") if "sweep" in c.name else out
+                            kept_tmp.append(tmp)
+                            for extra in glob.glob(os.path.join(out, "t-*")):  # the sweep keeps t-0.5 only
+                                if extra != kept[c.name]:
+                                    shutil.rmtree(extra)
+                        else:
+                            shutil.rmtree(tmp, ignore_errors=True)
+                        if done:
+                            break
+                        print("  (contended: repeating this run)", flush=True)
+                    c.runs.append(best)
+            finally:
+                if node:
+                    node.stop()
         if rep == 0:
             checks = correctness(kept)
             for line in checks:
@@ -210,6 +224,28 @@ def machine() -> str:
     mem = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
     return (f"{os.cpu_count()} CPUs ({cpu}), {mem / 2**20:.1f} GiB RAM, no GPU; "
             f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
+
+
+def phase_table(cs: list[Contender]) -> list[str]:
+    """Where raymerge's time goes: medians of the phases its summary reports, per contender."""
+    timed = [c for c in cs if any(r.phases for r in c.runs if r.ok)]
+    if not timed:
+        return []
+    names: list[str] = []
+    for c in timed:
+        for r in c.runs:
+            names += [n for n in r.phases if n not in names]
+    rows = []
+    for c in timed:
+        runs = [r for r in c.runs if r.ok and r.phases]
+        cells = [fmt(statistics.median(r.phases.get(n, 0.0) for r in runs)) for n in names]
+        outside = statistics.median(r.wall_s - sum(r.phases.values()) for r in runs)
+        rows.append(f"| {c.name} | {' | '.join(cells)} | {fmt(outside)} | {fmt(c.median())} |")
+    return ["## Where the time goes", "",
+            "Medians, in seconds, of the phases raymerge's summary reports (`time:` line); \"outside\" is "
+            "the rest of the command's wall time: starting Python, importing torch and Ray, exiting.", "",
+            f"| contender | {' | '.join(names)} | outside | wall |",
+            "|---|" + "---|" * (len(names) + 2), *rows, ""]
 
 
 def report(cs: list[Contender], checks: list[str], scale2: Run | None, args: argparse.Namespace,
@@ -261,6 +297,7 @@ def report(cs: list[Contender], checks: list[str], scale2: Run | None, args: arg
     if sweep and warm:
         lines += [f"9-t sweep: {sweep:.1f} s = {sweep / warm:.2f}× one warm single-t run, "
                   f"{sweep / (9 * warm):.2f}× nine of them ({9 * warm:.1f} s).", ""]
+    lines += phase_table(cs)
     lines += ["## Targets", "", "| target | measured | |", "|---|---|---|"]
     for label, value, ok, unit in targets:
         lines.append(f"| {label} | {fmt(value, '.2f' if unit == '×' else '.0f', unit)} | "
@@ -282,8 +319,10 @@ def report(cs: list[Contender], checks: list[str], scale2: Run | None, args: arg
               "options) with a `models:` slerp recipe (base_model A, t 0.5, dtype bfloat16). mergekit reads the "
               "parents through a directory of symlinks whose config.json adds `architectures: [LlamaForCausalLM]`, "
               "which mergekit requires and the synthetic parents lack.",
-              "- Warm runs attach to one `ray start --head --num-cpus=2` on 127.0.0.1 (token auth), started "
-              "once before the first rep; `--workers 1` gives its one actor both CPUs."]
+              "- Warm runs attach to a `ray start --head --num-cpus=2` on 127.0.0.1 (token auth), started for each "
+              "rep's warm contenders and stopped after them: no head runs during the other contenders (a live "
+              "head slows an embedded Ray's start by 2-3 s on this machine). `--workers 1` gives its one actor "
+              "both CPUs."]
     if scale2:
         lines.append("- Top processes of the scale-2 run: "
                      + "; ".join(f"{name.split(' ')[0]} {kb / MIB:.0f} MiB" for name, kb in scale2.top[:4]) + ".")
@@ -316,17 +355,8 @@ def main() -> None:
     plain_env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
     rm_env = {**plain_env, "PYTHONPATH": os.pathsep.join(filter(None, [src, plain_env.get("PYTHONPATH")]))}
     auth_env = {**rm_env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": token}
-    node = None
-    try:
-        try:
-            node = start_head(work, auth_env)
-        except RuntimeError as e:
-            print(f"warm contenders skipped: {e}", flush=True)
-        cs = contenders(a, b, work, node.address if node else None, plain_env, rm_env, auth_env, mergekit, mk_note)
-        checks = run_all(cs, args.reps, weight_files(a) + weight_files(b), node.proc.pid if node else None)
-    finally:
-        if node:
-            node.stop()
+    cs = contenders(a, b, work, plain_env, rm_env, auth_env, mergekit, mk_note)
+    checks = run_all(cs, args.reps, weight_files(a) + weight_files(b), lambda: start_head(work, auth_env))
     scale2 = None
     if args.scale2:
         a2, b2 = bench_parents(2)

@@ -41,6 +41,7 @@ class Measurement:
     returncode: int
     peaks: dict[int, tuple[str, int]] = field(default_factory=dict)  # pid -> (name, peak kB)
     peak_total_kb: int = 0
+    stderr: str = ""
 
     @property
     def peak_process_kb(self) -> int:
@@ -77,6 +78,7 @@ def measure(cmd: list[str], env: dict | None = None, interval: float = 0.1) -> M
     stop.set()
     t.join()
     result.returncode = proc.returncode
+    result.stderr = err.decode(errors="replace")
     if proc.returncode != 0:
         sys.stderr.write(err.decode(errors="replace")[-3000:])
     return result

@@ -6,6 +6,7 @@ outside the command's own process tree), and how busy the rest of the machine wa
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ class Run:
     peak_total_kb: int
     top: list[tuple[str, int]]
     other_cpus: float  # average CPUs busy with processes this bench did not start, during the run
+    phases: dict[str, float]  # raymerge's own "time:" line (phase -> seconds); empty for others
 
 
 def busy_cpu_s() -> float:
@@ -56,13 +58,20 @@ def wait_quiet(limit_s: float = 300, threshold: float = 0.3) -> None:
             return
 
 
-def measured(cmd: list[str], env: dict[str, str] | None, exclude: int | None = None) -> Run:
+def phases(stderr: str) -> dict[str, float]:
+    """The phases of raymerge's summary line ``  time: plan 0.1 s, start Ray 2.3 s, ...``."""
+    for line in stderr.splitlines():
+        if line.strip().startswith("time: "):
+            return {name.strip(): float(s) for name, s in re.findall(r"([a-zA-Z +]+?) ([0-9.]+) s", line.split(":", 1)[1])}
+    return {}
+
+
+def measured(cmd: list[str], env: dict[str, str] | None) -> Run:
     """measure() from bench/measure.py for wall time, plus memory of everything this process started.
 
     measure() sees only the command's own process tree; a warm merge's actors live under the Ray
-    head, which this process started too, so the sampler here walks all of our descendants, for
-    memory except the tree of ``exclude`` (the head, for contenders that do not use it). It also
-    counts our CPU time, to report how busy the rest of the machine was during the run.
+    head, which this process started too, so the sampler here walks all of our descendants. It
+    also counts our CPU time, to report how busy the rest of the machine was during the run.
     """
     me, peaks, total_peak, stop = os.getpid(), {}, [0], threading.Event()
     cpu_start = {pid: cpu_s(pid) for pid in _tree(me)}
@@ -73,8 +82,8 @@ def measured(cmd: list[str], env: dict[str, str] | None, exclude: int | None = N
             ours = _tree(me)
             for pid in ours:
                 cpu_last[pid] = max(cpu_last.get(pid, 0.0), cpu_s(pid))
-            total, skip = 0, set(_tree(exclude)) if exclude else set()
-            for pid in set(ours[1:]) - skip:
+            total = 0
+            for pid in ours[1:]:
                 got = own_memory_kb(pid)
                 if got:
                     total += got[1]
@@ -93,4 +102,5 @@ def measured(cmd: list[str], env: dict[str, str] | None, exclude: int | None = N
     ours = sum(c - cpu_start.get(pid, 0.0) for pid, c in cpu_last.items())
     other = max(0.0, busy_cpu_s() - busy0 - ours) / m.wall_s
     top = sorted(peaks.values(), key=lambda x: -x[1])[:8]
-    return Run(m.wall_s, m.returncode == 0, max((kb for _, kb in top), default=0), total_peak[0], top, other)
+    return Run(m.wall_s, m.returncode == 0, max((kb for _, kb in top), default=0), total_peak[0], top, other,
+               phases(m.stderr))

@@ -15,6 +15,7 @@ and bench/gpu_check.sh can drive it without Ray; ``remote_actor_class`` wraps it
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import socket
@@ -25,7 +26,7 @@ from safetensors import safe_open
 
 from raymerge.align import pad_rows
 from raymerge.plan import TensorPlan
-from raymerge.shards import TORCH_DTYPES, ShardFile, TensorEntry, numel
+from raymerge.shards import TORCH_DTYPES, ShardFile, TensorEntry, WriteBehind, numel
 from raymerge.slerp import Coefficients, Reductions, combine_block, reduce_block, to_work
 
 
@@ -57,7 +58,8 @@ class MergeActor:
 
     def __init__(self, block_bytes: int, num_threads: int = 1, use_gpu: bool = False):
         self.block_bytes = block_bytes
-        torch.set_num_threads(max(1, num_threads))
+        self.num_threads = max(1, num_threads)
+        _reuse_freed_memory()
         self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self._handles: dict[str, object] = {}
 
@@ -82,6 +84,31 @@ class MergeActor:
                 "writable": writable, "device": str(self.device)}
 
     # ---- reading -------------------------------------------------------------------------
+
+    def _read_ahead(self, t: TensorPlan) -> None:
+        """Ask the kernel to start reading a tensor's bytes now, while the one before is computed.
+
+        A parent fresh from download is not in the page cache yet; without this, every block would
+        wait for the disk in a page fault. Only a hint: it reads nothing into this process.
+        """
+        for entry in (t.a, t.b):
+            if entry is None or not entry.file.endswith(".safetensors") or entry.end <= entry.start:
+                continue
+            fd = os.open(entry.file, os.O_RDONLY)  # the advice outlives the descriptor
+            try:
+                os.posix_fadvise(fd, entry.start, entry.end - entry.start, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
+    def _ahead(self, tensors):
+        """Iterate over ``tensors``, reading ahead the next one before each is handed out."""
+        tensors = list(tensors)
+        if tensors:
+            self._read_ahead(tensors[0])
+        for i, t in enumerate(tensors):
+            if i + 1 < len(tensors):
+                self._read_ahead(tensors[i + 1])
+            yield t
 
     def _slice(self, entry: TensorEntry, r0: int, r1: int) -> torch.Tensor:
         handle = self._handles.get(entry.file)
@@ -134,7 +161,8 @@ class MergeActor:
 
     def reduce(self, tensors: list[TensorPlan]) -> list[TensorStats]:
         """Pass 1: the float64 reductions of each tensor, and its finiteness."""
-        return [self._reduce_one(t) for t in tensors]
+        torch.set_num_threads(self.num_threads)
+        return [self._reduce_one(t) for t in self._ahead(tensors)]
 
     def _reduce_one(self, t: TensorPlan) -> TensorStats:
         if t.op in ("copy_a", "copy_b"):
@@ -164,19 +192,23 @@ class MergeActor:
 
         Returns the number of bytes written (all outputs together).
         """
+        # One of the actor's CPUs goes to the background writer; torch gets the rest.
+        torch.set_num_threads(max(1, self.num_threads - 1))
         files = [ShardFile(p, job.header) for p in job.shard_paths]
         written = 0
         try:
-            for t in job.tensors:
-                out_dtype = TORCH_DTYPES[t.dtype]
-                row_bytes = numel(t.shape[1:]) * out_dtype.itemsize
-                coefs = job.coefficients.get(t.name)
-                s_mean = job.means.get(t.name)
-                for r0, r1 in self._blocks(t.shape):
-                    offset = t.offset + r0 * row_bytes
-                    for f, block in zip(files, self._out_blocks(t, r0, r1, coefs, s_mean, out_dtype, len(files))):
-                        f.write_tensor(offset, block)
-                        written += block.numel() * block.element_size()
+            # Blocks go to disk on a background thread while the next ones are read and combined.
+            with WriteBehind() as writer:
+                for t in self._ahead(job.tensors):
+                    out_dtype = TORCH_DTYPES[t.dtype]
+                    row_bytes = numel(t.shape[1:]) * out_dtype.itemsize
+                    coefs = job.coefficients.get(t.name)
+                    s_mean = job.means.get(t.name)
+                    for r0, r1 in self._blocks(t.shape):
+                        offset = t.offset + r0 * row_bytes
+                        for f, block in zip(files, self._out_blocks(t, r0, r1, coefs, s_mean, out_dtype, len(files))):
+                            writer.submit(f, offset, block)
+                            written += block.numel() * block.element_size()
         finally:
             for f in files:
                 f.close(sync=True)
@@ -191,6 +223,24 @@ class MergeActor:
         else:
             x = self._rows(t, "b" if t.op == "copy_b" else "a", r0, r1).to(out_dtype).cpu()
             yield from [x] * n_outputs
+
+
+def _reuse_freed_memory() -> None:
+    """Make glibc keep freed block buffers for reuse instead of returning them to the kernel.
+
+    Every block allocates a few MiB of work tensors. By default glibc may serve such sizes with
+    fresh mmaps, and then each 4 KiB page faults again when touched: millions of faults and 5-7 s
+    more per merge of the benchmark parents, at random (bench notes in BENCHMARKS.md). A fixed
+    mmap threshold above the block sizes, and no trimming below 1 GiB of free heap, keep the same
+    few MiB in use all along. Memory held stays what the largest block needs.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
+    libc.mallopt(m_mmap_threshold, 256 * 2**20)
+    libc.mallopt(m_trim_threshold, 2**30)
 
 
 def _open(file: str):

@@ -48,6 +48,21 @@ class MergeResult:
     actors: int
     nodes: int
     notes: tuple[str, ...]
+    phases: tuple[tuple[str, float], ...] = ()  # (phase, wall seconds), in order
+
+
+class Phases:
+    """Wall time spent in each phase of a merge: the summary's "time:" line and the benchmarks."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap to ``phase``."""
+        now = time.monotonic()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
 
 
 def load_parents(options: MergeOptions) -> tuple[Parent, Parent]:
@@ -174,6 +189,7 @@ def merge(options: MergeOptions) -> MergeResult:
         >>> merge(MergeOptions(a="parent-a", b="parent-b", out="child", t=(0.5,)))  # doctest: +SKIP
     """
     started = time.monotonic()
+    phases = Phases()
     a, b = load_parents(options)
     out = OutputDir(options.out, options.output_dirs())
     out.check_target([a.path, b.path])
@@ -181,15 +197,17 @@ def merge(options: MergeOptions) -> MergeResult:
     fingerprint = plan.fingerprint(options)
     out.check_existing(fingerprint, options.resume, options.overwrite)
     t_by_name = {t.name: options.t_for(t.name, plan.n_layers) for t in plan.tensors if t.op == "slerp"}
+    phases.lap("plan")
 
     with ray_session(options.address):
+        phases.lap("start Ray")
         shape = actor_shape(options, [n["Resources"] for n in ray.nodes() if n["Alive"]])
         plan = build_plan(a, b, options, shape.count)
         actor_cls = remote_actor_class(shape.num_cpus, shape.num_gpus)
         actors = [actor_cls.remote(options.block_bytes, shape.threads, shape.num_gpus > 0)
                   for _ in range(plan.n_actors)]
         try:
-            written, n_nodes = _drive(options, plan, t_by_name, fingerprint, out, actors)
+            written, n_nodes = _drive(options, plan, t_by_name, fingerprint, out, actors, phases)
         except KeyboardInterrupt:
             # Stop the actors, and wait until they are gone, so that nobody writes while the
             # partial shards go.
@@ -199,18 +217,21 @@ def merge(options: MergeOptions) -> MergeResult:
         finally:
             for actor in actors:
                 ray.kill(actor)
+        phases.lap("write")
+    phases.lap("stop Ray")
 
     outputs = {}
     for label, sub in zip(options.t_labels(), options.output_dirs()):
         assemble(out.output_path(sub), a, b, plan, options, label, fingerprint)
         outputs[label] = out.output_path(sub)
     out.cleanup()
+    phases.lap("assemble")
     return MergeResult(outputs, len(plan.tensors), written, time.monotonic() - started,
-                       plan.n_actors, n_nodes, plan.notes)
+                       plan.n_actors, n_nodes, plan.notes, tuple(phases.seconds.items()))
 
 
 def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[float, ...]],
-           fingerprint: str, out: OutputDir, actors: list) -> tuple[int, int]:
+           fingerprint: str, out: OutputDir, actors: list, phases: Phases) -> tuple[int, int]:
     """Both passes; returns (bytes written, number of nodes the actors ran on)."""
     read_paths = sorted({e.file for t in plan.tensors for e in (t.a, t.b) if e is not None})
     try:
@@ -222,8 +243,10 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
         if info["missing"]:
             raise InputError(f"an actor on host {info['host']} cannot see {info['missing'][0]}: "
                              "parents must sit on storage every node sees, at the same path")
+    phases.lap("start actors")
 
     stats = _reduce_pass(options, plan, actors)
+    phases.lap("read + reduce")
     coefficients: dict[str, tuple[Coefficients, ...]] = {
         name: tuple(slerp_coefficients(stats[name].reductions, x) for x in ts)
         for name, ts in t_by_name.items()
@@ -319,4 +342,6 @@ def print_summary(result: MergeResult, stream=sys.stderr) -> None:
           f"({result.bytes_written / 1e9:.2f} GB written)", file=stream)
     for label, path in result.outputs.items():
         print(f"  {'schedule ' + label if '=' in label else 't=' + label}: {path}", file=stream)
+    if result.phases:
+        print("  time: " + ", ".join(f"{name} {s:.1f} s" for name, s in result.phases), file=stream)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,3 +161,45 @@ class ShardFile:
         if sync:
             os.fsync(self.fd)
         os.close(self.fd)
+
+
+class WriteBehind:
+    """Writes blocks on a background thread while the caller computes the next ones.
+
+    ``os.pwrite`` and torch's kernels both release the GIL, so a block's copy into the page cache
+    overlaps the maths of the following blocks. At most ``depth`` blocks wait at once (memory
+    stays a few blocks); a failed write is raised by the next ``submit`` or by ``drain``.
+
+    Example:
+        >>> with WriteBehind() as writer:  # doctest: +SKIP
+        ...     writer.submit(shard, offset, block)
+    """
+
+    def __init__(self, depth: int = 4):
+        self.depth = depth
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raymerge-write")
+        self._pending: deque[Future] = deque()
+
+    def submit(self, shard: ShardFile, offset: int, tensor: torch.Tensor) -> None:
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(shard.write_tensor, offset, tensor))
+
+    def drain(self) -> None:
+        """Wait for every submitted block; raise the first failure."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def __enter__(self) -> "WriteBehind":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            if exc_type is None:
+                self.drain()
+            else:  # already failing: let queued writes finish, keep the original error
+                for f in self._pending:
+                    f.cancel()
+                self._pending.clear()
+        finally:
+            self._pool.shutdown(wait=True)

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from raymerge.errors import InputError
-from raymerge.shards import DTYPE_NAMES, ShardFile, layout_shard, read_header
+from raymerge.shards import DTYPE_NAMES, ShardFile, WriteBehind, layout_shard, read_header
 
 
 def _tensors():
@@ -24,26 +24,43 @@ def _tensors():
     }
 
 
-def _write_streamed(path, tensors, reverse=False):
+def _write_streamed(path, tensors, reverse=False, behind=False):
     layout = layout_shard([(n, DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in tensors.items()])
     f = ShardFile(str(path), layout.header)
-    # Writers may fill tensors in any order (several actors share a shard).
-    for name in sorted(tensors, reverse=reverse):
-        f.write_tensor(layout.offsets[name][0], tensors[name])
+    # Writers may fill tensors in any order (several actors share a shard), directly or through
+    # the background writer the actors use.
+    with WriteBehind(depth=2) as writer:
+        for name in sorted(tensors, reverse=reverse):
+            if behind:
+                writer.submit(f, layout.offsets[name][0], tensors[name])
+            else:
+                f.write_tensor(layout.offsets[name][0], tensors[name])
     f.close()
     return layout
 
 
-@pytest.mark.parametrize("reverse", [False, True])
-def test_streamed_shard_is_byte_identical_to_save_file(tmp_path, reverse):
+@pytest.mark.parametrize("reverse,behind", [(False, False), (True, False), (False, True)])
+def test_streamed_shard_is_byte_identical_to_save_file(tmp_path, reverse, behind):
     tensors = _tensors()
     save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
-    layout = _write_streamed(tmp_path / "ours.safetensors", tensors, reverse)
+    layout = _write_streamed(tmp_path / "ours.safetensors", tensors, reverse, behind)
     ours = (tmp_path / "ours.safetensors").read_bytes()
     assert ours == (tmp_path / "ref.safetensors").read_bytes()
     assert layout.size == len(ours)
     loaded = load_file(str(tmp_path / "ours.safetensors"))
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_background_write_failure_is_raised_naming_the_file(tmp_path):
+    # A write that fails on the background thread (here: the descriptor is gone, as on a lost
+    # disk) surfaces in the caller with the shard's path, not silently.
+    layout = layout_shard([("x", "F32", (4,))])
+    f = ShardFile(str(tmp_path / "s.safetensors"), layout.header)
+    os.close(f.fd)
+    with pytest.raises(OSError, match="s.safetensors"):
+        with WriteBehind(depth=1) as writer:
+            for _ in range(3):
+                writer.submit(f, layout.offsets["x"][0], torch.zeros(4))
 
 
 def test_read_header_gives_absolute_offsets(tmp_path):
