@@ -8,16 +8,22 @@ times each; medians, min and max of wall time, and the peak own memory (RssAnon 
 bench/measure.py) of the largest process and of all processes together:
 
 - I/O floor (bench/iofloor.py): read both parents' weight files, write one model-sized file, fsync;
+  and the same writing nine model-sized files (a 9-value sweep's floor);
 - raymerge cold: ``raymerge merge A B -o OUT -t 0.5 --quiet``, starting its own embedded Ray;
-- raymerge warm: the same with ``--address`` to a Ray head started here once (token auth), also
-  with ``--workers 1`` and ``--workers 2``, and as a 9-value sweep (``-t 0.1 ... -t 0.9``);
-- mergekit 0.1.5 (its own venv, see bench/mergekit_recipe.py) on the equivalent slerp recipe.
+- raymerge warm: the same with ``--address`` to a Ray head (token auth) started for each rep's
+  warm runs, also with ``--workers 1`` and ``--workers 2``, and as a 9-value sweep
+  (``-t 0.1 ... -t 0.9``); no head runs while the other contenders run;
+- mergekit 0.1.5 (its own venv, see bench/mergekit_recipe.py) on the equivalent slerp recipe, as
+  is and followed by a ``sync`` of its output files (raymerge fsyncs its shards; mergekit does not).
 
 Before each run both parents are read once (untimed), so every contender starts with them in page
 cache. Outputs go to a fresh temporary directory under /tmp, deleted after the run. For warm runs
 the memory total includes the head's processes (its actors are where the work happens).
 ``--scale2`` adds one raymerge cold run on the scale-2 parents (built if missing; ~7 GB) to check
-that peak memory per process does not grow with model size. The results go to BENCHMARKS.md.
+that peak memory per process does not grow with model size. bench/actor_split.py then times one
+actor's two passes in-process, with and without this code's write-behind thread and allocator
+setting. Each raymerge run's own ``time:`` line gives where its time goes. The results go to
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ sys.path[:0] = [HERE, os.path.join(ROOT, "tests")]
 
 from mergekit_recipe import (MERGEKIT_FLAGS, compare_outputs, ensure_mergekit,  # noqa: E402
                              mergekit_view, write_recipe)
+from actor_split import split_table  # noqa: E402
 from parents import bench_parents  # noqa: E402
 from raynodes import RayNode  # noqa: E402
 from tracked import Run, measured, wait_quiet  # noqa: E402
@@ -115,8 +122,10 @@ def contenders(a: str, b: str, work: str, plain_env: dict[str, str], rm_env: dic
     files = weight_files(a) + weight_files(b)
     merge = [RAYMERGE, "merge", a, b, "--quiet"]
     single = ["-t", "0.5"]
-    cs = [Contender("I/O floor", lambda o, _: [sys.executable, os.path.join(HERE, "iofloor.py"), o,
-                                               str(out_bytes), *files], plain_env),
+    floor = [sys.executable, os.path.join(HERE, "iofloor.py")]
+    cs = [Contender("I/O floor", lambda o, _: floor + [o, str(out_bytes), *files], plain_env),
+          Contender("I/O floor, 9 models", lambda o, _: floor + ["--copies", "9", o, str(out_bytes), *files],
+                    plain_env),
           Contender("raymerge cold (embedded Ray)", lambda o, _: merge + ["-o", o, *single], rm_env)]
     cs += [Contender("raymerge warm (default actors)", lambda o, h: merge + ["--address", h, "-o", o, *single],
                      auth_env, True),
@@ -131,6 +140,10 @@ def contenders(a: str, b: str, work: str, plain_env: dict[str, str], rm_env: dic
         recipe = write_recipe(os.path.join(work, "recipe.yml"), mergekit_view(a, os.path.join(work, "mk-a")),
                               mergekit_view(b, os.path.join(work, "mk-b")))
         cs.append(Contender("mergekit 0.1.5", lambda o, _: [mergekit, recipe, o, *MERGEKIT_FLAGS], plain_env))
+        # mergekit leaves its output in the page cache; raymerge and the floors fsync theirs.
+        cs.append(Contender("mergekit 0.1.5, then sync of its output",
+                            lambda o, _: ["sh", "-c", '"$0" "$@" && sync "$2"/*.safetensors',
+                                          mergekit, recipe, o, *MERGEKIT_FLAGS], plain_env))
     else:
         cs.append(Contender("mergekit 0.1.5", lambda o, _: [], plain_env, note=mk_note))
     return cs
@@ -165,7 +178,7 @@ def run_all(cs: list[Contender], reps: int, parent_files: list[str], start_head:
                     best: Run | None = None
                     for attempt in range(1 + retries):
                         tmp = tempfile.mkdtemp(prefix="raymerge-bench-", dir="/tmp")
-                        out = os.path.join(tmp, "child" if c.name != "I/O floor" else "model.safetensors")
+                        out = os.path.join(tmp, "model.safetensors" if c.name.startswith("I/O floor") else "child")
                         read_fully(parent_files)
                         wait_quiet()
                         run = measured(c.argv(out, node.address if node else None), c.env)
@@ -248,8 +261,8 @@ def phase_table(cs: list[Contender]) -> list[str]:
             "|---|" + "---|" * (len(names) + 2), *rows, ""]
 
 
-def report(cs: list[Contender], checks: list[str], scale2: Run | None, args: argparse.Namespace,
-           parents: tuple[str, str], mk_note: str) -> str:
+def report(cs: list[Contender], checks: list[str], scale2: Run | None, split: list[str],
+           args: argparse.Namespace, parents: tuple[str, str], mk_note: str) -> str:
     by = {c.name: c for c in cs}
     floor, mk = by["I/O floor"].median(), by["mergekit 0.1.5"].median()
 
@@ -295,9 +308,22 @@ def report(cs: list[Contender], checks: list[str], scale2: Run | None, args: arg
                   f"peak process {scale2.peak_process_kb / MIB:.0f} MiB, peak total {scale2.peak_total_kb / MIB:.0f} MiB"
                   f"{'' if scale2.ok else ' (FAILED)'}.", ""]
     if sweep and warm:
+        floor9 = med.get("I/O floor, 9 models")
         lines += [f"9-t sweep: {sweep:.1f} s = {sweep / warm:.2f}× one warm single-t run, "
-                  f"{sweep / (9 * warm):.2f}× nine of them ({9 * warm:.1f} s).", ""]
+                  f"{sweep / (9 * warm):.2f}× nine of them ({9 * warm:.1f} s)"
+                  + (f", {sweep / floor9:.2f}× the I/O floor of writing nine models ({floor9:.1f} s)." if floor9 else "."),
+                  ""]
+    mk_sync = med.get("mergekit 0.1.5, then sync of its output")
+    if mk_sync and cold and warm:
+        lines += [f"Against mergekit with its output synced to disk, as raymerge's is ({mk_sync:.1f} s): "
+                  f"raymerge cold {cold / mk_sync:.2f}×, warm {warm / mk_sync:.2f}×.", ""]
     lines += phase_table(cs)
+    lines += ["## Inside one actor", "",
+              "bench/actor_split.py: one MergeActor driven in-process (no Ray) over the same parents, pass 1 then "
+              "pass 2 (one shard, fsynced); each run a fresh process, variants alternated. *before*: blocks written "
+              "inline, all threads to torch, glibc's default allocator; *kept buffers*: the same with freed block "
+              "buffers kept for reuse (mallopt); *now*: kept buffers and blocks written on a background thread "
+              "while torch computes on the other CPUs. Medians.", "", *split, ""]
     lines += ["## Targets", "", "| target | measured | |", "|---|---|---|"]
     for label, value, ok, unit in targets:
         lines.append(f"| {label} | {fmt(value, '.2f' if unit == '×' else '.0f', unit)} | "
@@ -367,8 +393,10 @@ def main() -> None:
                           rm_env)
         shutil.rmtree(tmp, ignore_errors=True)
         print(f"scale 2: {scale2.wall_s:.1f} s, peak process {scale2.peak_process_kb / MIB:.0f} MiB", flush=True)
+    read_fully(weight_files(a) + weight_files(b))
+    split = split_table(a, b, args.reps, wait_quiet, rm_env)
     shutil.rmtree(work, ignore_errors=True)
-    text = report(cs, checks, scale2, args, (a, b), mk_note)
+    text = report(cs, checks, scale2, split, args, (a, b), mk_note)
     with open(args.out, "w") as f:
         f.write(text)
     print(text)

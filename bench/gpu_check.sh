@@ -65,5 +65,6 @@ t2 = time.perf_counter()
 read_bytes = sum(t.read_bytes for t in plan.tensors)
 print(f"pass 1 (reduce): {t1 - t0:.2f} s, {read_bytes / (t1 - t0) / 1e9:.2f} GB/s read")
 print(f"pass 2 (write):  {t2 - t1:.2f} s, {total / (t2 - t1) / 1e9:.2f} GB/s written")
-print("split: " + ", ".join(f"{k} {v:.2f} s" for k, v in spent.items()))
+print(f"split: read {spent['read']:.2f} s, maths {spent['maths']:.2f} s (both on the actor's thread), "
+      f"write {spent['write']:.2f} s (on the background writer, overlapping them)")
 PY
