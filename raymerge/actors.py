@@ -85,31 +85,6 @@ class MergeActor:
 
     # ---- reading -------------------------------------------------------------------------
 
-    def _read_ahead(self, t: TensorPlan) -> None:
-        """Ask the kernel to start reading a tensor's bytes now, while the one before is computed.
-
-        A parent fresh from download is not in the page cache yet; without this, every block would
-        wait for the disk in a page fault. Only a hint: it reads nothing into this process.
-        """
-        for entry in (t.a, t.b):
-            if entry is None or not entry.file.endswith(".safetensors") or entry.end <= entry.start:
-                continue
-            fd = os.open(entry.file, os.O_RDONLY)  # the advice outlives the descriptor
-            try:
-                os.posix_fadvise(fd, entry.start, entry.end - entry.start, os.POSIX_FADV_WILLNEED)
-            finally:
-                os.close(fd)
-
-    def _ahead(self, tensors):
-        """Iterate over ``tensors``, reading ahead the next one before each is handed out."""
-        tensors = list(tensors)
-        if tensors:
-            self._read_ahead(tensors[0])
-        for i, t in enumerate(tensors):
-            if i + 1 < len(tensors):
-                self._read_ahead(tensors[i + 1])
-            yield t
-
     def _slice(self, entry: TensorEntry, r0: int, r1: int) -> torch.Tensor:
         handle = self._handles.get(entry.file)
         if handle is None:
@@ -162,7 +137,7 @@ class MergeActor:
     def reduce(self, tensors: list[TensorPlan]) -> list[TensorStats]:
         """Pass 1: the float64 reductions of each tensor, and its finiteness."""
         torch.set_num_threads(self.num_threads)
-        return [self._reduce_one(t) for t in self._ahead(tensors)]
+        return [self._reduce_one(t) for t in tensors]
 
     def _reduce_one(self, t: TensorPlan) -> TensorStats:
         if t.op in ("copy_a", "copy_b"):
@@ -199,7 +174,7 @@ class MergeActor:
         try:
             # Blocks go to disk on a background thread while the next ones are read and combined.
             with WriteBehind() as writer:
-                for t in self._ahead(job.tensors):
+                for t in job.tensors:
                     out_dtype = TORCH_DTYPES[t.dtype]
                     row_bytes = numel(t.shape[1:]) * out_dtype.itemsize
                     coefs = job.coefficients.get(t.name)
