@@ -50,9 +50,10 @@ class RayNode:
         cmd = [ray, "start", "--block", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
         if head:
             self.dashboard_port = free_port()
+            self.client_port = free_port()
             cmd += ["--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
                     f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
-                    f"--ray-client-server-port={free_port()}"]
+                    f"--ray-client-server-port={self.client_port}"]
         else:
             cmd += [f"--address={address}", "--node-ip-address=127.0.0.1"]
         # Ports from free_port() are ephemeral (32768+); Ray's worker ports (10002-19999) never clash.
