@@ -129,12 +129,3 @@ def test_ray_job_submit_bad_merge_fails(tiny_parents, tmp_path):
     assert "FAILED" in proc.stdout
 
 
-
-def test_ray_client_address(tiny_parents, ray_head, tmp_path):
-    """`--address ray://...` drives the merge through Ray Client, from outside the cluster."""
-    out = tmp_path / "out"
-    proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(out), "-t", "0.35", "--quiet",
-                           "--address", f"ray://127.0.0.1:{ray_head.client_port}"],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    check_merged(str(out), *tiny_parents, t=0.35)
