@@ -30,6 +30,17 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
+def start_time(pid: int) -> int | None:
+    """When a process started (clock ticks since boot), or None if it is gone: with the pid, this
+    names one process even after the pid is reused (pid_max is 32768 here, and Ray's threads
+    use pids up fast)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def descendants(pid: int) -> list[int]:
     tree, out, todo = _children(), [], [pid]
     while todo:
@@ -50,10 +61,9 @@ class RayNode:
         cmd = [ray, "start", "--block", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
         if head:
             self.dashboard_port = free_port()
-            self.client_port = free_port()
             cmd += ["--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
                     f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
-                    f"--ray-client-server-port={self.client_port}"]
+                    f"--ray-client-server-port={free_port()}"]
         else:
             cmd += [f"--address={address}", "--node-ip-address=127.0.0.1"]
         # Ports from free_port() are ephemeral (32768+); Ray's worker ports (10002-19999) never clash.
@@ -64,7 +74,7 @@ class RayNode:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True, env={**os.environ, **(env or {})})
         self.address = f"127.0.0.1:{self.port}" if head else address
-        self._spawned: set[int] = set()
+        self._spawned: dict[int, int] = {}  # pid -> its start time
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -73,16 +83,24 @@ class RayNode:
                 with open(self.log.name) as f:
                     tail = f.read()[-2000:]
                 raise RuntimeError(f"ray start exited with {self.proc.returncode}: {tail}")
-            self._spawned.update(descendants(self.proc.pid))
+            self._record()
             with open(self.log.name) as f:
                 if "Ray runtime started" in f.read():
                     return
             time.sleep(0.5)
         raise RuntimeError(f"ray start did not come up in {timeout} s: see {self.log.name}")
 
+    def _record(self) -> None:
+        for pid in descendants(self.proc.pid):
+            started = start_time(pid)
+            if started is not None:
+                self._spawned[pid] = started
+
     def stop(self) -> None:
-        self._spawned.update(descendants(self.proc.pid))
-        pids = [self.proc.pid, *sorted(self._spawned)]
+        """SIGKILL the node and every process it was seen to spawn that is still that process."""
+        self._record()
+        # Our own child cannot be reused before we reap it; the others must still be themselves.
+        pids = [self.proc.pid] + [p for p, started in sorted(self._spawned.items()) if start_time(p) == started]
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
