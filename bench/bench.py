@@ -336,8 +336,9 @@ def report(cs: list[Contender], checks: list[str], scale2: Run | None, split: li
               "did not start (and kernel threads, e.g. writeback) during a run; before each run the bench waits "
               "(up to 5 min) for the machine to be nearly idle, and a run with other load above "
               f"{CONTENDED} CPUs is repeated (at most twice; the least contended attempt counts).",
-              "- Page cache is not dropped (not possible unprivileged): every contender's run is preceded by an "
-              "untimed full read of both parents, so all start with warm parents. raymerge fsyncs its shards; "
+              "- Every contender's run is preceded by an untimed full read of both parents, so all start with "
+              "the parents in the page cache (a merge straight after a download reads them from disk: see the "
+              "README's note on read-ahead). raymerge fsyncs its shards; "
               "the I/O floor fsyncs its file; mergekit does not fsync.",
               f"- The I/O floor writes {sum(map(os.path.getsize, weight_files(parents[0])))} bytes (parent A's "
               "weight files; the merged model's header differs by a few bytes).",
