@@ -205,8 +205,8 @@ def _reuse_freed_memory() -> None:
 
     Every block allocates a few MiB of work tensors. By default glibc may serve such sizes with
     fresh mmaps, and then each 4 KiB page faults again when touched: millions of faults and 4-6 s
-    more per merge of the benchmark parents, in some runs and not others (bench/actor_split.py,
-    BENCHMARKS.md). A fixed mmap threshold above the block sizes, and no trimming below 1 GiB of
+    more per merge of the benchmark parents, in some runs and not others (bench/actor_split.py;
+    README, Performance). A fixed mmap threshold above the block sizes, and no trimming below 1 GiB of
     free heap, keep reusing the same few MiB. Memory held stays what the largest block needs.
     """
     try:

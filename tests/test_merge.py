@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -84,3 +85,10 @@ def test_cli_merges_into_a_single_shard(tiny_parents, ray_head, tmp_path):
     assert not (out / "model.safetensors.index.json").exists()
     check_merged(str(out), *tiny_parents, t=0.7)
     assert "t=0.7" in proc.stderr
+    # The summary says where the time went, phase by phase, in order, adding up to the total.
+    total = float(re.search(r" in ([0-9.]+) s \(", proc.stderr).group(1))
+    timing = re.search(r"^  time: (.*)$", proc.stderr, re.M).group(1)
+    phases = re.findall(r"([a-zA-Z +]+?) ([0-9.]+) s(?:, |$)", timing)
+    assert [name.strip() for name, _ in phases] == [
+        "plan", "start Ray", "start actors", "read + reduce", "write", "stop Ray", "assemble"]
+    assert abs(sum(float(s) for _, s in phases) - total) <= 0.05 * len(phases) + 0.05
