@@ -127,15 +127,14 @@ def contenders(a: str, b: str, work: str, plain_env: dict[str, str], rm_env: dic
           Contender("I/O floor, 9 models", lambda o, _: floor + ["--copies", "9", o, str(out_bytes), *files],
                     plain_env),
           Contender("raymerge cold (embedded Ray)", lambda o, _: merge + ["-o", o, *single], rm_env)]
-    cs += [Contender("raymerge warm (default actors)", lambda o, h: merge + ["--address", h, "-o", o, *single],
-                     auth_env, True),
-           Contender("raymerge warm --workers 1",
-                     lambda o, h: merge + ["--address", h, "-o", o, *single, "--workers", "1"], auth_env, True),
-           Contender("raymerge warm --workers 2",
-                     lambda o, h: merge + ["--address", h, "-o", o, *single, "--workers", "2"], auth_env, True),
-           Contender("raymerge warm 9-t sweep",
-                     lambda o, h: merge + ["--address", h, "-o", o] + [x for t in SWEEP for x in ("-t", str(t))],
-                     auth_env, True)]
+
+    def warm(name: str, *extra: str) -> Contender:
+        return Contender(name, lambda o, h: merge + ["--address", h, "-o", o, *extra], auth_env, True)
+
+    cs += [warm("raymerge warm (default actors)", *single),
+           warm("raymerge warm --workers 1", *single, "--workers", "1"),
+           warm("raymerge warm --workers 2", *single, "--workers", "2"),
+           warm("raymerge warm 9-t sweep", *[x for t in SWEEP for x in ("-t", str(t))])]
     if mergekit:
         recipe = write_recipe(os.path.join(work, "recipe.yml"), mergekit_view(a, os.path.join(work, "mk-a")),
                               mergekit_view(b, os.path.join(work, "mk-b")))
@@ -147,6 +146,39 @@ def contenders(a: str, b: str, work: str, plain_env: dict[str, str], rm_env: dic
     else:
         cs.append(Contender("mergekit 0.1.5", lambda o, _: [], plain_env, note=mk_note))
     return cs
+
+
+def best_run(c: Contender, label: str, address: str | None, parent_files: list[str], retries: int,
+             keep: bool) -> tuple[Run, str | None, str | None]:
+    """Run ``c`` until one attempt is not contended (at most ``retries`` more times).
+
+    Returns the least contended run, and with ``keep`` the output kept for the correctness
+    checks (the sweep keeps t-0.5 only) and the temporary directory holding it.
+    """
+    best: Run | None = None
+    for attempt in range(1 + retries):
+        tmp = tempfile.mkdtemp(prefix="raymerge-bench-", dir="/tmp")
+        out = os.path.join(tmp, "model.safetensors" if c.name.startswith("I/O floor") else "child")
+        read_fully(parent_files)
+        wait_quiet()
+        run = measured(c.argv(out, address), c.env)
+        print(f"{label}  {c.name:34s} {run.wall_s:7.1f} s  {'ok' if run.ok else 'FAILED'}  "
+              f"peak process {run.peak_process_kb / MIB:5.0f} MiB  total {run.peak_total_kb / MIB:5.0f} MiB  "
+              f"other load {run.other_cpus:.2f} CPUs", flush=True)
+        if best is None or run.other_cpus < best.other_cpus:
+            best = run
+        done = not run.ok or run.other_cpus <= CONTENDED or attempt == retries
+        if done and keep and run.ok:
+            kept = os.path.join(out, "t-0.5") if "sweep" in c.name else out
+            for extra in glob.glob(os.path.join(out, "t-*")):
+                if extra != kept:
+                    shutil.rmtree(extra)
+            return best, kept, tmp
+        shutil.rmtree(tmp, ignore_errors=True)
+        if done:
+            return best, None, None
+        print("  (contended: repeating this run)", flush=True)
+    raise AssertionError("unreachable: the last attempt is always done")
 
 
 def run_all(cs: list[Contender], reps: int, parent_files: list[str], start_head: Callable[[], RayNode],
@@ -175,31 +207,13 @@ def run_all(cs: list[Contender], reps: int, parent_files: list[str], start_head:
                 continue
             try:
                 for c in group:
-                    best: Run | None = None
-                    for attempt in range(1 + retries):
-                        tmp = tempfile.mkdtemp(prefix="raymerge-bench-", dir="/tmp")
-                        out = os.path.join(tmp, "model.safetensors" if c.name.startswith("I/O floor") else "child")
-                        read_fully(parent_files)
-                        wait_quiet()
-                        run = measured(c.argv(out, node.address if node else None), c.env)
-                        print(f"rep {rep + 1}/{reps}  {c.name:34s} {run.wall_s:7.1f} s  {'ok' if run.ok else 'FAILED'}  "
-                              f"peak process {run.peak_process_kb / MIB:5.0f} MiB  total {run.peak_total_kb / MIB:5.0f} MiB  "
-                              f"other load {run.other_cpus:.2f} CPUs", flush=True)
-                        if best is None or run.other_cpus < best.other_cpus:
-                            best = run
-                        done = not run.ok or run.other_cpus <= CONTENDED or attempt == retries
-                        if done and rep == 0 and run.ok and c.name.startswith(("raymerge cold", "mergekit", "raymerge warm 9")):
-                            kept[c.name] = os.path.join(out, "t-0.5") if "sweep" in c.name else out
-                            kept_tmp.append(tmp)
-                            for extra in glob.glob(os.path.join(out, "t-*")):  # the sweep keeps t-0.5 only
-                                if extra != kept[c.name]:
-                                    shutil.rmtree(extra)
-                        else:
-                            shutil.rmtree(tmp, ignore_errors=True)
-                        if done:
-                            break
-                        print("  (contended: repeating this run)", flush=True)
-                    c.runs.append(best)
+                    keep = rep == 0 and c.name.startswith(("raymerge cold", "mergekit", "raymerge warm 9"))
+                    run, out, tmp = best_run(c, f"rep {rep + 1}/{reps}", node.address if node else None,
+                                             parent_files, retries, keep)
+                    c.runs.append(run)
+                    if out:
+                        kept[c.name] = out
+                        kept_tmp.append(tmp)
             finally:
                 if node:
                     node.stop()

@@ -80,7 +80,7 @@ def measure(cmd: list[str], env: dict | None = None, interval: float = 0.1) -> M
     result.returncode = proc.returncode
     result.stderr = err.decode(errors="replace")
     if proc.returncode != 0:
-        sys.stderr.write(err.decode(errors="replace")[-3000:])
+        sys.stderr.write(result.stderr[-3000:])
     return result
 
 

@@ -197,7 +197,7 @@ class WriteBehind:
         try:
             if exc_type is None:
                 self.drain()
-            else:  # already failing: let queued writes finish, keep the original error
+            else:  # already failing: drop the queued writes (a running one ends), keep the error
                 for f in self._pending:
                     f.cancel()
                 self._pending.clear()

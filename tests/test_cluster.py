@@ -128,4 +128,3 @@ def test_ray_job_submit_bad_merge_fails(tiny_parents, tmp_path):
     assert "is not a directory" in proc.stdout + proc.stderr
     assert "FAILED" in proc.stdout
 
-
