@@ -39,7 +39,7 @@ class TensorStats:
     finite_a: bool
     finite_b: bool
     equal: bool = True  # non-float tensors: identical in both parents
-    s_mean: torch.Tensor | None = None  # --pad mean: the short parent's mean entry
+    means: dict[str, torch.Tensor] = field(default_factory=dict)  # --pad mean: parent -> its mean row
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class WriteJob:
     header: bytes
     tensors: tuple[TensorPlan, ...]
     coefficients: dict[str, tuple[Coefficients, ...]]  # name -> one per output
-    means: dict[str, torch.Tensor] = field(default_factory=dict)
+    means: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # name -> parent -> mean row
 
 
 class MergeActor:
@@ -96,9 +96,11 @@ class MergeActor:
             return handle.get_tensor(entry.name)
         return handle.get_slice(entry.name)[r0:r1]
 
-    def _rows(self, t: TensorPlan, parent: str, r0: int, r1: int, s_mean=None) -> torch.Tensor:
-        """Rows [r0, r1) of a parent's tensor, the short parent's padded rows synthesized."""
+    def _rows(self, t: TensorPlan, parent: str, r0: int, r1: int, means=None) -> torch.Tensor:
+        """Rows [r0, r1) of a parent's tensor as aligned: padded rows synthesized, mapped rows gathered."""
         entry = t.a if parent == "a" else t.b
+        if t.rowmap is not None:
+            return self._mapped_rows(t, parent, r0, r1, means).to(self.device)
         pad = t.pad
         if pad is None or pad.short != parent or r1 <= pad.n:
             return self._slice(entry, r0, r1).to(self.device)
@@ -110,10 +112,40 @@ class MergeActor:
             s_last=self._slice(entry, pad.n - 1, pad.n)[0],
             l_last=self._slice(long_entry, pad.N - 1, pad.N)[0],
             l_rows=self._slice(long_entry, new_rows.start, new_rows.stop) if pad.strategy == "copy" else None,
-            s_mean=s_mean,
+            s_mean=(means or {}).get(parent),
         )
         block = synth if real is None else torch.cat([real.to(torch.float32), synth])
         return block.to(self.device)
+
+    def _gather(self, entry: TensorEntry, src: torch.Tensor) -> torch.Tensor:
+        """The entry's rows ``src`` (all >= 0), read as few contiguous runs."""
+        if len(src) and int(src[-1]) - int(src[0]) == len(src) - 1 and bool((src.diff() == 1).all()):
+            return self._slice(entry, int(src[0]), int(src[-1]) + 1)
+        breaks = [0] + [i for i in range(1, len(src)) if src[i] != src[i - 1] + 1] + [len(src)]
+        return torch.cat([self._slice(entry, int(src[i]), int(src[j - 1]) + 1) for i, j in zip(breaks, breaks[1:])])
+
+    def _mapped_rows(self, t: TensorPlan, parent: str, r0: int, r1: int, means) -> torch.Tensor:
+        """Child rows [r0, r1) from one parent by token string; rows it lacks filled (tokens.py)."""
+        entry = t.a if parent == "a" else t.b
+        other, other_entry = ("b", t.b) if parent == "a" else ("a", t.a)
+        src = t.rowmap.source(parent)[r0:r1]
+        have = src >= 0
+        if entry is not None and bool(have.all()):
+            return self._gather(entry, src)
+        template = entry or other_entry
+        block = torch.zeros((r1 - r0, *template.shape[1:]), dtype=torch.float32)
+        if entry is not None and bool(have.any()):
+            block[have] = self._gather(entry, src[have]).to(torch.float32)
+        lacking = ~have
+        fill = t.rowmap.fill
+        if fill == "mean" and entry is not None:
+            block[lacking] = means[parent].to(torch.float32)
+        elif fill == "copy" and other_entry is not None:
+            osrc = t.rowmap.source(other)[r0:r1]
+            usable = lacking & (osrc >= 0)
+            if bool(usable.any()):
+                block[usable] = self._gather(other_entry, osrc[usable]).to(torch.float32)
+        return block
 
     def _blocks(self, shape: tuple[int, ...]):
         """Row ranges of one tensor, sized so a float32 block holds about block_bytes."""
@@ -125,8 +157,8 @@ class MergeActor:
         for r0 in range(0, shape[0], step):
             yield r0, min(shape[0], r0 + step)
 
-    def _short_mean(self, t: TensorPlan) -> torch.Tensor:
-        entry = t.a if t.pad.short == "a" else t.b
+    def _mean_row(self, entry: TensorEntry) -> torch.Tensor:
+        """The mean of all of a parent tensor's rows (``--pad mean``), summed in float64."""
         total = torch.zeros(entry.shape[1:], dtype=torch.float64)
         for r0, r1 in self._blocks(entry.shape):
             total += self._slice(entry, r0, r1).to(torch.float64).sum(dim=0)
@@ -141,24 +173,32 @@ class MergeActor:
 
     def _reduce_one(self, t: TensorPlan) -> TensorStats:
         if t.op in ("copy_a", "copy_b"):
-            parent = t.op[-1]
+            parent, means = t.op[-1], self._means(t)
             red = Reductions()
             for r0, r1 in self._blocks(t.shape):
-                x = self._rows(t, parent, r0, r1)
+                x = self._rows(t, parent, r0, r1, means)
                 red = red + (reduce_block(x, x) if x.is_floating_point() else Reductions())
             ok = math.isfinite(red.aa)
-            return TensorStats(t.name, red, ok, ok)
+            return TensorStats(t.name, red, ok, ok, means=means)
         if t.op == "equal":
             equal = all(
                 torch.equal(self._rows(t, "a", r0, r1), self._rows(t, "b", r0, r1))
                 for r0, r1 in self._blocks(t.shape)
             )
             return TensorStats(t.name, Reductions(), True, True, equal=equal)
-        s_mean = self._short_mean(t) if t.pad is not None and t.pad.strategy == "mean" else None
+        means = self._means(t)
         red = Reductions()
         for r0, r1 in self._blocks(t.shape):
-            red = red + reduce_block(self._rows(t, "a", r0, r1, s_mean), self._rows(t, "b", r0, r1, s_mean))
-        return TensorStats(t.name, red, math.isfinite(red.aa), math.isfinite(red.bb), s_mean=s_mean)
+            red = red + reduce_block(self._rows(t, "a", r0, r1, means), self._rows(t, "b", r0, r1, means))
+        return TensorStats(t.name, red, math.isfinite(red.aa), math.isfinite(red.bb), means=means)
+
+    def _means(self, t: TensorPlan) -> dict[str, torch.Tensor]:
+        """The mean rows ``--pad mean`` fills with: the short parent's, or each parent's by token string."""
+        if t.pad is not None and t.pad.strategy == "mean":
+            return {t.pad.short: self._mean_row(t.a if t.pad.short == "a" else t.b)}
+        if t.rowmap is not None and t.rowmap.fill == "mean":
+            return {p: self._mean_row(e) for p, e in (("a", t.a), ("b", t.b)) if e is not None}
+        return {}
 
     # ---- pass 2 --------------------------------------------------------------------------
 
@@ -178,10 +218,10 @@ class MergeActor:
                     out_dtype = TORCH_DTYPES[t.dtype]
                     row_bytes = numel(t.shape[1:]) * out_dtype.itemsize
                     coefs = job.coefficients.get(t.name)
-                    s_mean = job.means.get(t.name)
+                    means = job.means.get(t.name)
                     for r0, r1 in self._blocks(t.shape):
                         offset = t.offset + r0 * row_bytes
-                        for f, block in zip(files, self._out_blocks(t, r0, r1, coefs, s_mean, out_dtype, len(files))):
+                        for f, block in zip(files, self._out_blocks(t, r0, r1, coefs, means, out_dtype, len(files))):
                             writer.submit(f, offset, block)
                             written += block.numel() * block.element_size()
         finally:
@@ -189,14 +229,14 @@ class MergeActor:
                 f.close(sync=True)
         return written
 
-    def _out_blocks(self, t: TensorPlan, r0: int, r1: int, coefs, s_mean, out_dtype, n_outputs: int):
+    def _out_blocks(self, t: TensorPlan, r0: int, r1: int, coefs, means, out_dtype, n_outputs: int):
         """Rows [r0, r1) of the tensor in every output: one SLERP per t, or the copied rows."""
         if t.op == "slerp":
-            a, b = to_work(self._rows(t, "a", r0, r1, s_mean), self._rows(t, "b", r0, r1, s_mean))
+            a, b = to_work(self._rows(t, "a", r0, r1, means), self._rows(t, "b", r0, r1, means))
             for coef in coefs:
                 yield combine_block(a, b, coef, out_dtype).cpu()
         else:
-            x = self._rows(t, "b" if t.op == "copy_b" else "a", r0, r1).to(out_dtype).cpu()
+            x = self._rows(t, "b" if t.op == "copy_b" else "a", r0, r1, means).to(out_dtype).cpu()
             yield from [x] * n_outputs
 
 

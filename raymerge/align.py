@@ -12,8 +12,12 @@ SLERP. Strategies:
 - ``zeros`` (the original script), ``copy`` (``S'[n..N) = L[n..N)``), ``mean`` (each new entry
   is the mean of S's entries).
 
-The plan is built from headers and configs alone; the padded rows are made by the actors, from
-the two edge entries (and S's mean for ``mean``).
+When both parents ship tokenizers that do not extend one another by id, rows are aligned by
+token string instead (tokens.py, ``--vocab``): each parent's embedding and head rows are mapped to
+the child's vocabulary, a row a parent lacks filled for that parent.
+
+The plan is built from headers, configs and tokenizers alone; the padded or mapped rows are made
+by the actors, from the two edge entries (and a parent's mean row for ``mean``).
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ import torch
 
 from raymerge.errors import InputError
 from raymerge.parents import Parent
+from raymerge.schedule import layer_index
 from raymerge.shards import TensorEntry
+from raymerge.tokens import TokenMap, first_difference, token_map
 
 EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                   "tok_embeddings.weight")
@@ -53,17 +59,19 @@ class AlignedTensor:
     a: TensorEntry | None
     b: TensorEntry | None
     pad: PadSpec | None
+    rowmap: TokenMap | None = None  # rows aligned by token string
 
 
 @dataclass(frozen=True)
 class Alignment:
-    """What the padder decided for the whole model."""
+    """What the padder (or the token-string alignment) decided for the whole model."""
 
     tensors: tuple[AlignedTensor, ...]
     vocab_size: int | None  # rows of the merged embedding
     tied_output: bool
     tokenizer_from: str  # the parent whose vocabulary has the merged row count, "a" when equal
     notes: tuple[str, ...]
+    token_map: TokenMap | None = None
 
 
 def embedding_name(p: Parent) -> str | None:
@@ -81,9 +89,22 @@ def _rows(p: Parent) -> int | None:
 
 
 def tied(p: Parent) -> bool:
-    # transformers ties lm_head to the input embedding when the config says so, whatever the file
-    # holds; without an lm_head in the file the head can only be the embedding.
-    return embedding_name(p) is not None and (p.tie_word_embeddings or head_name(p) is None)
+    """Whether transformers ties the parent's head to its input embedding.
+
+    The config's value, else the model class's default (configs.py); for a model type transformers
+    does not know and whose config does not say, a checkpoint without a head.
+    """
+    if embedding_name(p) is None:
+        return False
+    tie = p.config.tie_word_embeddings
+    return head_name(p) is None if tie is None else tie
+
+
+def check_head(p: Parent) -> None:
+    """Refuse an untied parent without a head: transformers would initialise it at random."""
+    if embedding_name(p) is not None and not tied(p) and head_name(p) is None:
+        raise InputError(f"parent {p.label}: {p.config.path}: tie_word_embeddings is false (the config's value or "
+                         f"the model class's default), but the weights in {p.path} hold no {HEAD_NAMES[0]}")
 
 
 def _sources(p: Parent, untie: bool) -> dict[str, TensorEntry]:
@@ -99,11 +120,46 @@ def _sources(p: Parent, untie: bool) -> dict[str, TensorEntry]:
     return tensors
 
 
-def align_parents(a: Parent, b: Parent, pad: str) -> Alignment:
-    """Match the parents' tensors by name and plan the padding of vocabulary axes.
+def vocab_alignment(a: Parent, b: Parent, vocab: str, pad: str | None) -> tuple[TokenMap | None, str]:
+    """Choose between the padder (rows matched by id) and alignment by token string.
+
+    ``auto`` keeps the padder when one tokenizer extends the other by id, or when a parent ships
+    no tokenizer (rows matched by size, as the padder does); otherwise it aligns by string, as
+    ``union``. Returns the token map (None for the padder) and the pad (or fill) strategy.
+    """
+    va, vb = a.vocab, b.vocab
+    if vocab == "auto":
+        if va is None or vb is None or first_difference(va, vb) is None:
+            return None, pad or "gradient"
+        vocab = "union"
+    else:
+        lacking = next((p for p, v in ((a, va), (b, vb)) if v is None), None)
+        if lacking is not None:
+            raise InputError(f"--vocab {vocab} aligns rows by token string, but parent {lacking.label} "
+                             f"({lacking.path}) ships no tokenizer")
+    if pad == "gradient":
+        raise InputError("--pad gradient extends appended ids only; rows aligned by token string take "
+                         "the other parent's row (--pad copy, the default), or --pad mean or zeros")
+    rows_a, rows_b = _rows(a), _rows(b)
+    if rows_a is None or rows_b is None:
+        raise InputError(f"--vocab {vocab}: parent {'A' if rows_a is None else 'B'} has no input embedding to align")
+    fill = pad or "copy"
+    return token_map(va, vb, rows_a, rows_b, vocab, fill), fill
+
+
+def _is_vocab_tensor(name: str, p: Parent) -> bool:
+    """The input embedding and the head (weight and bias), whose rows are the vocabulary."""
+    return name == embedding_name(p) or name.split(".")[0] in {h.split(".")[0] for h in HEAD_NAMES}
+
+
+def align_parents(a: Parent, b: Parent, vocab: str = "auto", pad: str | None = None) -> Alignment:
+    """Match the parents' tensors by name and plan the padding (or mapping) of vocabulary rows.
 
     Raises InputError, naming the tensor and both shapes, for any other shape difference.
     """
+    check_head(a)
+    check_head(b)
+    tmap, pad = vocab_alignment(a, b, vocab, pad)
     tied_a, tied_b = tied(a), tied(b)
     untie = tied_a != tied_b
     src_a, src_b = _sources(a, untie), _sources(b, untie)
@@ -115,16 +171,34 @@ def align_parents(a: Parent, b: Parent, pad: str) -> Alignment:
             h = head_name(p)
             if h and h != HEAD_NAMES[0] and h in src:
                 src[HEAD_NAMES[0]] = src.pop(h)
-    vocab_sizes = {(a.vocab_size, b.vocab_size), (_rows(a), _rows(b))}
+    rows_a, rows_b = _rows(a), _rows(b)
+    vocab_sizes = set() if tmap else {(a.vocab_size, b.vocab_size), (rows_a, rows_b)}
     notes = []
     tensors = []
     for name in sorted(set(src_a) | set(src_b)):
         ea, eb = src_a.get(name), src_b.get(name)
+        rowmap = tmap if tmap is not None and _is_vocab_tensor(name, a if ea else b) else None
+        if rowmap is not None:
+            for e, rows, label in ((ea, rows_a, "A"), (eb, rows_b, "B")):
+                if e is not None and (not e.shape or e.shape[0] != rows):
+                    raise InputError(f"tensor {name!r}: parent {label} has shape {list(e.shape)}, "
+                                     f"but its embedding has {rows} rows")
+            if ea is not None and eb is not None and ea.shape[1:] != eb.shape[1:]:
+                raise InputError(f"tensor {name!r}: shapes differ, A {list(ea.shape)} vs B {list(eb.shape)} "
+                                 "(only the vocabulary axis may differ)")
         if ea is None or eb is None:
-            only = "A" if eb is None else "B"
+            only, other = ("A", b) if eb is None else ("B", a)
+            layer = layer_index(name)
+            if layer is not None and other.num_layers and layer >= other.num_layers:
+                raise InputError(f"tensor {name!r} is in layer {layer}, which only parent {only}'s files hold: "
+                                 f"both configs say {other.num_layers} layers")
             notes.append(f"{name}: only in parent {only}, copied through")
             e = ea or eb
-            tensors.append(AlignedTensor(name, e.shape, ea, eb, None))
+            shape = (rowmap.rows, *e.shape[1:]) if rowmap is not None else e.shape
+            tensors.append(AlignedTensor(name, shape, ea, eb, None, rowmap))
+            continue
+        if rowmap is not None:
+            tensors.append(AlignedTensor(name, (rowmap.rows, *ea.shape[1:]), ea, eb, None, rowmap))
             continue
         spec = _pad_spec(name, ea, eb, vocab_sizes, pad)
         if spec is not None:
@@ -132,12 +206,16 @@ def align_parents(a: Parent, b: Parent, pad: str) -> Alignment:
                          f"{spec.k} rows padded ({spec.strategy})")
         shape = ea.shape if spec is None else (ea.shape if spec.short == "b" else eb.shape)
         tensors.append(AlignedTensor(name, shape, ea, eb, spec))
-    rows_a, rows_b = _rows(a), _rows(b)
-    merged = max(r for r in (rows_a, rows_b) if r is not None) if (rows_a or rows_b) else None
-    tokenizer_from = "a" if merged is None or rows_a == merged else "b"
+    if tmap is not None:
+        merged = tmap.rows
+        tokenizer_from = "b" if tmap.mode == "b" else "a"
+        notes.extend(line.strip() for line in tmap.describe())
+    else:
+        merged = max(r for r in (rows_a, rows_b) if r is not None) if (rows_a or rows_b) else None
+        tokenizer_from = "a" if merged is None or rows_a == merged else "b"
     if untie:
         notes.append(f"parent {'A' if tied_a else 'B'} ties lm_head to its embedding; the output is untied")
-    return Alignment(tuple(tensors), merged, tied_a and tied_b, tokenizer_from, tuple(notes))
+    return Alignment(tuple(tensors), merged, tied_a and tied_b, tokenizer_from, tuple(notes), tmap)
 
 
 def _pad_spec(name: str, ea: TensorEntry, eb: TensorEntry, vocab_sizes: set, pad: str) -> PadSpec | None:
@@ -157,19 +235,6 @@ def _pad_spec(name: str, ea: TensorEntry, eb: TensorEntry, vocab_sizes: set, pad
         raise InputError(f"{mismatch}: the vocabulary axis must be the first one")
     short = "a" if sa < sb else "b"
     return PadSpec(axis, short, min(sa, sb), max(sa, sb), pad)
-
-
-def check_tokenizer_prefix(vocab_a: list[str | None], vocab_b: list[str | None]) -> None:
-    """Refuse parents whose shorter vocabulary is not a prefix of the longer one.
-
-    Merging rows by index is only meaningful when row i is the same token in both parents.
-    """
-    for i, (ta, tb) in enumerate(zip(vocab_a, vocab_b)):
-        if ta != tb:
-            raise InputError(
-                f"the tokenizers disagree at id {i} (A {ta!r}, B {tb!r}): the shorter vocabulary "
-                "is not a prefix of the longer one, so merging rows by id would mix unrelated tokens"
-            )
 
 
 def pad_rows(

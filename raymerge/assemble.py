@@ -13,9 +13,11 @@ import os
 import shutil
 
 from raymerge import __version__
+from raymerge.align import tied
 from raymerge.options import MergeOptions
 from raymerge.parents import Parent
 from raymerge.plan import INDEX_NAME, MergePlan
+from raymerge.tokens import write_union_tokenizer
 
 PROVENANCE_NAME = "raymerge.json"
 TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
@@ -40,14 +42,29 @@ def index_json(plan: MergePlan) -> dict:
     return {"metadata": {"total_size": plan.total_size()}, "weight_map": weight_map}
 
 
-def child_config(a: Parent, plan: MergePlan) -> dict:
-    """Parent A's config with the merged ``vocab_size``, tie flag and dtype."""
-    config = json.loads(json.dumps(a.config))
+# Config keys that hold token ids: they follow the parent whose ids the child keeps.
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def ids_parent(a: Parent, b: Parent, plan: MergePlan) -> Parent:
+    """The parent whose token ids the child keeps: B only for ``--vocab b``."""
+    return b if plan.token_map is not None and plan.token_map.mode == "b" else a
+
+
+def child_config(a: Parent, b: Parent, plan: MergePlan) -> dict:
+    """Parent A's config (its file's own keys) with the merged ``vocab_size``, tie flag and dtype."""
+    config = json.loads(json.dumps(a.config.raw))
     target = config["text_config"] if "vocab_size" not in config and isinstance(config.get("text_config"), dict) else config
     if plan.vocab_size is not None:
         target["vocab_size"] = plan.vocab_size
-    if not plan.tied_output and a.tie_word_embeddings:
-        config["tie_word_embeddings"] = False
+    if plan.tied_output != tied(a):
+        config["tie_word_embeddings"] = plan.tied_output
+    if ids_parent(a, b, plan) is b:
+        for key in TOKEN_ID_KEYS:
+            if key in b.config.raw:
+                config[key] = b.config.raw[key]
+            else:
+                config.pop(key, None)
     dtype = TORCH_DTYPE_NAMES.get(plan.out_dtype)
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
     for k in keys:
@@ -94,7 +111,8 @@ def provenance(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t_l
             "filters": [[needle, list(values)] for needle, values in options.schedule.filters],
         },
         "parents": {"a": parent_record(a), "b": parent_record(b)},
-        "options": {"dtype": TORCH_DTYPE_NAMES.get(plan.out_dtype), "pad": options.pad,
+        "options": {"dtype": TORCH_DTYPE_NAMES.get(plan.out_dtype), "pad": plan.pad,
+                    "vocab": plan.token_map.mode if plan.token_map else "by id",
                     "max_shard_size": options.max_shard_size, "tokenizer_from": plan.tokenizer_from,
                     "sweep": list(options.t)},
         "notes": list(plan.notes),
@@ -105,12 +123,15 @@ def provenance(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t_l
 def assemble(out_dir: str, a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t_label: str,
              fingerprint: str) -> None:
     """Write every non-shard file of one output; ``config.json`` goes last."""
-    tok_parent = a if plan.tokenizer_from == "a" else b
-    for name in tok_parent.tokenizer_files():
-        tmp = os.path.join(out_dir, f".{name}.tmp")
-        shutil.copyfile(os.path.join(tok_parent.path, name), tmp)
-        os.replace(tmp, os.path.join(out_dir, name))
-    gen = os.path.join(a.path, "generation_config.json")
+    if plan.token_map is not None and plan.token_map.mode == "union":
+        write_union_tokenizer(out_dir, a.path, b.vocab, plan.token_map)
+    else:
+        tok_parent = a if plan.tokenizer_from == "a" else b
+        for name in tok_parent.tokenizer_files():
+            tmp = os.path.join(out_dir, f".{name}.tmp")
+            shutil.copyfile(os.path.join(tok_parent.path, name), tmp)
+            os.replace(tmp, os.path.join(out_dir, name))
+    gen = os.path.join(ids_parent(a, b, plan).path, "generation_config.json")
     if os.path.isfile(gen):
         with open(gen) as f:
             write_atomic(os.path.join(out_dir, "generation_config.json"), f.read())
@@ -118,5 +139,5 @@ def assemble(out_dir: str, a: Parent, b: Parent, plan: MergePlan, options: Merge
     write_json(os.path.join(out_dir, PROVENANCE_NAME), provenance(a, b, plan, options, t_label, fingerprint))
     if len(plan.shards) > 1:
         write_json(os.path.join(out_dir, INDEX_NAME), index_json(plan))
-    write_json(os.path.join(out_dir, "config.json"), child_config(a, plan))
+    write_json(os.path.join(out_dir, "config.json"), child_config(a, b, plan))
 

@@ -12,6 +12,7 @@ import click
 from raymerge.errors import InputError, RaymergeError
 from raymerge.options import DTYPE_CHOICES, PAD_STRATEGIES, MergeOptions, parse_size
 from raymerge.schedule import parse_range, parse_t_for
+from raymerge.tokens import VOCAB_MODES
 
 
 def _fail(err: Exception, debug: bool) -> None:
@@ -65,8 +66,13 @@ def merge_options(f):
                      help="Output dtype (default: parent A's)."),
         click.option("--max-shard-size", default="5GB", show_default=True,
                      help="Largest output shard, e.g. 500MB, 5GB, 2GiB."),
-        click.option("--pad", type=click.Choice(PAD_STRATEGIES), default="gradient", show_default=True,
-                     help="How the shorter vocabulary is extended."),
+        click.option("--vocab", type=click.Choice(VOCAB_MODES), default="auto", show_default=True,
+                     help="Vocabulary alignment: auto (by id when one tokenizer extends the other, else "
+                          "union), union (A's tokens, then B's others), a or b (that parent's tokenizer), "
+                          "the last three matching rows by token string."),
+        click.option("--pad", type=click.Choice(PAD_STRATEGIES), default=None,
+                     help="How the shorter vocabulary is extended (default gradient); by token string, "
+                          "how a token a parent lacks is filled (default copy: the other parent's row)."),
         click.option("--tokenizer-from", type=click.Choice(["a", "b"]), default=None,
                      help="Parent to take tokenizer files from (default: the one with the merged vocabulary)."),
         click.option("--workers", type=int, default=None,
@@ -87,7 +93,7 @@ def merge_options(f):
 
 def build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad, tokenizer_from,
                   workers, gpus_per_actor, block_size, address, resume=False, overwrite=False,
-                  progress=True, schedule=None, report=None) -> MergeOptions:
+                  progress=True, schedule=None, report=None, vocab="auto") -> MergeOptions:
     t = tuple(t_values) + (parse_range(t_range) if t_range else ())
     if t_for:
         if len(t) > 1:
@@ -98,7 +104,8 @@ def build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pa
     return MergeOptions(
         a=a, b=b, out=out, t=t, schedule=schedule, dtype=dtype,
         max_shard_size=parse_size(max_shard_size), workers=workers, address=address,
-        gpus_per_actor=gpus_per_actor, block_bytes=parse_size(block_size), pad=pad, tokenizer_from=tokenizer_from, resume=resume,
+        gpus_per_actor=gpus_per_actor, block_bytes=parse_size(block_size), pad=pad, vocab=vocab,
+        tokenizer_from=tokenizer_from, resume=resume,
         overwrite=overwrite, progress=progress, report=report,
         command=" ".join(shlex.quote(x) for x in ["raymerge", *sys.argv[1:]]),
     )
@@ -112,7 +119,7 @@ def build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pa
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @click.option("--report", "report_path", default=None,
               help="Write a per-tensor report (angle, fallback, norms, padding) as Parquet.")
-def merge(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad, tokenizer_from, workers,
+def merge(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, vocab, pad, tokenizer_from, workers,
           gpus_per_actor, block_size, address, debug, resume, overwrite, quiet, report_path):
     """Merge parents A (t=0) and B (t=1) into OUT by SLERP."""
 
@@ -121,7 +128,7 @@ def merge(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad, token
 
         options = build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad,
                                 tokenizer_from, workers, gpus_per_actor, block_size, address, resume,
-                                overwrite, not quiet, report=report_path)
+                                overwrite, not quiet, report=report_path, vocab=vocab)
         print_summary(run_merge(options))
 
     _run_guarded(debug, run)
@@ -129,8 +136,10 @@ def merge(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad, token
 
 @main.command()
 @merge_options
-@click.option("--save", "save_path", default=None, help="Write the plan table as Parquet.")
-def plan(a, b, t_values, t_range, t_for, dtype, max_shard_size, pad, tokenizer_from, workers,
+@click.option("--save", "save_path", default=None,
+              help="Write the plan table as Parquet (and, with rows aligned by token string, the token "
+                   "map next to it as NAME.tokens.parquet).")
+def plan(a, b, t_values, t_range, t_for, dtype, max_shard_size, vocab, pad, tokenizer_from, workers,
          gpus_per_actor, block_size, address, debug, save_path):
     """Show what merging A and B would do, reading headers only (no tensor data, no Ray)."""
 
@@ -144,22 +153,32 @@ def plan(a, b, t_values, t_range, t_for, dtype, max_shard_size, pad, tokenizer_f
         from raymerge.report import describe_plan
 
         options = build_options(a, b, "(plan)", t_values, t_range, t_for, dtype, max_shard_size, pad,
-                                tokenizer_from, workers, gpus_per_actor, block_size, address)
+                                tokenizer_from, workers, gpus_per_actor, block_size, address, vocab=vocab)
         pa_, pb_ = load_parents(options)
         the_plan = build_plan(pa_, pb_, options, options.workers or os.cpu_count() or 1)
         click.echo(describe_plan(pa_, pb_, the_plan, options))
         if save_path:
             pq.write_table(the_plan.to_table(), save_path)
             click.echo(f"plan table written to {save_path}")
+            if the_plan.token_map is not None:
+                tokens_path = token_map_path(save_path)
+                pq.write_table(the_plan.token_map.to_table(), tokens_path)
+                click.echo(f"token map written to {tokens_path}")
 
     _run_guarded(debug, run)
+
+
+def token_map_path(plan_path: str) -> str:
+    """``plan.parquet`` -> ``plan.tokens.parquet``: the token map sits next to the plan."""
+    stem = plan_path[:-len(".parquet")] if plan_path.endswith(".parquet") else plan_path
+    return f"{stem}.tokens.parquet"
 
 
 @main.command()
 @click.argument("recipe")
 @click.option("-o", "--out", required=True, help="Output directory.")
 @click.option("--max-shard-size", default="5GB", show_default=True)
-@click.option("--pad", type=click.Choice(PAD_STRATEGIES), default="gradient", show_default=True)
+@click.option("--pad", type=click.Choice(PAD_STRATEGIES), default=None)
 @click.option("--workers", type=int, default=None)
 @click.option("--gpus-per-actor", type=float, default=1.0, show_default=True)
 @click.option("--block-size", default="1MiB", show_default=True)
@@ -181,7 +200,7 @@ def run(recipe, out, max_shard_size, pad, workers, gpus_per_actor, block_size, a
         check_layer_range(r, load_parent(r.a, "A").num_layers, load_parent(r.b, "B").num_layers)
         options = build_options(r.a, r.b, out, (), None, (), r.dtype, max_shard_size, pad, None, workers,
                                 gpus_per_actor, block_size, address, resume, overwrite, not quiet,
-                                schedule=r.schedule)
+                                schedule=r.schedule, vocab=r.vocab)
         print_summary(run_merge(options))
 
     _run_guarded(debug, go)

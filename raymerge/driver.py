@@ -21,13 +21,12 @@ import pyarrow.parquet as pq
 import ray
 
 from raymerge.actors import TensorStats, WriteJob, remote_actor_class
-from raymerge.align import check_tokenizer_prefix
 from raymerge.assemble import assemble
 from raymerge.errors import InputError
 from raymerge.options import MergeOptions
 from raymerge.outdir import OutputDir
 from raymerge.parents import Parent, load_parent
-from raymerge.plan import MergePlan, TensorPlan, build_plan
+from raymerge.plan import MergePlan, TensorPlan, assign_actors, build_plan
 from raymerge.progress import Progress
 from raymerge.report import tensor_report
 from raymerge.slerp import Coefficients, slerp_coefficients
@@ -66,12 +65,7 @@ class Phases:
 
 
 def load_parents(options: MergeOptions) -> tuple[Parent, Parent]:
-    a = load_parent(options.a, "A")
-    b = load_parent(options.b, "B")
-    va, vb = a.tokenizer_vocab(), b.tokenizer_vocab()
-    if va is not None and vb is not None:
-        check_tokenizer_prefix(va, vb)
-    return a, b
+    return load_parent(options.a, "A"), load_parent(options.b, "B")
 
 
 @contextmanager
@@ -202,7 +196,7 @@ def merge(options: MergeOptions) -> MergeResult:
     with ray_session(options.address):
         phases.lap("start Ray")
         shape = actor_shape(options, [n["Resources"] for n in ray.nodes() if n["Alive"]])
-        plan = build_plan(a, b, options, shape.count)
+        plan = assign_actors(plan, shape.count)
         actor_cls = remote_actor_class(shape.num_cpus, shape.num_gpus)
         actors = [actor_cls.remote(options.block_bytes, shape.threads, shape.num_gpus > 0)
                   for _ in range(plan.n_actors)]
@@ -295,7 +289,7 @@ def _reduce_pass(options: MergeOptions, plan: MergePlan, actors: list) -> dict[s
 def _write_pass(options: MergeOptions, plan: MergePlan, stats: dict[str, TensorStats],
                 coefficients: dict[str, tuple[Coefficients, ...]], out: OutputDir, actors: list) -> int:
     """Pass 2: compute and write every shard not already finished; rename each when complete."""
-    means = {n: s.s_mean for n, s in stats.items() if s.s_mean is not None}
+    means = {n: s.means for n, s in stats.items() if s.means}
     done = out.finished_shards(plan)
     todo = [i for i in range(len(plan.shards)) if i not in done]
     out.clear_partial(plan, set(todo))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from raymerge.errors import InputError
 from raymerge.schedule import Schedule
+from raymerge.tokens import VOCAB_MODES
 
 DTYPE_CHOICES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
 PAD_STRATEGIES = ("gradient", "zeros", "copy", "mean")
@@ -56,7 +57,9 @@ class MergeOptions:
         max_shard_size: bytes per output shard at most (a single tensor may exceed it).
         workers: number of actors, or None for one per CPU (one per GPU on a GPU cluster).
         address: Ray address to attach to, or None to start an embedded local Ray.
-        pad: how the shorter vocabulary is extended (see align.py).
+        pad: how the shorter vocabulary is extended (see align.py); with rows aligned by token
+            string, how a row a parent lacks is filled. None: ``gradient``, or ``copy`` by string.
+        vocab: ``auto``, ``union``, ``a`` or ``b``: how the vocabularies are aligned (tokens.py).
         tokenizer_from: "a", "b" or None (the parent whose vocabulary has the merged size).
         resume / overwrite: what to do with a non-empty ``out``.
         block_bytes: float32 bytes of one row block in the actors' two passes.
@@ -75,7 +78,8 @@ class MergeOptions:
     workers: int | None = None
     address: str | None = None
     gpus_per_actor: float = 1.0
-    pad: str = "gradient"
+    pad: str | None = None
+    vocab: str = "auto"
     tokenizer_from: str | None = None
     resume: bool = False
     overwrite: bool = False
@@ -98,8 +102,10 @@ class MergeOptions:
             raise InputError(f"the same t is given twice (outputs are named t-<format(t, 'g')>): {list(self.t)}")
         if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
             raise InputError(f"unknown dtype {self.dtype!r}: choose from {', '.join(DTYPE_CHOICES)}")
-        if self.pad not in PAD_STRATEGIES:
+        if self.pad is not None and self.pad not in PAD_STRATEGIES:
             raise InputError(f"unknown pad strategy {self.pad!r}: choose from {', '.join(PAD_STRATEGIES)}")
+        if self.vocab not in VOCAB_MODES:
+            raise InputError(f"unknown vocabulary alignment {self.vocab!r}: choose from {', '.join(VOCAB_MODES)}")
         if self.tokenizer_from not in (None, "a", "b"):
             raise InputError("--tokenizer-from must be 'a' or 'b'")
         if self.workers is not None and self.workers < 1:

@@ -9,12 +9,15 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
+from raymerge.configs import ParentConfig, load_config
 from raymerge.errors import InputError
 from raymerge.shards import DTYPE_NAMES, FLOAT_DTYPES, TensorEntry, numel, read_header
+from raymerge.tokens import Vocab, read_vocab
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -35,7 +38,7 @@ class Parent:
 
     label: str  # "A" or "B", for messages
     path: str
-    config: dict
+    config: ParentConfig
     tensors: dict[str, TensorEntry]
     weight_files: tuple[str, ...]
     source: str = ""  # what the user named: a directory or a hub id
@@ -43,20 +46,11 @@ class Parent:
 
     @property
     def vocab_size(self) -> int | None:
-        v = self.config.get("vocab_size")
-        if v is None and isinstance(self.config.get("text_config"), dict):
-            v = self.config["text_config"].get("vocab_size")
-        return v
+        return self.config.get("vocab_size")
 
     @property
     def num_layers(self) -> int:
-        cfg = self.config if "num_hidden_layers" in self.config else self.config.get("text_config", {})
-        return int(cfg.get("num_hidden_layers", 0) or 0)
-
-    @property
-    def tie_word_embeddings(self) -> bool:
-        # transformers' default is True, but most causal-LM configs state it; absent means tied.
-        return bool(self.config.get("tie_word_embeddings", True))
+        return int(self.config.get("num_hidden_layers") or 0)
 
     @property
     def dtype(self) -> str:
@@ -70,19 +64,10 @@ class Parent:
     def tokenizer_files(self) -> list[str]:
         return [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(self.path, f))]
 
-    def tokenizer_vocab(self) -> list[str] | None:
-        """Token strings by id from ``tokenizer.json`` (None when the parent has none)."""
-        path = os.path.join(self.path, "tokenizer.json")
-        if not os.path.isfile(path):
-            return None
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(path)
-        vocab = tok.get_vocab(with_added_tokens=True)
-        by_id: list[str | None] = [None] * (max(vocab.values()) + 1 if vocab else 0)
-        for token, i in vocab.items():
-            by_id[i] = token
-        return by_id
+    @cached_property
+    def vocab(self) -> Vocab | None:
+        """The tokenizer's tokens by id (None when the parent ships no tokenizer); read once."""
+        return read_vocab(self.path)
 
 
 def _inside(root: str, name: str) -> str:
@@ -172,14 +157,7 @@ def load_parent(spec: str, label: str) -> Parent:
     if not os.path.isdir(path):
         raise InputError(f"parent {label}: {path} is not a directory")
     path = os.path.realpath(path)
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise InputError(f"parent {label}: {path} has no config.json (not a Hugging Face model directory)")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise InputError(f"parent {label}: {config_path} is not valid JSON ({e})") from None
+    config = load_config(path, label)
     files = _weight_files(path)
     tensors: dict[str, TensorEntry] = {}
     for file in files:

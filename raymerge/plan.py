@@ -16,10 +16,12 @@ from dataclasses import dataclass, field, replace
 import pyarrow as pa
 
 from raymerge.align import Alignment, PadSpec, align_parents
+from raymerge.configs import compare_configs
 from raymerge.errors import InputError
 from raymerge.options import DTYPE_CHOICES, MergeOptions
 from raymerge.parents import Parent
 from raymerge.shards import FLOAT_DTYPES, ShardLayout, TensorEntry, itemsize, layout_shard, numel
+from raymerge.tokens import TokenMap
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -39,6 +41,7 @@ class TensorPlan:
     a: TensorEntry | None
     b: TensorEntry | None
     pad: PadSpec | None = None
+    rowmap: TokenMap | None = field(default=None, compare=False)  # rows aligned by token string
     shard: int = -1
     offset: int = -1
     actor: int = -1
@@ -70,6 +73,8 @@ class MergePlan:
     tokenizer_from: str  # "a" or "b"
     n_layers: int
     notes: tuple[str, ...] = field(default=())
+    pad: str = "gradient"  # the pad (or, by token string, fill) strategy in force
+    token_map: TokenMap | None = field(default=None, compare=False)
 
     def actor_bytes(self) -> list[int]:
         load = [0] * self.n_actors
@@ -95,7 +100,8 @@ class MergePlan:
                 "actor": t.actor,
                 "pad_axis": pad.axis if pad else None, "pad_short": pad.short if pad else None,
                 "pad_n": pad.n if pad else None, "pad_N": pad.N if pad else None,
-                "pad_strategy": pad.strategy if pad else None,
+                "pad_strategy": pad.strategy if pad else (t.rowmap.fill if t.rowmap else None),
+                "by_token": t.rowmap is not None,
             })
         return pa.Table.from_pylist(rows)
 
@@ -106,7 +112,8 @@ class MergePlan:
         data = {
             "files": stat, "t": list(options.t),
             "schedule": options.schedule.describe() if options.schedule else None,
-            "block_bytes": options.block_bytes, "dtype": self.out_dtype, "pad": options.pad,
+            "block_bytes": options.block_bytes, "dtype": self.out_dtype, "pad": self.pad,
+            "token_map": self.token_map.digest() if self.token_map else None,
             "shards": [(s.filename, hashlib.sha256(s.layout.header).hexdigest()) for s in self.shards],
             "tokenizer_from": self.tokenizer_from,
         }
@@ -165,29 +172,44 @@ def _tensor_plans(aligned: Alignment, out_dtype: str) -> list[TensorPlan]:
             plans.append(TensorPlan(item.name, op, item.shape, src.dtype, ea, eb))
             continue
         op = "slerp" if ea is not None and eb is not None else ("copy_a" if ea else "copy_b")
-        plans.append(TensorPlan(item.name, op, item.shape, out_dtype, ea, eb, item.pad))
+        plans.append(TensorPlan(item.name, op, item.shape, out_dtype, ea, eb, item.pad, item.rowmap))
     return plans
 
 
 def build_plan(a: Parent, b: Parent, options: MergeOptions, n_actors: int) -> MergePlan:
-    """Build the whole plan from the parents' headers and configs and the options."""
+    """Build the whole plan from the parents' headers, configs and tokenizers and the options.
+
+    Raises InputError before any work when the configs or the tensors cannot be merged.
+    """
+    config_notes = compare_configs(a.config, b.config)
     out_dtype = DTYPE_CHOICES[options.dtype] if options.dtype else a.dtype
-    aligned = align_parents(a, b, options.pad)
+    aligned = align_parents(a, b, options.vocab, options.pad)
+    if aligned.token_map is not None and options.tokenizer_from is not None:
+        raise InputError("--tokenizer-from applies to rows matched by id; with rows aligned by token "
+                         "string, --vocab decides the tokenizer")
     plans = _tensor_plans(aligned, out_dtype)
-    n_actors = max(1, min(n_actors, len(plans)))
     groups = _assign_shards(plans, options.max_shard_size)
     names = _shard_filenames(len(groups))
-    owner = _assign_actors(plans, n_actors)
     final: list[TensorPlan] = []
     shards = []
     for i, group in enumerate(groups):
         layout = layout_shard([(t.name, t.dtype, t.shape) for t in group])
         shards.append(ShardPlan(names[i], layout, tuple(t.name for t in group)))
         for t in group:
-            final.append(replace(t, shard=i, offset=layout.offsets[t.name][0], actor=owner[t.name]))
-    return MergePlan(
-        tensors=tuple(final), shards=tuple(shards), n_actors=n_actors, out_dtype=out_dtype,
+            final.append(replace(t, shard=i, offset=layout.offsets[t.name][0]))
+    pad = next((t.pad.strategy for t in final if t.pad), None) or (aligned.token_map.fill if aligned.token_map else
+                                                                 options.pad or "gradient")
+    plan = MergePlan(
+        tensors=tuple(final), shards=tuple(shards), n_actors=1, out_dtype=out_dtype,
         vocab_size=aligned.vocab_size, tied_output=aligned.tied_output,
         tokenizer_from=options.tokenizer_from or aligned.tokenizer_from, n_layers=a.num_layers,
-        notes=aligned.notes,
+        notes=tuple(config_notes) + aligned.notes, pad=pad, token_map=aligned.token_map,
     )
+    return assign_actors(plan, n_actors)
+
+
+def assign_actors(plan: MergePlan, n_actors: int) -> MergePlan:
+    """The same plan with its tensors balanced by bytes across ``n_actors`` actors."""
+    n_actors = max(1, min(n_actors, len(plan.tensors)))
+    owner = _assign_actors(list(plan.tensors), n_actors)
+    return replace(plan, n_actors=n_actors, tensors=tuple(replace(t, actor=owner[t.name]) for t in plan.tensors))

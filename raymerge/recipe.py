@@ -3,7 +3,9 @@
 Accepted: ``merge_method: slerp``; two models, given as ``models:`` or as one slice of
 ``slices:`` whose two sources cover the full, equal layer range; ``base_model`` (parent A);
 ``parameters.t`` as a number, a list (a gradient across layers) or filtered entries
-(``- filter: self_attn`` / ``value: ...``, a last entry without filter as the default); ``dtype``.
+(``- filter: self_attn`` / ``value: ...``, a last entry without filter as the default); ``dtype``;
+``tokenizer_source`` (or ``tokenizer.source``): ``union``, ``base`` or one of the models, which
+become ``--vocab union``, ``a`` or ``b`` (rows aligned by token string).
 Anything else is refused with what it was, rather than silently merged differently.
 """
 
@@ -16,7 +18,7 @@ import yaml
 from raymerge.errors import InputError
 from raymerge.schedule import Schedule
 
-KNOWN_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype"}
+KNOWN_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "tokenizer_source", "tokenizer"}
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
           "float32": "float32", "fp32": "float32"}
 
@@ -28,6 +30,7 @@ class Recipe:
     schedule: Schedule
     dtype: str | None
     layer_range: tuple[int, int] | None  # from the slices form, checked against the parents
+    vocab: str = "auto"  # from tokenizer_source: union, base (a) or a model (a or b)
 
 
 def _values(value, where: str) -> tuple[float, ...]:
@@ -120,7 +123,29 @@ def load_recipe(path: str) -> Recipe:
     dtype = doc.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise InputError(f"recipe {path}: dtype {dtype!r} is not supported ({', '.join(DTYPES)})")
-    return Recipe(base, other, parse_t(params["t"]), DTYPES.get(dtype), layer_range)
+    return Recipe(base, other, parse_t(params["t"]), DTYPES.get(dtype), layer_range,
+                  _vocab(doc, base, other, path))
+
+
+def _vocab(doc: dict, base: str, other: str, path: str) -> str:
+    """mergekit's ``tokenizer_source`` (or ``tokenizer: {source: ...}``) as a ``--vocab`` mode."""
+    if "tokenizer_source" in doc and "tokenizer" in doc:
+        raise InputError(f"recipe {path}: give tokenizer_source or tokenizer, not both")
+    source = doc.get("tokenizer_source")
+    if "tokenizer" in doc:
+        section = doc["tokenizer"]
+        if not isinstance(section, dict) or set(section) - {"source"}:
+            raise InputError(f"recipe {path}: only tokenizer.source is supported, got {section!r}")
+        source = section.get("source")
+    if source is None:
+        return "auto"
+    if source == "union":
+        return "union"
+    if source == "base" or source == base:
+        return "a"
+    if source == other:
+        return "b"
+    raise InputError(f"recipe {path}: tokenizer_source {source!r} is not union, base or one of the two models")
 
 
 def check_layer_range(recipe: Recipe, n_layers_a: int, n_layers_b: int) -> None:

@@ -32,7 +32,9 @@ def describe_plan(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions) 
         f"tied embeddings: {'yes' if tied(b) else 'no'}",
         f"t: {', '.join(options.t_labels())}",
         f"output: {len(plan.tensors)} tensors, dtype {plan.out_dtype}, vocab_size {plan.vocab_size}, "
-        f"tied embeddings: {'yes' if plan.tied_output else 'no'}, tokenizer from parent {plan.tokenizer_from.upper()}",
+        f"tied embeddings: {'yes' if plan.tied_output else 'no'}, "
+        + ("tokenizer: A's tokens, then B's others (union)" if plan.token_map and plan.token_map.mode == "union"
+           else f"tokenizer from parent {plan.tokenizer_from.upper()}"),
     ]
     padded = [t for t in plan.tensors if t.pad is not None]
     lines.append(f"padded tensors: {len(padded) or 'none'}")

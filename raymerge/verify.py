@@ -62,9 +62,9 @@ def verify(path: str, load: bool = False) -> list[str]:
     rows = model.tensors[embed].shape[0] if embed else None
     if rows is not None and model.vocab_size != rows:
         problems.append(f"config.json: vocab_size is {model.vocab_size}, the embedding has {rows} rows")
-    vocab = model.tokenizer_vocab()
-    if vocab is not None and rows is not None and len(vocab) > rows:
-        problems.append(f"tokenizer.json: {len(vocab)} tokens do not fit {rows} embedding rows")
+    vocab = model.vocab
+    if vocab is not None and rows is not None and len(vocab.tokens) > rows:
+        problems.append(f"tokenizer: {len(vocab.tokens)} tokens do not fit {rows} embedding rows")
     if not os.path.isfile(os.path.join(model.path, PROVENANCE_NAME)):
         problems.append(f"{PROVENANCE_NAME} is missing: not a complete raymerge output")
     if load and not problems:
