@@ -116,7 +116,6 @@ def _rope(cfg: ParentConfig) -> tuple[dict, object]:
         if isinstance(value, dict):
             settings.update(value)
     theta = settings.pop("rope_theta", cfg.get("rope_theta"))
-    settings.pop("partial_rotary_factor", None)  # compared below as its own attribute
     return settings, theta
 
 

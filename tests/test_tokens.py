@@ -186,6 +186,8 @@ def test_union_rows_match_the_parents_by_token_string(kinds, kind, ray_head, tmp
     assert model.get_input_embeddings().weight.shape[0] == max(len(tok), load_dir(a)[EMBED].shape[0])
     for token in ["<|im_end|>", "<pad>", "<tool>"] + (["<|im_start|>"] if kind != "tokenizer.model only" else []):
         assert tok(token, add_special_tokens=False).input_ids == [tokens.index(token)], token
+    added = {t.content: t for t in tok.added_tokens_decoder.values()}
+    assert added["<pad>"].special and not added["<tool>"].special, "B's added tokens keep their flags"
     if kind != "tokenizer.model only":
         assert tok.chat_template == CHAT_TEMPLATE, "the chat template is A's"
     assert tok.eos_token == AutoTokenizer.from_pretrained(a).eos_token
