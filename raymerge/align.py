@@ -30,7 +30,7 @@ from raymerge.errors import InputError
 from raymerge.parents import Parent
 from raymerge.schedule import layer_index
 from raymerge.shards import TensorEntry
-from raymerge.tokens import TokenMap, first_difference, token_map
+from raymerge.tokens import RowMap, TokenMap, first_difference, token_map
 
 EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                   "tok_embeddings.weight")
@@ -59,7 +59,7 @@ class AlignedTensor:
     a: TensorEntry | None
     b: TensorEntry | None
     pad: PadSpec | None
-    rowmap: TokenMap | None = None  # rows aligned by token string
+    rowmap: RowMap | None = None  # rows aligned by token string
 
 
 @dataclass(frozen=True)
@@ -120,17 +120,27 @@ def _sources(p: Parent, untie: bool) -> dict[str, TensorEntry]:
     return tensors
 
 
-def vocab_alignment(a: Parent, b: Parent, vocab: str, pad: str | None) -> tuple[TokenMap | None, str]:
+def vocab_alignment(a: Parent, b: Parent, vocab: str, pad: str | None) -> tuple[TokenMap | None, str, list[str]]:
     """Choose between the padder (rows matched by id) and alignment by token string.
 
     ``auto`` keeps the padder when one tokenizer extends the other by id, or when a parent ships
-    no tokenizer (rows matched by size, as the padder does); otherwise it aligns by string, as
-    ``union``. Returns the token map (None for the padder) and the pad (or fill) strategy.
+    no tokenizer transformers can read (rows matched by size, as the padder does, with a note);
+    otherwise it aligns by string, as ``union``. Returns the token map (None for the padder), the
+    pad (or fill) strategy, and notes.
     """
-    va, vb = a.vocab, b.vocab
+    vocabs, notes = [], []
+    for p in (a, b):
+        try:
+            vocabs.append(p.vocab)
+        except InputError as e:
+            if vocab != "auto":
+                raise
+            vocabs.append(None)
+            notes.append(f"parent {p.label}: {e}; rows are matched by id")
+    va, vb = vocabs
     if vocab == "auto":
         if va is None or vb is None or first_difference(va, vb) is None:
-            return None, pad or "gradient"
+            return None, pad or "gradient", notes
         vocab = "union"
     else:
         lacking = next((p for p, v in ((a, va), (b, vb)) if v is None), None)
@@ -144,7 +154,7 @@ def vocab_alignment(a: Parent, b: Parent, vocab: str, pad: str | None) -> tuple[
     if rows_a is None or rows_b is None:
         raise InputError(f"--vocab {vocab}: parent {'A' if rows_a is None else 'B'} has no input embedding to align")
     fill = pad or "copy"
-    return token_map(va, vb, rows_a, rows_b, vocab, fill), fill
+    return token_map(va, vb, rows_a, rows_b, vocab, fill), fill, notes
 
 
 def _is_vocab_tensor(name: str, p: Parent) -> bool:
@@ -159,7 +169,7 @@ def align_parents(a: Parent, b: Parent, vocab: str = "auto", pad: str | None = N
     """
     check_head(a)
     check_head(b)
-    tmap, pad = vocab_alignment(a, b, vocab, pad)
+    tmap, pad, notes = vocab_alignment(a, b, vocab, pad)
     tied_a, tied_b = tied(a), tied(b)
     untie = tied_a != tied_b
     src_a, src_b = _sources(a, untie), _sources(b, untie)
@@ -173,11 +183,10 @@ def align_parents(a: Parent, b: Parent, vocab: str = "auto", pad: str | None = N
                 src[HEAD_NAMES[0]] = src.pop(h)
     rows_a, rows_b = _rows(a), _rows(b)
     vocab_sizes = set() if tmap else {(a.vocab_size, b.vocab_size), (rows_a, rows_b)}
-    notes = []
     tensors = []
     for name in sorted(set(src_a) | set(src_b)):
         ea, eb = src_a.get(name), src_b.get(name)
-        rowmap = tmap if tmap is not None and _is_vocab_tensor(name, a if ea else b) else None
+        rowmap = tmap.rowmap if tmap is not None and _is_vocab_tensor(name, a if ea else b) else None
         if rowmap is not None:
             for e, rows, label in ((ea, rows_a, "A"), (eb, rows_b, "B")):
                 if e is not None and (not e.shape or e.shape[0] != rows):

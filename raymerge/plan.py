@@ -21,7 +21,7 @@ from raymerge.errors import InputError
 from raymerge.options import DTYPE_CHOICES, MergeOptions
 from raymerge.parents import Parent
 from raymerge.shards import FLOAT_DTYPES, ShardLayout, TensorEntry, itemsize, layout_shard, numel
-from raymerge.tokens import TokenMap
+from raymerge.tokens import RowMap, TokenMap
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -41,7 +41,7 @@ class TensorPlan:
     a: TensorEntry | None
     b: TensorEntry | None
     pad: PadSpec | None = None
-    rowmap: TokenMap | None = field(default=None, compare=False)  # rows aligned by token string
+    rowmap: RowMap | None = field(default=None, compare=False)  # rows aligned by token string
     shard: int = -1
     offset: int = -1
     actor: int = -1

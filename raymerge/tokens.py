@@ -77,17 +77,13 @@ def first_difference(va: Vocab, vb: Vocab) -> int | None:
 
 
 @dataclass(frozen=True, eq=False)
-class TokenMap:
-    """The child's vocabulary, and for each child row the row each parent gives it (-1: filled)."""
+class RowMap:
+    """What an actor needs of a token map: each child row's row in A and in B (-1: filled), and how
+    a missing row is filled. Small: two int32 vectors, no token strings."""
 
-    mode: str  # "union", "a" or "b"
-    fill: str  # "copy", "mean" or "zeros"
-    tokens: tuple[str | None, ...]  # the child's tokens by id
-    a_rows: torch.Tensor  # int64 [rows]
+    a_rows: torch.Tensor  # int32 [rows]
     b_rows: torch.Tensor
-    added: tuple[str, ...]  # union: B's tokens appended to A's tokenizer, in order
-    dropped: int  # a / b: tokens of the other parent the child does not have
-    first_difference: int | None
+    fill: str  # "copy", "mean" or "zeros"
 
     @property
     def rows(self) -> int:
@@ -95,6 +91,34 @@ class TokenMap:
 
     def source(self, parent: str) -> torch.Tensor:
         return self.a_rows if parent == "a" else self.b_rows
+
+
+@dataclass(frozen=True, eq=False)
+class TokenMap:
+    """The child's vocabulary, and for each child row the row each parent gives it."""
+
+    mode: str  # "union", "a" or "b"
+    tokens: tuple[str | None, ...]  # the child's tokens by id
+    rowmap: RowMap
+    added: tuple[str, ...]  # union: B's tokens appended to A's tokenizer, in order
+    dropped: int  # a / b: tokens of the other parent the child does not have
+    first_difference: int | None
+
+    @property
+    def fill(self) -> str:
+        return self.rowmap.fill
+
+    @property
+    def a_rows(self) -> torch.Tensor:
+        return self.rowmap.a_rows
+
+    @property
+    def b_rows(self) -> torch.Tensor:
+        return self.rowmap.b_rows
+
+    @property
+    def rows(self) -> int:
+        return self.rowmap.rows
 
     def digest(self) -> str:
         import hashlib
@@ -110,7 +134,8 @@ class TokenMap:
         n = len(self.tokens)
         filled_a = int((self.a_rows < 0).sum())
         filled_b = int((self.b_rows < 0).sum())
-        moved = sum(1 for i in range(n) if self.a_rows[i] >= 0 and self.b_rows[i] >= 0 and self.a_rows[i] != self.b_rows[i])
+        a, b = self.a_rows[:n], self.b_rows[:n]
+        moved = int(((a >= 0) & (b >= 0) & (a != b)).sum())
         how = {"copy": "the other parent's row", "mean": "the parent's mean row", "zeros": "zeros"}[self.fill]
         lines = [f"vocabulary by token string ({self.mode}): {n} tokens, {self.rows} rows"
                  + (f"; the tokenizers first differ at id {self.first_difference}" if self.first_difference is not None else "")]
@@ -163,8 +188,9 @@ def token_map(va: Vocab, vb: Vocab, rows_a: int, rows_b: int, mode: str, fill: s
             else:  # no token at this id: a padding row, matched by position where the parent has one too
                 j = i if i >= len(vocab.tokens) or vocab.tokens[i] is None else -1
             src[i] = j if j < parent_rows else -1
-        sources.append(torch.tensor(src, dtype=torch.int64))
-    return TokenMap(mode, fill, tuple(tokens), sources[0], sources[1], added, dropped, first_difference(va, vb))
+        sources.append(torch.tensor(src, dtype=torch.int32))
+    return TokenMap(mode, tuple(tokens), RowMap(sources[0], sources[1], fill), added, dropped,
+                    first_difference(va, vb))
 
 
 def write_union_tokenizer(out_dir: str, a_dir: str, vb: Vocab, tmap: TokenMap) -> None:

@@ -62,7 +62,11 @@ def verify(path: str, load: bool = False) -> list[str]:
     rows = model.tensors[embed].shape[0] if embed else None
     if rows is not None and model.vocab_size != rows:
         problems.append(f"config.json: vocab_size is {model.vocab_size}, the embedding has {rows} rows")
-    vocab = model.vocab
+    try:
+        vocab = model.vocab
+    except InputError as e:
+        vocab = None
+        problems.append(str(e))
     if vocab is not None and rows is not None and len(vocab.tokens) > rows:
         problems.append(f"tokenizer: {len(vocab.tokens)} tokens do not fit {rows} embedding rows")
     if not os.path.isfile(os.path.join(model.path, PROVENANCE_NAME)):

@@ -270,3 +270,19 @@ def test_plan_shows_the_alignment_and_saves_the_token_map(kinds, tmp_path):
     by_token = {r["token"]: r for r in rows}
     assert by_token["<|im_end|>"]["a_row"] == n - 1 and by_token["<|im_end|>"]["b_row"] == n - 2
     assert by_token["<|im_start|>"]["b_row"] == -1 and by_token["<tool>"]["a_row"] == -1
+
+
+def test_an_unreadable_tokenizer_falls_back_to_ids_unless_string_alignment_is_asked(kinds, tmp_path):
+    a, b = kinds["sentencepiece"]
+    broken = tmp_path / "broken"
+    shutil.copytree(b, broken)
+    (broken / "tokenizer.json").write_text("{not json")
+    os.remove(broken / "tokenizer.model")
+    proc = subprocess.run([*CLI, "plan", a, str(broken)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "note: parent B: " in proc.stdout and "transformers cannot load its tokenizer" in proc.stdout
+    assert "rows are matched by id" in proc.stdout
+    proc = subprocess.run([*CLI, "plan", a, str(broken), "--vocab", "union"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("raymerge: error: ") and "cannot load its tokenizer" in proc.stderr
