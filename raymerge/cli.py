@@ -51,25 +51,23 @@ def main():
     """SLERP-merge two Hugging Face causal language models, distributed over Ray."""
 
 
-def merge_options(f):
-    """Options shared by `merge` and `plan`."""
-    decorators = [
-        click.argument("a"),
-        click.argument("b"),
-        click.option("-t", "t_values", type=float, multiple=True,
-                     help="Interpolation factor in [0, 1] (0 = A, 1 = B). Repeat for a sweep. "
-                          "With --t-for, the default for unmatched tensors."),
-        click.option("--t-range", default=None, help="A sweep START:STOP:STEP, both ends included."),
-        click.option("--t-for", "t_for", multiple=True,
-                     help="Per-layer schedule FILTER=V or FILTER=V0,V1,... (repeatable, first match wins)."),
-        click.option("--dtype", type=click.Choice(list(DTYPE_CHOICES)), default=None,
-                     help="Output dtype (default: parent A's)."),
+def _apply(f, decorators):
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+def run_options(f):
+    """How a merge runs and where it writes: shared by `merge` and `run`."""
+    return _apply(f, [
+        click.option("-o", "--out", required=True, help="Output directory."),
         click.option("--max-shard-size", default="5GB", show_default=True,
                      help="Largest output shard, e.g. 500MB, 5GB, 2GiB."),
-        click.option("--vocab", type=click.Choice(VOCAB_MODES), default="auto", show_default=True,
+        click.option("--vocab", type=click.Choice(VOCAB_MODES), default=None,
                      help="Vocabulary alignment: auto (by id when one tokenizer extends the other, else "
                           "union), union (A's tokens, then B's others), a or b (that parent's tokenizer), "
-                          "the last three matching rows by token string."),
+                          "the last three matching rows by token string. Default: auto (a recipe's "
+                          "tokenizer_source, with `run`)."),
         click.option("--pad", type=click.Choice(PAD_STRATEGIES), default=None,
                      help="How the shorter vocabulary is extended (default gradient); by token string, "
                           "how a token a parent lacks is filled (default copy: the other parent's row)."),
@@ -77,23 +75,45 @@ def merge_options(f):
                      help="Parent to take tokenizer files from (default: the one with the merged vocabulary)."),
         click.option("--workers", type=int, default=None,
                      help="Number of actors (default: one per CPU, or one per GPU on a GPU cluster)."),
-        click.option("--gpus-per-actor", type=float, default=1.0, show_default=True),
+        click.option("--gpus-per-actor", type=float, default=1.0, show_default=True,
+                     help="GPUs each actor asks for on a GPU cluster."),
         click.option("--block-size", default="1MiB", show_default=True,
                      help="Row block each actor streams, as float32 bytes: 1MiB keeps temporaries in "
                           "CPU cache; a different size may change the last bit of some values."),
         click.option("--address", default=None,
                      help="Ray cluster to attach to ('auto', 'ray://host:10001', host:port). "
                           "Default: RAY_ADDRESS if set, else an embedded local Ray."),
+        click.option("--resume", is_flag=True, help="Continue an interrupted merge into OUT."),
+        click.option("--overwrite", is_flag=True, help="Replace an earlier raymerge output in OUT."),
+        click.option("--quiet", is_flag=True, help="No progress output."),
+        click.option("--report", default=None,
+                     help="Write a per-tensor report (angle, fallback, norms, padding) as Parquet."),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
-    ]
-    for d in reversed(decorators):
-        f = d(f)
-    return f
+    ])
 
 
-def build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad, tokenizer_from,
-                  workers, gpus_per_actor, block_size, address, resume=False, overwrite=False,
-                  progress=True, schedule=None, report=None, vocab="auto") -> MergeOptions:
+def t_options(f):
+    """Parents and t: shared by `merge` and `plan`."""
+    return _apply(f, [
+        click.argument("a"),
+        click.argument("b"),
+        click.option("-t", "t_values", type=float, multiple=True,
+                     help="Interpolation factor in [0, 1] (0 = A, 1 = B), default 0.5. Repeat for a sweep. "
+                          "With --t-for, the default for unmatched tensors (none: every tensor must "
+                          "match a filter)."),
+        click.option("--t-range", default=None, help="A sweep START:STOP:STEP, both ends included."),
+        click.option("--t-for", "t_for", multiple=True,
+                     help="Per-layer schedule FILTER=V or FILTER=V0,V1,... (repeatable, first match wins)."),
+        click.option("--dtype", type=click.Choice(list(DTYPE_CHOICES)), default=None,
+                     help="Output dtype (default: parent A's)."),
+    ])
+
+
+def build_options(*, a: str, b: str, out: str, t_values=(), t_range=None, t_for=(), schedule=None,
+                  dtype=None, max_shard_size="5GB", vocab=None, pad=None, tokenizer_from=None, workers=None,
+                  gpus_per_actor=1.0, block_size="1MiB", address=None, resume=False, overwrite=False,
+                  quiet=False, report=None, debug=False) -> MergeOptions:
+    """MergeOptions from the command line's values (``debug`` is the CLI's own business)."""
     t = tuple(t_values) + (parse_range(t_range) if t_range else ())
     if t_for:
         if len(t) > 1:
@@ -104,56 +124,49 @@ def build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pa
     return MergeOptions(
         a=a, b=b, out=out, t=t, schedule=schedule, dtype=dtype,
         max_shard_size=parse_size(max_shard_size), workers=workers, address=address,
-        gpus_per_actor=gpus_per_actor, block_bytes=parse_size(block_size), pad=pad, vocab=vocab,
-        tokenizer_from=tokenizer_from, resume=resume,
-        overwrite=overwrite, progress=progress, report=report,
+        gpus_per_actor=gpus_per_actor, block_bytes=parse_size(block_size), pad=pad, vocab=vocab or "auto",
+        tokenizer_from=tokenizer_from, resume=resume, overwrite=overwrite, progress=not quiet, report=report,
         command=" ".join(shlex.quote(x) for x in ["raymerge", *sys.argv[1:]]),
     )
 
 
 @main.command()
-@merge_options
-@click.option("-o", "--out", required=True, help="Output directory.")
-@click.option("--resume", is_flag=True, help="Continue an interrupted merge into OUT.")
-@click.option("--overwrite", is_flag=True, help="Replace an earlier raymerge output in OUT.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
-@click.option("--report", "report_path", default=None,
-              help="Write a per-tensor report (angle, fallback, norms, padding) as Parquet.")
-def merge(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, vocab, pad, tokenizer_from, workers,
-          gpus_per_actor, block_size, address, debug, resume, overwrite, quiet, report_path):
+@t_options
+@run_options
+def merge(**values):
     """Merge parents A (t=0) and B (t=1) into OUT by SLERP."""
 
-    def run():
+    def go():
         from raymerge.driver import merge as run_merge, print_summary
 
-        options = build_options(a, b, out, t_values, t_range, t_for, dtype, max_shard_size, pad,
-                                tokenizer_from, workers, gpus_per_actor, block_size, address, resume,
-                                overwrite, not quiet, report=report_path, vocab=vocab)
-        print_summary(run_merge(options))
+        print_summary(run_merge(build_options(**values)))
 
-    _run_guarded(debug, run)
+    _run_guarded(values["debug"], go)
 
 
 @main.command()
-@merge_options
+@t_options
+@click.option("--vocab", type=click.Choice(VOCAB_MODES), default=None,
+              help="Vocabulary alignment (see `raymerge merge --help`).")
+@click.option("--pad", type=click.Choice(PAD_STRATEGIES), default=None, help="Pad or fill strategy.")
+@click.option("--tokenizer-from", type=click.Choice(["a", "b"]), default=None)
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--workers", type=int, default=None, help="Number of actors the plan is balanced over.")
 @click.option("--save", "save_path", default=None,
               help="Write the plan table as Parquet (and, with rows aligned by token string, the token "
                    "map next to it as NAME.tokens.parquet).")
-def plan(a, b, t_values, t_range, t_for, dtype, max_shard_size, vocab, pad, tokenizer_from, workers,
-         gpus_per_actor, block_size, address, debug, save_path):
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def plan(save_path, **values):
     """Show what merging A and B would do, reading headers only (no tensor data, no Ray)."""
 
-    def run():
-        import os
-
+    def go():
         import pyarrow.parquet as pq
 
         from raymerge.driver import load_parents
         from raymerge.plan import build_plan
         from raymerge.report import describe_plan
 
-        options = build_options(a, b, "(plan)", t_values, t_range, t_for, dtype, max_shard_size, pad,
-                                tokenizer_from, workers, gpus_per_actor, block_size, address, vocab=vocab)
+        options = build_options(out="(plan)", **values)
         pa_, pb_ = load_parents(options)
         the_plan = build_plan(pa_, pb_, options, options.workers or os.cpu_count() or 1)
         click.echo(describe_plan(pa_, pb_, the_plan, options))
@@ -165,7 +178,7 @@ def plan(a, b, t_values, t_range, t_for, dtype, max_shard_size, vocab, pad, toke
                 pq.write_table(the_plan.token_map.to_table(), tokens_path)
                 click.echo(f"token map written to {tokens_path}")
 
-    _run_guarded(debug, run)
+    _run_guarded(values["debug"], go)
 
 
 def token_map_path(plan_path: str) -> str:
@@ -174,22 +187,12 @@ def token_map_path(plan_path: str) -> str:
     return f"{stem}.tokens.parquet"
 
 
-@main.command()
+@main.command("run")
 @click.argument("recipe")
-@click.option("-o", "--out", required=True, help="Output directory.")
-@click.option("--max-shard-size", default="5GB", show_default=True)
-@click.option("--pad", type=click.Choice(PAD_STRATEGIES), default=None)
-@click.option("--workers", type=int, default=None)
-@click.option("--gpus-per-actor", type=float, default=1.0, show_default=True)
-@click.option("--block-size", default="1MiB", show_default=True)
-@click.option("--address", default=None)
-@click.option("--resume", is_flag=True)
-@click.option("--overwrite", is_flag=True)
-@click.option("--quiet", is_flag=True)
-@click.option("--debug", is_flag=True)
-def run(recipe, out, max_shard_size, pad, workers, gpus_per_actor, block_size, address, resume, overwrite,
-        quiet, debug):
-    """Merge as a mergekit slerp RECIPE (YAML) says: models, base_model, parameters.t, dtype."""
+@run_options
+def run_recipe(recipe, **values):
+    """Merge as a mergekit slerp RECIPE (YAML) says: models, base_model, parameters.t, dtype,
+    tokenizer_source."""
 
     def go():
         from raymerge.driver import merge as run_merge, print_summary
@@ -198,12 +201,11 @@ def run(recipe, out, max_shard_size, pad, workers, gpus_per_actor, block_size, a
 
         r = load_recipe(recipe)
         check_layer_range(r, load_parent(r.a, "A").num_layers, load_parent(r.b, "B").num_layers)
-        options = build_options(r.a, r.b, out, (), None, (), r.dtype, max_shard_size, pad, None, workers,
-                                gpus_per_actor, block_size, address, resume, overwrite, not quiet,
-                                schedule=r.schedule, vocab=r.vocab)
+        options = build_options(a=r.a, b=r.b, schedule=r.schedule, dtype=r.dtype,
+                                **{**values, "vocab": values["vocab"] or r.vocab})
         print_summary(run_merge(options))
 
-    _run_guarded(debug, go)
+    _run_guarded(values["debug"], go)
 
 
 @main.command("verify")
@@ -234,17 +236,33 @@ def report_cmd(path):
         sys.exit(1)
 
 
-def run() -> None:
-    """The console entry point: the command, then an exit that skips the interpreter's teardown.
+def entry() -> None:
+    """The console entry point: one line for every refusal, then an exit that skips teardown.
 
-    With torch imported, Python's own teardown takes 0.3-0.5 s after the work is done (measured
-    here); by then the merge is complete, Ray is shut down and every file is closed, so the
-    process flushes its output and leaves at once.
+    click's own refusals (a missing option, a value of the wrong type) become one
+    ``raymerge: error:`` line and exit status 1, like every other bad input. With torch imported,
+    Python's own teardown takes a noticeable fraction of a second after the work is done; by then
+    the merge is complete, Ray is shut down and every file is closed, so the process flushes its
+    output and leaves at once.
     """
     try:
-        main()
-        code = 0
-    except SystemExit as e:  # click ends every command this way
+        result = main(prog_name="raymerge", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except click.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # a bare `raymerge`: the help, as click shows it
+            print(e.format_message())
+            sys.stdout.flush()
+            os._exit(0)
+        command = e.ctx.command_path if e.ctx is not None else "raymerge"
+        message = " ".join(e.format_message().split())
+        print(f"raymerge: error: {message} (see '{command} --help')", file=sys.stderr)
+        code = 1
+    except click.ClickException as e:
+        print(f"raymerge: error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        code = 1
+    except click.Abort:  # Ctrl-C at a prompt click owns
+        code = 130
+    except SystemExit as e:  # commands end this way on errors and interrupts
         if e.code is None or isinstance(e.code, int):
             code = e.code or 0
         else:
@@ -256,4 +274,4 @@ def run() -> None:
 
 
 if __name__ == "__main__":
-    run()
+    entry()

@@ -45,6 +45,9 @@ class Coefficients:
 def reduce_block(a: torch.Tensor, b: torch.Tensor) -> Reductions:
     """Accumulate ``|a|^2``, ``|b|^2`` and ``a.b`` of one block in float64.
 
+    The sums' last bits depend on torch's thread count (a float64 dot is split across threads):
+    callers that need the same bits everywhere, as the actors do, reduce with one thread.
+
     Example:
         >>> reduce_block(torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0]))
         Reductions(aa=9.0, bb=16.0, ab=0.0)

@@ -1,0 +1,45 @@
+"""Byte-identical output whatever the number of actors (and so of torch threads per actor)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import raymerge
+from raymerge.actors import MergeActor
+from raymerge.options import MergeOptions
+from raymerge.parents import load_parent
+from raymerge.plan import build_plan
+from raymerge.synthetic import build_parent, llama_config
+
+
+@pytest.fixture(scope="module")
+def float32_parents(session_dir):
+    """float32 parents with 1 MiB tensors: a float64 dot over them splits across threads."""
+    config = llama_config(vocab_size=1024, hidden_size=256, intermediate_size=1024, num_hidden_layers=1,
+                          num_attention_heads=4, num_key_value_heads=2, dtype="float32")
+    root = session_dir / "float32"
+    a = build_parent(str(root / "a"), config, seed=1, tokenizer=False)
+    b = build_parent(str(root / "b"), config, seed=2, base=(config, 1), tokenizer=False)
+    return a, b
+
+
+def test_reductions_do_not_depend_on_the_actor_thread_count(float32_parents, tmp_path):
+    a, b = float32_parents
+    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), MergeOptions(a=a, b=b, out=str(tmp_path)), 1)
+    results = [{s.name: s.reductions for s in MergeActor(2**20, num_threads=n).reduce(list(plan.tensors))}
+               for n in (1, 2, 3)]
+    assert results[0] == results[1] == results[2]
+
+
+def test_one_two_and_three_actors_write_the_same_bytes(float32_parents, ray_head, tmp_path):
+    a, b = float32_parents
+    outputs = []
+    for workers in (1, 2, 3):  # on the 2-CPU head: 2 threads, 1 thread, a fraction of a CPU each
+        out = str(tmp_path / f"w{workers}")
+        raymerge.merge(a, b, out, t=0.37, workers=workers, max_shard_size="2MB")
+        outputs.append({n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))
+                        if n.endswith(".safetensors") or n.endswith(".index.json")})
+    assert len(outputs[0]) > 2, "several shards"
+    assert outputs[0] == outputs[1] == outputs[2]
