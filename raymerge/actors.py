@@ -16,6 +16,7 @@ and bench/gpu_check.sh can drive it without Ray; ``remote_actor_class`` wraps it
 from __future__ import annotations
 
 import ctypes
+import errno
 import math
 import os
 import socket
@@ -66,22 +67,27 @@ class MergeActor:
     # ---- set-up checks -------------------------------------------------------------------
 
     def where(self, read_paths: list[str], write_dir: str | None = None) -> dict:
-        """Report this actor's host and whether it can see the parents and write into OUT."""
+        """Report this actor's host, the parents it cannot see, and why it cannot write into
+        ``write_dir`` (None when it can: a probe file is created, written, synced and removed)."""
         missing = [p for p in read_paths if not os.path.exists(p)]
-        writable = True
+        write_error = None
         if write_dir is not None:
             probe = os.path.join(write_dir, f".raymerge-probe-{socket.gethostname()}-{os.getpid()}")
             try:
                 with open(probe, "w") as f:
                     f.write("ok")
-                os.remove(probe)
-            except OSError:
-                writable = False
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                write_error = "not visible on this node" if e.errno == errno.ENOENT else e.strerror
+            finally:
+                if os.path.exists(probe):
+                    os.remove(probe)
         import ray
 
         return {"host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "missing": missing,
-                "writable": writable, "device": str(self.device)}
+                "write_error": write_error, "device": str(self.device)}
 
     # ---- reading -------------------------------------------------------------------------
 

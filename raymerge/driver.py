@@ -228,8 +228,10 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
            fingerprint: str, out: OutputDir, actors: list, phases: Phases) -> tuple[int, int]:
     """Both passes; returns (bytes written, number of nodes the actors ran on)."""
     read_paths = sorted({e.file for t in plan.tensors for e in (t.a, t.b) if e is not None})
+    probe_dir = out.probe_dir()
     try:
-        placed = ray.get([actor.where.remote(read_paths) for actor in actors], timeout=options.schedule_timeout_s)
+        placed = ray.get([actor.where.remote(read_paths, probe_dir) for actor in actors],
+                         timeout=options.schedule_timeout_s)
     except ray.exceptions.GetTimeoutError:
         raise InputError(f"the actors were not scheduled within {options.schedule_timeout_s:g} s; "
                          f"{_cluster_text([n['Resources'] for n in ray.nodes() if n['Alive']])}") from None
@@ -237,6 +239,7 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
         if info["missing"]:
             raise InputError(f"an actor on host {info['host']} cannot see {info['missing'][0]}: "
                              "parents must sit on storage every node sees, at the same path")
+        _check_writable(info, probe_dir)
     phases.lap("start actors")
 
     stats = _reduce_pass(options, plan, actors)
@@ -248,15 +251,23 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
 
     out.create(fingerprint, options.overwrite)
     for info in ray.get([actor.where.remote([], out.state_dir) for actor in actors]):
-        if not info["writable"]:
-            raise InputError(f"an actor on host {info['host']} cannot write into {out.root}: "
-                             "the output must sit on storage every node sees, at the same path")
+        _check_writable(info, out.root)
     if options.report:
         os.makedirs(os.path.dirname(os.path.abspath(options.report)), exist_ok=True)
         pq.write_table(tensor_report(plan, {n: s.reductions for n, s in stats.items()}, coefficients, t_by_name),
                        options.report)
     written = _write_pass(options, plan, stats, coefficients, out, actors)
     return written, len({info["node"] for info in placed})
+
+
+def _check_writable(info: dict, path: str) -> None:
+    """Refuse an output an actor cannot write, saying why: unseen, read-only, full, forbidden."""
+    error = info["write_error"]
+    if error == "not visible on this node":
+        raise InputError(f"an actor on host {info['host']} cannot see {path}: "
+                         "the output must sit on storage every node sees, at the same path")
+    if error:
+        raise InputError(f"an actor on host {info['host']} cannot write into {path}: {error}")
 
 
 def _by_actor(tensors) -> dict[int, list[TensorPlan]]:

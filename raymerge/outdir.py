@@ -59,6 +59,14 @@ class OutputDir:
 
     # ---- before any work -----------------------------------------------------------------
 
+    def probe_dir(self) -> str:
+        """Where the actors check, before any work, that they can write: OUT, or the nearest
+        existing directory above it (OUT itself is only created once every input is checked)."""
+        path = self.root
+        while not os.path.isdir(path) and os.path.dirname(path) != path:
+            path = os.path.dirname(path)
+        return path
+
     def check_target(self, parent_paths: list[str]) -> None:
         """Refuse an output directory that is, holds or lies inside a parent."""
         for p in parent_paths:
