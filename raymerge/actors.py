@@ -15,6 +15,7 @@ and bench/gpu_check.sh can drive it without Ray; ``remote_actor_class`` wraps it
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import math
@@ -27,7 +28,7 @@ from safetensors import safe_open
 
 from raymerge.align import pad_rows
 from raymerge.plan import TensorPlan
-from raymerge.shards import TORCH_DTYPES, ShardFile, TensorEntry, WriteBehind, numel
+from raymerge.shards import TORCH_DTYPES, ShardFile, TensorEntry, WriteBehind, close_all, numel
 from raymerge.slerp import Coefficients, Reductions, combine_block, reduce_block, to_work
 
 
@@ -218,9 +219,11 @@ class MergeActor:
         """
         # One of the actor's CPUs goes to the background writer; torch gets the rest.
         torch.set_num_threads(max(1, self.num_threads - 1))
-        files = [ShardFile(p, job.header) for p in job.shard_paths]
+        files: list[ShardFile] = []
         written = 0
         try:
+            for path in job.shard_paths:
+                files.append(ShardFile(path, job.header))
             # Blocks go to disk on a background thread while the next ones are read and combined.
             with WriteBehind() as writer:
                 for t in job.tensors:
@@ -233,9 +236,13 @@ class MergeActor:
                         for f, block in zip(files, self._out_blocks(t, r0, r1, coefs, means, out_dtype, len(files))):
                             writer.submit(f, offset, block)
                             written += block.numel() * block.element_size()
-        finally:
-            for f in files:
-                f.close(sync=True)
+        except BaseException:
+            # Already failing: close without syncing, so that a sync error cannot hide the real
+            # one (a full disk), and leak no descriptor.
+            with contextlib.suppress(OSError):
+                close_all(files, sync=False)
+            raise
+        close_all(files, sync=True)
         return written
 
     def _out_blocks(self, t: TensorPlan, r0: int, r1: int, coefs, means, out_dtype, n_outputs: int):

@@ -142,7 +142,11 @@ class ShardFile:
     def __init__(self, path: str, layout_header: bytes):
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        self.write_at(0, layout_header)
+        try:
+            self.write_at(0, layout_header)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
     def write_at(self, offset: int, data) -> None:
         view = memoryview(data).cast("B")
@@ -158,9 +162,28 @@ class ShardFile:
         self.write_at(offset, raw.numpy())
 
     def close(self, sync: bool = True) -> None:
-        if sync:
-            os.fsync(self.fd)
-        os.close(self.fd)
+        """Close the file, after making its bytes durable when ``sync`` (the descriptor is
+        closed even when the sync fails)."""
+        try:
+            if sync:
+                try:
+                    os.fsync(self.fd)
+                except OSError as e:
+                    raise OSError(e.errno, e.strerror, self.path) from None
+        finally:
+            os.close(self.fd)
+
+
+def close_all(files: list[ShardFile], sync: bool) -> None:
+    """Close every file, raising the first failure only once all are closed."""
+    first = None
+    for f in files:
+        try:
+            f.close(sync=sync)
+        except OSError as e:
+            first = first or e
+    if first is not None:
+        raise first
 
 
 class WriteBehind:
