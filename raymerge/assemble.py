@@ -3,7 +3,8 @@
 It writes the tokenizer files, ``generation_config.json``, the model card, the provenance file,
 the index and, last of all, ``config.json``: a directory without ``config.json`` is not a model
 to transformers or vLLM, so an interrupted merge never looks complete. Every file is written
-under a temporary name and renamed.
+under a temporary name and renamed, and every file and the directory are synced before
+``config.json`` is written (and the directory again after it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ from raymerge.tokens import write_union_tokenizer
 
 PROVENANCE_NAME = "raymerge.json"
 TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def fsync_path(path: str) -> None:
+    """Make a file's bytes, or a directory's entries (the renames into it), durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: str, data: str | bytes) -> None:
@@ -139,5 +149,12 @@ def assemble(out_dir: str, a: Parent, b: Parent, plan: MergePlan, options: Merge
     write_json(os.path.join(out_dir, PROVENANCE_NAME), provenance(a, b, plan, options, t_label, fingerprint))
     if len(plan.shards) > 1:
         write_json(os.path.join(out_dir, INDEX_NAME), index_json(plan))
+    # Everything above reaches the disk before config.json names the directory a model, so a
+    # power cut cannot leave a config without its tokenizer; then config.json's own rename.
+    for name in sorted(os.listdir(out_dir)):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            fsync_path(os.path.join(out_dir, name))
+    fsync_path(out_dir)
     write_json(os.path.join(out_dir, "config.json"), child_config(a, b, plan))
+    fsync_path(out_dir)
 

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 
-from raymerge.assemble import PROVENANCE_NAME, write_json
+from raymerge.assemble import PROVENANCE_NAME, fsync_path, write_json
 from raymerge.errors import InputError
 from raymerge.plan import MergePlan
 
@@ -26,15 +26,6 @@ STATE_DIR = ".raymerge"
 def _within(path: str, root: str) -> bool:
     path, root = os.path.realpath(path), os.path.realpath(root)
     return path == root or path.startswith(root + os.sep)
-
-
-def _fsync_dir(path: str) -> None:
-    """Make a rename durable: the shard's bytes were synced before it, the directory entry now."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class OutputDir:
@@ -142,7 +133,7 @@ class OutputDir:
             if size != shard.layout.size:
                 raise RuntimeError(f"{src}: {size} bytes written, {shard.layout.size} planned")
             os.replace(src, self.final_path(sub, shard.filename))
-            _fsync_dir(self.output_path(sub))
+            fsync_path(self.output_path(sub))  # the shard's bytes were synced before its rename
 
     def cleanup(self) -> None:
         shutil.rmtree(self.state_dir, ignore_errors=True)
