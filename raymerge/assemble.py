@@ -15,13 +15,12 @@ import shutil
 
 from raymerge import __version__
 from raymerge.align import tied
-from raymerge.options import MergeOptions
+from raymerge.options import MergeOptions, config_dtype
 from raymerge.parents import Parent
 from raymerge.plan import INDEX_NAME, MergePlan
 from raymerge.tokens import write_union_tokenizer
 
 PROVENANCE_NAME = "raymerge.json"
-TORCH_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
 def fsync_path(path: str) -> None:
@@ -75,7 +74,7 @@ def child_config(a: Parent, b: Parent, plan: MergePlan) -> dict:
                 config[key] = b.config.raw[key]
             else:
                 config.pop(key, None)
-    dtype = TORCH_DTYPE_NAMES.get(plan.out_dtype)
+    dtype = config_dtype(plan.out_dtype)
     keys = [k for k in ("dtype", "torch_dtype") if k in config] or ["torch_dtype"]
     for k in keys:
         config[k] = dtype
@@ -121,7 +120,7 @@ def provenance(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t_l
             "filters": [[needle, list(values)] for needle, values in options.schedule.filters],
         },
         "parents": {"a": parent_record(a), "b": parent_record(b)},
-        "options": {"dtype": TORCH_DTYPE_NAMES.get(plan.out_dtype), "pad": plan.pad,
+        "options": {"dtype": config_dtype(plan.out_dtype), "pad": plan.pad,
                     "vocab": plan.token_map.mode if plan.token_map else "by id",
                     "max_shard_size": options.max_shard_size, "tokenizer_from": plan.tokenizer_from,
                     "sweep": list(options.t)},

@@ -10,9 +10,8 @@ import sys
 import click
 
 from raymerge.errors import InputError, RaymergeError
-from raymerge.options import DTYPE_CHOICES, PAD_STRATEGIES, MergeOptions, parse_size
+from raymerge.options import DTYPE_CHOICES, PAD_STRATEGIES, VOCAB_MODES, MergeOptions, parse_size
 from raymerge.schedule import parse_range, parse_t_for
-from raymerge.tokens import VOCAB_MODES
 
 
 def _fail(err: Exception, debug: bool) -> None:

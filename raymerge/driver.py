@@ -26,7 +26,7 @@ from raymerge.errors import InputError
 from raymerge.options import MergeOptions
 from raymerge.outdir import OutputDir
 from raymerge.parents import Parent, load_parent
-from raymerge.plan import MergePlan, TensorPlan, assign_actors, build_plan
+from raymerge.plan import MergePlan, TensorPlan, assign_actors, build_plan, chunk_by_size
 from raymerge.progress import Progress
 from raymerge.report import tensor_report
 from raymerge.slerp import Coefficients, slerp_coefficients
@@ -132,18 +132,6 @@ def actor_shape(options: MergeOptions, nodes: list[dict]) -> ActorShape:
     if per <= 0 or fit < count:
         raise InputError(f"{count} CPU actors can never be scheduled: {_cluster_text(nodes)}")
     return ActorShape(count, per, 0, max(1, int(per)))
-
-
-def _chunks(tensors: list[TensorPlan], limit: int, cost) -> list[list[TensorPlan]]:
-    chunks: list[list[TensorPlan]] = [[]]
-    size = 0
-    for t in tensors:
-        if chunks[-1] and size + cost(t) > limit:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(t)
-        size += cost(t)
-    return chunks
 
 
 def _check_stats(plan: MergePlan, stats: dict[str, TensorStats]) -> None:
@@ -283,7 +271,7 @@ def _reduce_pass(options: MergeOptions, plan: MergePlan, actors: list) -> dict[s
     progress = Progress("reduce", sum(t.read_bytes for t in plan.tensors), enabled=options.progress)
     pending = {}
     for i, tensors in _by_actor(plan.tensors).items():
-        for chunk in _chunks(tensors, CALL_BYTES, lambda t: t.read_bytes):
+        for chunk in chunk_by_size(tensors, CALL_BYTES, lambda t: t.read_bytes):
             pending[actors[i].reduce.remote(chunk)] = chunk
 
     def reduced(ref, values):
@@ -311,7 +299,7 @@ def _write_pass(options: MergeOptions, plan: MergePlan, stats: dict[str, TensorS
         paths = tuple(out.partial_path(sub, shard.filename) for sub in out.subdirs)
         for actor_id, mine in sorted(_by_actor(t for t in plan.tensors if t.shard == i).items()):
             # Calls of bounded size: progress moves, and a lost actor costs one call, not a shard.
-            for chunk in _chunks(mine, CALL_BYTES, lambda t: t.nbytes * len(paths)):
+            for chunk in chunk_by_size(mine, CALL_BYTES, lambda t: t.nbytes * len(paths)):
                 job = WriteJob(
                     shard_paths=paths, header=shard.layout.header, tensors=tuple(chunk),
                     coefficients={t.name: coefficients[t.name] for t in chunk if t.name in coefficients},

@@ -6,4 +6,9 @@ class RaymergeError(Exception):
 
 
 class InputError(RaymergeError):
-    """Bad input: a parent, an option or the output directory. Raised before any work starts."""
+    """Bad input: a parent, an option, a recipe, the output directory or the cluster's resources.
+
+    Most are raised before any work starts; what only the data shows (a NaN, differing non-float
+    tensors) or only the actors see (an output they cannot write) is raised once it is found,
+    before any output file exists.
+    """

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raymerge.errors import InputError
-from raymerge.schedule import Schedule
-from raymerge.tokens import VOCAB_MODES
+from raymerge.schedule import Schedule, check_t
 
+# The one map of dtype names: what users and config.json say -> what safetensors headers say.
 DTYPE_CHOICES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}  # mergekit's
 PAD_STRATEGIES = ("gradient", "zeros", "copy", "mean")
+VOCAB_MODES = ("auto", "union", "a", "b")
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -37,6 +39,11 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise InputError(f"size must be positive, got {text!r}")
     return value
+
+
+def config_dtype(safetensors_name: str) -> str | None:
+    """``BF16`` -> ``bfloat16``: the name config.json's ``dtype`` uses."""
+    return {v: k for k, v in DTYPE_CHOICES.items()}.get(safetensors_name)
 
 
 def t_dirname(t: float) -> str:
@@ -96,8 +103,7 @@ class MergeOptions:
         elif not self.t:
             raise InputError("give at least one t")
         for t in self.t:
-            if not (0.0 <= t <= 1.0):
-                raise InputError(f"t={t} is outside [0, 1]: SLERP only interpolates between the parents")
+            check_t(t)
         if len({format(t, "g") for t in self.t}) != len(self.t):
             raise InputError(f"the same t is given twice (outputs are named t-<format(t, 'g')>): {list(self.t)}")
         if self.dtype is not None and self.dtype not in DTYPE_CHOICES:

@@ -125,21 +125,29 @@ def natural_key(name: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
-def _shard_filenames(n: int) -> list[str]:
+def shard_filenames(n: int) -> list[str]:
+    """``model.safetensors`` for one shard, else transformers' ``model-0000i-of-0000n.safetensors``."""
     if n == 1:
         return ["model.safetensors"]
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def _assign_shards(tensors: list[TensorPlan], max_shard_size: int) -> list[list[TensorPlan]]:
-    groups: list[list[TensorPlan]] = [[]]
+def chunk_by_size(items: list, limit: int, cost) -> list[list]:
+    """Consecutive items in groups of at most ``limit`` total ``cost`` (an item larger than the
+    limit gets a group of its own): shards by bytes, actor calls by bytes.
+
+    Example:
+        >>> chunk_by_size([3, 3, 5, 1], 6, lambda x: x)
+        [[3, 3], [5, 1]]
+    """
+    groups: list[list] = [[]]
     size = 0
-    for t in sorted(tensors, key=lambda t: natural_key(t.name)):
-        if groups[-1] and size + t.nbytes > max_shard_size:
+    for item in items:
+        if groups[-1] and size + cost(item) > limit:
             groups.append([])
             size = 0
-        groups[-1].append(t)
-        size += t.nbytes
+        groups[-1].append(item)
+        size += cost(item)
     return groups
 
 
@@ -188,8 +196,9 @@ def build_plan(a: Parent, b: Parent, options: MergeOptions, n_actors: int) -> Me
         raise InputError("--tokenizer-from applies to rows matched by id; with rows aligned by token "
                          "string, --vocab decides the tokenizer")
     plans = _tensor_plans(aligned, out_dtype)
-    groups = _assign_shards(plans, options.max_shard_size)
-    names = _shard_filenames(len(groups))
+    groups = chunk_by_size(sorted(plans, key=lambda t: natural_key(t.name)), options.max_shard_size,
+                           lambda t: t.nbytes)
+    names = shard_filenames(len(groups))
     final: list[TensorPlan] = []
     shards = []
     for i, group in enumerate(groups):

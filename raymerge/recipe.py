@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import yaml
 
 from raymerge.errors import InputError
+from raymerge.options import DTYPE_ALIASES, DTYPE_CHOICES
 from raymerge.schedule import Schedule
 
 KNOWN_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "tokenizer_source", "tokenizer"}
-DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
-          "float32": "float32", "fp32": "float32"}
+DTYPES = {**{name: name for name in DTYPE_CHOICES}, **DTYPE_ALIASES}
 
 
 @dataclass(frozen=True)

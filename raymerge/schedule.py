@@ -17,6 +17,19 @@ from raymerge.errors import InputError
 LAYER_PATTERN = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
+def check_t(t: float, where: str = "") -> None:
+    """Refuse an interpolation factor outside [0, 1] (extrapolation is not SLERP).
+
+    Example:
+        >>> check_t(1.5, " in a schedule")
+        Traceback (most recent call last):
+        ...
+        raymerge.errors.InputError: t=1.5 in a schedule is outside [0, 1]: SLERP only interpolates between the parents
+    """
+    if not (0.0 <= t <= 1.0):
+        raise InputError(f"t={t}{where} is outside [0, 1]: SLERP only interpolates between the parents")
+
+
 def layer_index(name: str) -> int | None:
     m = LAYER_PATTERN.search(f".{name}")
     return int(m.group(1)) if m else None
@@ -61,8 +74,7 @@ class Schedule:
     def __post_init__(self):
         for values in (self.default, *(v for _, v in self.filters)):
             for v in values:
-                if not (0.0 <= v <= 1.0):
-                    raise InputError(f"t={v} in a schedule is outside [0, 1]")
+                check_t(v, " in a schedule")
 
     def t_for(self, name: str, n_layers: int) -> float:
         x = position(name, n_layers)

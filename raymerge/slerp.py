@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from raymerge.schedule import check_t
+
 # Below this norm a vector has no direction worth interpolating along.
 NORM_EPS = 1e-8
 # Nearly (anti)parallel vectors make sin(theta) tiny; mergekit falls back to linear here too.
@@ -89,12 +91,6 @@ def slerp_coefficients(red: Reductions, t: float) -> Coefficients:
         linear=False,
         theta=theta,
     )
-
-
-def check_t(t: float) -> None:
-    """Refuse an interpolation factor outside [0, 1] (extrapolation is not SLERP)."""
-    if not (0.0 <= t <= 1.0):
-        raise ValueError(f"t={t} is outside [0, 1]")
 
 
 def compute_dtype(*inputs: torch.dtype) -> torch.dtype:

@@ -15,6 +15,7 @@ import zlib
 
 import torch
 
+from raymerge.plan import chunk_by_size, shard_filenames
 from raymerge.shards import DTYPE_NAMES, ShardFile, layout_shard
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
@@ -106,17 +107,8 @@ def build_parent(path: str, config, seed: int = 0, base: tuple | None = None, no
     shapes = _shapes(config)
     base_shapes = _shapes(base[0]) if base is not None else {}
     dtype = getattr(torch, str(config.dtype).replace("torch.", ""))
-    groups: list[list[str]] = [[]]
-    size = 0
-    for name, shape in shapes.items():
-        nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-        if groups[-1] and size + nbytes > max_shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(name)
-        size += nbytes
-    files = (["model.safetensors"] if len(groups) == 1 else
-             [f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors" for i in range(len(groups))])
+    groups = chunk_by_size(list(shapes), max_shard_bytes, lambda n: dtype.itemsize * int(torch.Size(shapes[n]).numel()))
+    files = shard_filenames(len(groups))
     weight_map = {}
     for file, names in zip(files, groups):
         layout = layout_shard([(n, DTYPE_NAMES[dtype], shapes[n]) for n in names])

@@ -29,7 +29,6 @@ import torch
 
 from raymerge.errors import InputError, RaymergeError
 
-VOCAB_MODES = ("auto", "union", "a", "b")
 # Any of these makes a directory hold a tokenizer transformers can load.
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
 ADDED_TOKEN_FLAGS = ("special", "normalized", "lstrip", "rstrip", "single_word")

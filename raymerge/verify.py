@@ -15,7 +15,7 @@ import os
 import torch
 from safetensors import safe_open
 
-from raymerge.align import EMBED_SUFFIXES
+from raymerge.align import embedding_name
 from raymerge.assemble import PROVENANCE_NAME
 from raymerge.errors import InputError
 from raymerge.parents import SAFETENSORS_INDEX, load_parent
@@ -58,7 +58,7 @@ def verify(path: str, load: bool = False) -> list[str]:
     for name, entry in sorted(model.tensors.items()):
         if entry.dtype in FLOAT_DTYPES and not _finite(entry):
             problems.append(f"{entry.file}: tensor {name!r} holds NaN or inf")
-    embed = next((n for n in sorted(model.tensors) if n.endswith(EMBED_SUFFIXES)), None)
+    embed = embedding_name(model)
     rows = model.tensors[embed].shape[0] if embed else None
     if rows is not None and model.vocab_size != rows:
         problems.append(f"config.json: vocab_size is {model.vocab_size}, the embedding has {rows} rows")

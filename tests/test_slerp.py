@@ -80,5 +80,7 @@ def test_float32_combine_and_round_to_nearest():
 
 
 def test_t_outside_unit_interval_is_refused():
-    with pytest.raises(ValueError):
+    from raymerge.errors import InputError
+
+    with pytest.raises(InputError, match=r"t=1.5 is outside \[0, 1\]"):
         slerp_coefficients(Reductions(1.0, 1.0, 0.0), 1.5)
