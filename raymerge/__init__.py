@@ -15,7 +15,8 @@ def merge(a: str, b: str, out: str, t: float | list[float] = 0.5, **options):
         **options: any other field of ``raymerge.options.MergeOptions`` (dtype, workers, ...).
 
     Returns:
-        A ``MergeResult`` (outputs by t, tensor count, bytes written, seconds).
+        A ``MergeResult`` (outputs by t, tensor count, bytes written, seconds; with
+        ``eval_text=...``, ``scores``: the table of bits per byte by t and for both parents).
 
     Example:
         >>> import raymerge
@@ -25,6 +26,7 @@ def merge(a: str, b: str, out: str, t: float | list[float] = 0.5, **options):
     from raymerge.options import MergeOptions, parse_size
 
     ts = tuple(float(x) for x in t) if isinstance(t, (list, tuple)) else (float(t),)
-    if "max_shard_size" in options:
-        options["max_shard_size"] = parse_size(options["max_shard_size"])
+    for key in ("max_shard_size", "eval_bytes"):
+        if key in options:
+            options[key] = parse_size(options[key])
     return run_merge(MergeOptions(a=a, b=b, out=out, t=ts, progress=options.pop("progress", False), **options))

@@ -245,6 +245,14 @@ class MergeActor:
         close_all(files, sync=True)
         return written
 
+    def merged_tensor(self, t: TensorPlan, coef: Coefficients | None, means=None) -> torch.Tensor:
+        """One output tensor in memory: the blocks pass 2 would write for this t, joined (the
+        same bits as the written tensor; used to score a child without writing it)."""
+        out_dtype = TORCH_DTYPES[t.dtype]
+        coefs = (coef,) if coef is not None else None
+        blocks = [next(self._out_blocks(t, r0, r1, coefs, means, out_dtype, 1)) for r0, r1 in self._blocks(t.shape)]
+        return torch.cat(blocks).reshape(t.shape) if t.shape else blocks[0].reshape(())
+
     def _out_blocks(self, t: TensorPlan, r0: int, r1: int, coefs, means, out_dtype, n_outputs: int):
         """Rows [r0, r1) of the tensor in every output: one SLERP per t, or the copied rows."""
         if t.op == "slerp":

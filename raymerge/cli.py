@@ -87,6 +87,17 @@ def run_options(f):
         click.option("--quiet", is_flag=True, help="No progress output."),
         click.option("--report", default=None,
                      help="Write a per-tensor report (angle, fallback, norms, padding) as Parquet."),
+        click.option("--eval", "eval_text", default=None,
+                     help="Score every t and both parents on this text (.txt, .jsonl, .parquet): bits per "
+                          "byte and perplexity; writes OUT/sweep.parquet and OUT/sweep.png."),
+        click.option("--keep", default=None,
+                     help="With --eval: which children are written: best (default), all, or N (the N best)."),
+        click.option("--eval-bytes", default="1MB", show_default=True,
+                     help="Score the text's first bytes only."),
+        click.option("--eval-column", default="text", show_default=True,
+                     help="The text field of a .jsonl, or column of a .parquet."),
+        click.option("--context", type=int, default=None,
+                     help="Tokens per scoring window (default: the model's context, at most 2048)."),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
     ])
 
@@ -111,7 +122,8 @@ def t_options(f):
 def build_options(*, a: str, b: str, out: str, t_values=(), t_range=None, t_for=(), schedule=None,
                   dtype=None, max_shard_size="5GB", vocab=None, pad=None, tokenizer_from=None, workers=None,
                   gpus_per_actor=1.0, block_size="1MiB", address=None, resume=False, overwrite=False,
-                  quiet=False, report=None, debug=False) -> MergeOptions:
+                  quiet=False, report=None, eval_text=None, keep=None, eval_bytes="1MB", eval_column="text",
+                  context=None, debug=False) -> MergeOptions:
     """MergeOptions from the command line's values (``debug`` is the CLI's own business)."""
     t = tuple(t_values) + (parse_range(t_range) if t_range else ())
     if t_for:
@@ -125,6 +137,7 @@ def build_options(*, a: str, b: str, out: str, t_values=(), t_range=None, t_for=
         max_shard_size=parse_size(max_shard_size), workers=workers, address=address,
         gpus_per_actor=gpus_per_actor, block_bytes=parse_size(block_size), pad=pad, vocab=vocab or "auto",
         tokenizer_from=tokenizer_from, resume=resume, overwrite=overwrite, progress=not quiet, report=report,
+        eval_text=eval_text, keep=keep, eval_bytes=parse_size(eval_bytes), eval_column=eval_column, context=context,
         command=" ".join(shlex.quote(x) for x in ["raymerge", *sys.argv[1:]]),
     )
 
@@ -224,13 +237,18 @@ def verify_cmd(out, load):
 
 @main.command("report")
 @click.argument("path")
-def report_cmd(path):
+@click.option("--plot", "plot_path", default=None,
+              help="Draw the angle between the parents per layer and module (linear fallbacks marked) as PNG.")
+def report_cmd(path, plot_path):
     """Summarise a per-tensor report written by `raymerge merge --report PATH`."""
-    from raymerge.report import describe_report
+    from raymerge.report import describe_report, plot_angles
 
     try:
         click.echo(describe_report(path))
-    except (OSError, ValueError) as e:  # missing file, not Parquet, not a raymerge report
+        if plot_path:
+            plot_angles(path, plot_path)
+            click.echo(f"plot written to {plot_path}")
+    except (OSError, ValueError, KeyError) as e:  # missing file, not Parquet, not a raymerge report
         click.echo(f"raymerge: error: {path}: cannot read the report ({e})", err=True)
         sys.exit(1)
 

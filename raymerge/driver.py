@@ -17,9 +17,11 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from raymerge import evaluation
 from raymerge.actors import TensorStats, WriteJob, remote_actor_class
 from raymerge.assemble import assemble
 from raymerge.errors import InputError
@@ -48,6 +50,8 @@ class MergeResult:
     nodes: int
     notes: tuple[str, ...]
     phases: tuple[tuple[str, float], ...] = ()  # (phase, wall seconds), in order
+    scores: pa.Table | None = None  # --eval: one row per child and parent (evaluation.py)
+    score_files: tuple[str, ...] = ()  # OUT/sweep.parquet, OUT/sweep.png
 
 
 class Phases:
@@ -179,6 +183,7 @@ def merge(options: MergeOptions) -> MergeResult:
     fingerprint = plan.fingerprint(options)
     out.check_existing(fingerprint, options.resume, options.overwrite)
     t_by_name = {t.name: options.t_for(t.name, plan.n_layers) for t in plan.tensors if t.op == "slerp"}
+    scoring = (evaluation.prepare(options, a, b, plan), a, b) if options.eval_text else None
     phases.lap("plan")
 
     with ray_session(options.address):
@@ -186,10 +191,16 @@ def merge(options: MergeOptions) -> MergeResult:
         shape = actor_shape(options, [n["Resources"] for n in ray.nodes() if n["Alive"]])
         plan = assign_actors(plan, shape.count)
         actor_cls = remote_actor_class(shape.num_cpus, shape.num_gpus)
-        actors = [actor_cls.remote(options.block_bytes, shape.threads, shape.num_gpus > 0)
-                  for _ in range(plan.n_actors)]
+
+        def start_actors() -> list:
+            return [actor_cls.remote(options.block_bytes, shape.threads, shape.num_gpus > 0)
+                    for _ in range(plan.n_actors)]
+
+        actors = start_actors()
+        if scoring is not None:
+            scoring = (*scoring, start_actors)
         try:
-            written, n_nodes = _drive(options, plan, t_by_name, fingerprint, out, actors, phases)
+            written, n_nodes, scores = _drive(options, plan, t_by_name, fingerprint, out, actors, phases, scoring)
         except KeyboardInterrupt:
             # Stop the actors, and wait until they are gone, so that nobody writes while the
             # partial shards go.
@@ -204,17 +215,21 @@ def merge(options: MergeOptions) -> MergeResult:
 
     outputs = {}
     for label, sub in zip(options.t_labels(), options.output_dirs()):
-        assemble(out.output_path(sub), a, b, plan, options, label, fingerprint)
-        outputs[label] = out.output_path(sub)
+        if sub in out.subdirs:  # with --keep, only the chosen children
+            assemble(out.output_path(sub), a, b, plan, options, label, fingerprint)
+            outputs[label] = out.output_path(sub)
+    score_files = evaluation.write_results(out.root, scores) if scores is not None else ()
     out.cleanup()
     phases.lap("assemble")
     return MergeResult(outputs, len(plan.tensors), written, time.monotonic() - started,
-                       plan.n_actors, n_nodes, plan.notes, tuple(phases.seconds.items()))
+                       plan.n_actors, n_nodes, plan.notes, tuple(phases.seconds.items()), scores, score_files)
 
 
 def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[float, ...]],
-           fingerprint: str, out: OutputDir, actors: list, phases: Phases) -> tuple[int, int]:
-    """Both passes; returns (bytes written, number of nodes the actors ran on)."""
+           fingerprint: str, out: OutputDir, actors: list, phases: Phases,
+           scoring: tuple | None) -> tuple[int, int, pa.Table | None]:
+    """Both passes, and between them the scores of ``--eval``; returns (bytes written, number of
+    nodes the actors ran on, the scores)."""
     read_paths = sorted({e.file for t in plan.tensors for e in (t.a, t.b) if e is not None})
     probe_dir = out.probe_dir()
     try:
@@ -236,6 +251,21 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
         name: tuple(slerp_coefficients(stats[name].reductions, x) for x in ts)
         for name, ts in t_by_name.items()
     }
+    scores = None
+    if scoring is not None:
+        inputs, a, b, start_actors = scoring
+        labels = options.t_labels()
+        means = {n: s.means for n, s in stats.items() if s.means}
+        # The scoring actors need the CPUs (or GPUs) the merge actors hold: stop those, and start
+        # them again for pass 2 (in place, so that the caller's clean-up sees the new ones).
+        _stop_and_wait(actors)
+        scores = evaluation.evaluate(options, plan, inputs, a, b, coefficients, means, labels)
+        actors[:] = start_actors()
+        phases.lap("score")
+        kept = set(evaluation.kept_labels(scores, options.kept))
+        chosen = [i for i, label in enumerate(labels) if label in kept]
+        out.subdirs = [out.subdirs[i] for i in chosen]
+        coefficients = {name: tuple(c[i] for i in chosen) for name, c in coefficients.items()}
 
     out.create(fingerprint, options.overwrite)
     for info in ray.get([actor.where.remote([], out.state_dir) for actor in actors]):
@@ -245,7 +275,7 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
         pq.write_table(tensor_report(plan, {n: s.reductions for n, s in stats.items()}, coefficients, t_by_name),
                        options.report)
     written = _write_pass(options, plan, stats, coefficients, out, actors)
-    return written, len({info["node"] for info in placed})
+    return written, len({info["node"] for info in placed}), scores
 
 
 def _check_writable(info: dict, path: str) -> None:
@@ -335,6 +365,10 @@ def print_summary(result: MergeResult, stream=sys.stderr) -> None:
           f"({result.bytes_written / 1e9:.2f} GB written)", file=stream)
     for label, path in result.outputs.items():
         print(f"  {'schedule ' + label if '=' in label else 't=' + label}: {path}", file=stream)
+    if result.scores is not None:
+        print(evaluation.describe(result.scores), file=stream)
+        print(f"  best: t={evaluation.best_label(result.scores)}; table and plot: "
+              f"{', '.join(result.score_files)}", file=stream)
     if result.phases:
         print("  time: " + ", ".join(f"{name} {s:.1f} s" for name, s in result.phases), file=stream)
 

@@ -73,6 +73,12 @@ class MergeOptions:
         report: where to write the per-tensor report (Parquet), or None.
         schedule_timeout_s: how long actors may wait for resources (e.g. an autoscaler) before
             the merge gives up.
+        eval_text: a text (.txt, .jsonl, .parquet) to score every t and both parents on (scoring.py).
+        eval_column: the text field of a .jsonl, or column of a .parquet.
+        eval_bytes: the bytes of the text scored (its first ones).
+        context: tokens per window (None: the model's context, at most 2048).
+        keep: which children are written: "all", "best" or a number N (the N best); needs
+            ``eval_text``, which defaults it to "best".
     """
 
     a: str
@@ -94,6 +100,11 @@ class MergeOptions:
     schedule_timeout_s: float = 300.0
     progress: bool = True
     report: str | None = None
+    eval_text: str | None = None
+    eval_column: str = "text"
+    eval_bytes: int = 1_000_000
+    context: int | None = None
+    keep: str | None = None
     command: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -116,6 +127,15 @@ class MergeOptions:
             raise InputError("--tokenizer-from must be 'a' or 'b'")
         if self.workers is not None and self.workers < 1:
             raise InputError(f"--workers must be at least 1, got {self.workers}")
+        if self.keep is not None:
+            if self.eval_text is None:
+                raise InputError("--keep chooses children by their scores: it needs --eval TEXT")
+            if self.keep not in ("all", "best") and not (self.keep.isdigit() and int(self.keep) >= 1):
+                raise InputError(f"--keep {self.keep!r}: use best, all or a number of children")
+            if self.keep.isdigit() and int(self.keep) > len(self.t):
+                raise InputError(f"--keep {self.keep}: the sweep has only {len(self.t)} value(s) of t")
+        if self.eval_bytes < 1:
+            raise InputError(f"--eval-bytes must be positive, got {self.eval_bytes}")
         if self.resume and self.overwrite:
             raise InputError("--resume and --overwrite exclude each other")
 
@@ -135,6 +155,16 @@ class MergeOptions:
             return [self.schedule.describe()]
         return [format(t, "g") for t in self.t]
 
+    @property
+    def kept(self) -> str:
+        """Which outputs are written: ``all`` unless scores choose (``--eval``, ``--keep``)."""
+        if self.eval_text is None:
+            return "all"
+        return self.keep or "best"
+
     def output_dirs(self) -> list[str]:
-        """Sub-directories of ``out`` holding the models, one per t ("" for a single t)."""
-        return [t_dirname(t) for t in self.t] if self.sweep else [""]
+        """Sub-directories of ``out`` holding the models, one per t ("" for a single t, or a
+        schedule); with ``--eval``, every t has its ``t-<t>`` even alone."""
+        if self.schedule is None and (self.sweep or self.eval_text is not None):
+            return [t_dirname(t) for t in self.t]
+        return [""]

@@ -101,3 +101,62 @@ def describe_report(path: str) -> str:
     for r in copied:
         lines.append(f"  {r['name']}: from parent {r['copied_from'].upper()}")
     return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster node or in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sweep(table: pa.Table, path: str) -> None:
+    """``sweep.png``: bits per byte against t, the parents as horizontal lines, the best t marked."""
+    plt = _pyplot()
+    rows = table.to_pylist()
+    children = sorted((r for r in rows if r["kind"] == "child" and r["t"] is not None), key=lambda r: r["t"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    if children:
+        ax.plot([r["t"] for r in children], [r["bits_per_byte"] for r in children], "o-", color="tab:blue",
+                label="child")
+        best = min(children, key=lambda r: (r["bits_per_byte"], r["t"]))
+        ax.plot([best["t"]], [best["bits_per_byte"]], "*", markersize=16, color="tab:red",
+                label=f"best t={best['name']}")
+    for r, color in zip((r for r in rows if r["kind"] == "parent"), ("tab:green", "tab:orange")):
+        ax.axhline(r["bits_per_byte"], linestyle="--", color=color, label=f"parent {r['name']}")
+    ax.set_xlabel("t (0 = parent A, 1 = parent B)")
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})  # no version stamp: the same scores give the same file
+    plt.close(fig)
+
+
+def plot_angles(report_path: str, path: str) -> None:
+    """The angle between the parents per layer and module (a report's ``angle_deg``), with the
+    tensors where SLERP fell back to linear marked: what one looks at to choose a schedule."""
+    plt = _pyplot()
+    rows = [r for r in pq.read_table(report_path).to_pylist() if r["angle_deg"] is not None]
+    modules: dict = defaultdict(list)
+    for r in rows:
+        layer = layer_index(r["name"])
+        if layer is None:
+            continue
+        module = r["name"].split(f".{layer}.", 1)[-1].removesuffix(".weight").removesuffix(".bias")
+        modules[module].append((layer, r["angle_deg"], r["linear_fallback"]))
+    fig, ax = plt.subplots(figsize=(7.2, 4.4), dpi=100)
+    for module in sorted(modules):
+        points = sorted(modules[module])
+        ax.plot([p[0] for p in points], [p[1] for p in points], ".-", label=module)
+        linear = [p for p in points if p[2]]
+        if linear:
+            ax.plot([p[0] for p in linear], [p[1] for p in linear], "x", color="black")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("angle between the parents (degrees); x = linear fallback")
+    if modules:
+        ax.legend(fontsize="x-small", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)

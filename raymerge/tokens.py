@@ -192,13 +192,12 @@ def token_map(va: Vocab, vb: Vocab, rows_a: int, rows_b: int, mode: str, fill: s
                     first_difference(va, vb))
 
 
-def write_union_tokenizer(out_dir: str, a_dir: str, vb: Vocab, tmap: TokenMap) -> None:
-    """A's tokenizer plus B's tokens, saved by transformers into ``out_dir``.
+def union_tokenizer(a_dir: str, vb: Vocab, tmap: TokenMap):
+    """A's tokenizer, loaded by transformers, with B's tokens added in B's id order.
 
     B's added tokens keep their flags (special, normalized, lstrip, rstrip, single_word); tokens
     from B's base vocabulary become added tokens matched literally. Special tokens, chat template
-    and bos/eos/pad stay A's. A's ``tokenizer.model``, if any, is copied alongside (it holds A's
-    pieces; the added tokens live in ``tokenizer.json`` and ``tokenizer_config.json``).
+    and bos/eos/pad stay A's.
     """
     from tokenizers import AddedToken
 
@@ -219,6 +218,14 @@ def write_union_tokenizer(out_dir: str, a_dir: str, vb: Vocab, tmap: TokenMap) -
         raise RaymergeError(f"the union tokenizer does not give the planned ids (token {tmap.tokens[wrong]!r} "
                             f"should be id {wrong}, is {got.get(tmap.tokens[wrong])})" if wrong is not None else
                             f"the union tokenizer has {len(got)} tokens, the plan {len(tmap.tokens)}")
+    return tok
+
+
+def write_union_tokenizer(out_dir: str, a_dir: str, vb: Vocab, tmap: TokenMap) -> None:
+    """The union tokenizer saved by transformers into ``out_dir``; A's ``tokenizer.model``, if any,
+    is copied alongside (it holds A's pieces; the added tokens live in ``tokenizer.json`` and
+    ``tokenizer_config.json``)."""
+    tok = union_tokenizer(a_dir, vb, tmap)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tokenizer-") as tmp:
         tok.save_pretrained(tmp)
         if os.path.isfile(os.path.join(a_dir, "tokenizer.model")):

@@ -1,0 +1,206 @@
+"""The evaluation driver: score every t of a sweep, and both parents, on held-out text (``--eval``).
+
+Between the two passes of a merge, once the coefficients of every t are known, evaluation actors
+build each child in memory from the parents and those coefficients (the same blocks pass 2
+writes, so the same bits a written child has), load it with transformers and score it with the
+protocol in scoring.py. Nothing is written to be scored. The driver then writes only the children
+that ``--keep`` asks for, and the table and plot of all scores.
+
+Everything that can be refused is refused before Ray starts: the text is read and tokenized with
+the children's and the parents' tokenizers first.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import ray
+import torch
+
+from raymerge.actors import MergeActor
+from raymerge.errors import InputError
+from raymerge.options import MergeOptions
+from raymerge.parents import Parent
+from raymerge.plan import MergePlan
+from raymerge.scoring import Score, Windows, default_context, make_windows, read_text, score
+from raymerge.slerp import Coefficients
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """The windows each tokenizer gives, and what a child is loaded from."""
+
+    child: Windows
+    parents: dict[str, Windows]  # "A", "B"
+    child_config: dict
+    context: int
+
+
+def prepare(options: MergeOptions, a: Parent, b: Parent, plan: MergePlan) -> EvalInputs:
+    """Read and tokenize the evaluation text before any work: every refusal happens here."""
+    from raymerge.assemble import child_config
+    from raymerge.tokens import load_tokenizer, union_tokenizer
+
+    for p in (a, b):
+        if p.vocab is None:
+            raise InputError(f"--eval needs the parents' tokenizers; parent {p.label} ({p.path}) ships none")
+    text = read_text(options.eval_text, options.eval_column, options.eval_bytes)
+    if plan.token_map is not None and plan.token_map.mode == "union":
+        child_tok = union_tokenizer(a.path, b.vocab, plan.token_map)
+    else:
+        child_tok = load_tokenizer((a if plan.tokenizer_from == "a" else b).path)
+    context = options.context or default_context(a.config.text)
+    return EvalInputs(
+        child=make_windows(child_tok, text, context),
+        parents={p.label: make_windows(load_tokenizer(p.path), text, context) for p in (a, b)},
+        child_config=child_config(a, b, plan), context=context,
+    )
+
+
+class EvalActor:
+    """Builds children in memory and scores them; scores parents loaded from their directories."""
+
+    def __init__(self, block_bytes: int, num_threads: int, use_gpu: bool = False):
+        self.merger = MergeActor(block_bytes, num_threads)
+        self.num_threads = num_threads
+        self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+
+    def score_child(self, plan: MergePlan, coefficients: dict[str, Coefficients], means: dict,
+                    config: dict, windows: Windows) -> tuple[Score, float]:
+        """Score the child whose coefficients per tensor are ``coefficients``; (score, seconds)."""
+        started = time.monotonic()
+        torch.set_num_threads(self.num_threads)
+        state = {t.name: self.merger.merged_tensor(t, coefficients.get(t.name), means.get(t.name))
+                 for t in plan.tensors}
+        model = load_child(config, state).to(self.device)
+        result = score(model, windows)
+        return result, time.monotonic() - started
+
+    def score_parent(self, path: str, windows: Windows) -> tuple[Score, float]:
+        from transformers import AutoModelForCausalLM
+
+        started = time.monotonic()
+        torch.set_num_threads(self.num_threads)
+        model = AutoModelForCausalLM.from_pretrained(path).to(self.device)
+        return score(model, windows), time.monotonic() - started
+
+
+def load_child(config: dict, state: dict[str, torch.Tensor]):
+    """A model from a config dict and an in-memory state dict, converted as transformers converts
+    a checkpoint (so a child scores as its written files would load)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    values = {k: v for k, v in config.items() if k != "model_type"}
+    hf_config = AutoConfig.for_model(config["model_type"], **values)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
+    model = model_class.from_pretrained(None, config=hf_config, state_dict=state)
+    model.eval()
+    return model
+
+
+def _actor_shape(nodes: list[dict], tasks: int, child_bytes: int) -> tuple[int, float, float]:
+    """(actors, CPUs each, GPUs each): one per GPU, else actors of up to 8 CPUs of one node."""
+    memory = max(n.get("memory", 0) for n in nodes)
+    if memory and memory < 2 * child_bytes:
+        raise InputError(f"no node can hold a child in memory to score it: the child is "
+                         f"{child_bytes / 1e9:.2f} GB, the largest node offers {memory / 1e9:.2f} GB to Ray "
+                         "(twice the child is needed)")
+    gpus = sum(int(n.get("GPU", 0)) for n in nodes)
+    if gpus:
+        return min(tasks, gpus), 0, 1
+    per = min(8.0, max(n.get("CPU", 1) for n in nodes))
+    count = int(max(1, min(tasks, sum(int(n.get("CPU", 0) // per) for n in nodes))))
+    return count, per, 0
+
+
+def evaluate(options: MergeOptions, plan: MergePlan, inputs: EvalInputs, a: Parent, b: Parent,
+             coefficients: dict[str, tuple[Coefficients, ...]], means: dict, labels: list[str]) -> pa.Table:
+    """Score every output (one per label) and both parents on Ray actors; return the table."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    tasks = len(labels) + 2
+    count, cpus, gpus = _actor_shape(nodes, tasks, plan.total_size())
+    actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=1, max_task_retries=1)(EvalActor)
+    actors = [actor_cls.remote(options.block_bytes, max(1, int(cpus)), gpus > 0) for _ in range(count)]
+    plan_ref = ray.put(plan)
+    child_windows = ray.put(inputs.child)
+    pending = {}
+    try:
+        for i, label in enumerate(labels):
+            coefs = {name: c[i] for name, c in coefficients.items()}
+            ref = actors[i % count].score_child.remote(plan_ref, coefs, means, inputs.child_config, child_windows)
+            pending[ref] = ("child", label)
+        for j, p in enumerate((a, b)):
+            ref = actors[(len(labels) + j) % count].score_parent.remote(p.path, inputs.parents[p.label])
+            pending[ref] = ("parent", p.label)
+        rows = []
+        remaining = list(pending)
+        while remaining:
+            ready, remaining = ray.wait(remaining, num_returns=1)
+            kind, label = pending[ready[0]]
+            result, seconds = ray.get(ready[0])
+            rows.append(_row(kind, label, result, seconds))
+            if options.progress:
+                name = f"t={label}" if kind == "child" else f"parent {label}"
+                print(f"eval: {name}: {result.bits_per_byte:.4f} bits/byte, perplexity {result.perplexity:.3f} "
+                      f"({seconds:.1f} s)", file=sys.stderr, flush=True)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    order = {label: i for i, label in enumerate(labels)}
+    rows.sort(key=lambda r: (r["kind"] != "parent", r["name"] if r["kind"] == "parent" else order[r["name"]]))
+    return pa.Table.from_pylist(rows)
+
+
+def _row(kind: str, label: str, result: Score, seconds: float) -> dict:
+    t = None
+    if kind == "child":
+        try:
+            t = float(label)
+        except ValueError:  # a schedule
+            t = None
+    return {"kind": kind, "name": label, "t": t, "bits_per_byte": result.bits_per_byte,
+            "perplexity": result.perplexity, "tokens": result.n_tokens, "bytes": result.n_bytes,
+            "windows": result.windows, "seconds": seconds}
+
+
+def kept_labels(table: pa.Table, keep: str) -> list[str]:
+    """The children ``--keep`` writes: ``all``, ``best`` or the N best (lowest bits per byte)."""
+    children = [r for r in table.to_pylist() if r["kind"] == "child"]
+    if keep == "all":
+        return [r["name"] for r in children]
+    n = 1 if keep == "best" else int(keep)
+    ranked = sorted(children, key=lambda r: (r["bits_per_byte"], r["t"] if r["t"] is not None else 0.0))
+    return [r["name"] for r in ranked[:n]]
+
+
+def best_label(table: pa.Table) -> str:
+    return kept_labels(table, "best")[0]
+
+
+def write_results(out_root: str, table: pa.Table) -> tuple[str, str]:
+    """``OUT/sweep.parquet`` and ``OUT/sweep.png``."""
+    import pyarrow.parquet as pq
+
+    from raymerge.report import plot_sweep
+
+    parquet = os.path.join(out_root, "sweep.parquet")
+    png = os.path.join(out_root, "sweep.png")
+    pq.write_table(table, parquet)
+    plot_sweep(table, png)
+    return parquet, png
+
+
+def describe(table: pa.Table) -> str:
+    """The table the summary prints, the best t named."""
+    best = best_label(table)
+    lines = ["  scores (bits per byte, lower is better; perplexity per token):"]
+    for r in table.to_pylist():
+        name = f"parent {r['name']}" if r["kind"] == "parent" else f"t={r['name']}"
+        mark = "  <- best" if r["kind"] == "child" and r["name"] == best else ""
+        lines.append(f"    {name:<12} {r['bits_per_byte']:.4f}  {r['perplexity']:10.3f}{mark}")
+    return "\n".join(lines)
