@@ -112,8 +112,10 @@ def _pyplot():
     return plt
 
 
-def plot_sweep(table: pa.Table, path: str) -> None:
-    """``sweep.png``: bits per byte against t, the parents as horizontal lines, the best t marked."""
+def plot_sweep(table: pa.Table, path: str) -> list[float]:
+    """``sweep.png``: bits per byte against t, the parents as horizontal lines, the best t marked.
+
+    Returns the t of every point drawn."""
     plt = _pyplot()
     rows = table.to_pylist()
     children = sorted((r for r in rows if r["kind"] == "child" and r["t"] is not None), key=lambda r: r["t"])
@@ -132,6 +134,7 @@ def plot_sweep(table: pa.Table, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})  # no version stamp: the same scores give the same file
     plt.close(fig)
+    return [r["t"] for r in children]
 
 
 def plot_angles(report_path: str, path: str) -> None:

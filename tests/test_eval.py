@@ -1,0 +1,173 @@
+"""Sweeps that choose (--eval): children scored in memory, the same bits as written children, scores
+that plain transformers reproduces, --keep writing exactly the chosen children."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import raymerge
+from raymerge.actors import MergeActor
+from raymerge.evaluation import load_child
+from raymerge.options import MergeOptions
+from raymerge.parents import load_parent
+from raymerge.plan import build_plan
+from raymerge.slerp import slerp_coefficients
+
+CLI = [sys.executable, "-m", "raymerge.cli"]
+CONTEXT = 64
+TS = [0.0, 0.5, 1.0]
+
+
+@pytest.fixture(scope="module")
+def text(session_dir):
+    r = random.Random(0)
+    path = session_dir / "eval.txt"
+    path.write_text(" ".join(f"w{r.randrange(900)}" for _ in range(400)) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sweep_all(tiny_parents, ray_head, text, session_dir):
+    a, b = tiny_parents
+    out = str(session_dir / "eval-all")
+    result = raymerge.merge(a, b, out, t=TS, eval_text=text, context=CONTEXT, keep="all", workers=2)
+    return out, result
+
+
+def _shards(path: str) -> dict[str, bytes]:
+    return {n: open(os.path.join(path, n), "rb").read() for n in sorted(os.listdir(path)) if n.endswith(".safetensors")}
+
+
+def _independent_bits(model_dir: str, text_path: str, context: int) -> tuple[float, int]:
+    """Bits of the text under the model, computed here with plain transformers (the README's protocol)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    text = open(text_path, encoding="utf-8").read()
+    ids = tok(text, add_special_tokens=False).input_ids
+    bits = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids), context - 1):
+            window = torch.tensor([[tok.bos_token_id] + ids[start:start + context - 1]])
+            logp = torch.log_softmax(model(window).logits[0].float(), dim=-1)
+            for pos in range(1, window.shape[1]):
+                bits -= float(logp[pos - 1, window[0, pos]]) / math.log(2)
+    return bits, len(text.encode("utf-8"))
+
+
+def test_scores_match_plain_transformers_and_the_best_is_the_argmin(sweep_all, tiny_parents, text):
+    out, result = sweep_all
+    rows = {(r["kind"], r["name"]): r for r in result.scores.to_pylist()}
+    assert set(rows) == {("parent", "A"), ("parent", "B"), ("child", "0"), ("child", "0.5"), ("child", "1")}
+    a, b = tiny_parents
+    for key, model_dir in ((("parent", "A"), a), (("parent", "B"), b), (("child", "0.5"), os.path.join(out, "t-0.5"))):
+        bits, n_bytes = _independent_bits(model_dir, text, CONTEXT)
+        assert rows[key]["bytes"] == n_bytes
+        assert rows[key]["bits_per_byte"] == pytest.approx(bits / n_bytes, rel=1e-6), key
+    children = [r for r in result.scores.to_pylist() if r["kind"] == "child"]
+    best = min(children, key=lambda r: r["bits_per_byte"])
+    saved = pq.read_table(os.path.join(out, "sweep.parquet")).to_pylist()
+    assert saved == result.scores.to_pylist()
+    from raymerge.evaluation import best_label
+
+    assert best_label(result.scores) == best["name"]
+
+
+def test_an_in_memory_child_has_the_written_childs_logits(sweep_all, tiny_parents):
+    from transformers import AutoModelForCausalLM
+
+    out, _ = sweep_all
+    a, b = tiny_parents
+    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), MergeOptions(a=a, b=b, out=out), 1)
+    actor = MergeActor(2**20)
+    stats = {s.name: s for s in actor.reduce(list(plan.tensors))}
+    state = {t.name: actor.merged_tensor(t, slerp_coefficients(stats[t.name].reductions, 0.5) if t.op == "slerp" else None)
+             for t in plan.tensors}
+    with open(os.path.join(out, "t-0.5", "config.json")) as f:
+        in_memory = load_child(json.load(f), state)
+    written = AutoModelForCausalLM.from_pretrained(os.path.join(out, "t-0.5"))
+    ids = torch.tensor([[1, 17, 42, 99, 5]])
+    with torch.no_grad():
+        assert torch.equal(in_memory(ids).logits, written(ids).logits)
+
+
+def test_keep_writes_exactly_the_chosen_children(sweep_all, tiny_parents, ray_head, text, tmp_path):
+    out_all, result = sweep_all
+    assert sorted(d for d in os.listdir(out_all) if d.startswith("t-")) == ["t-0", "t-0.5", "t-1"]
+    ranked = [r["name"] for r in sorted((r for r in result.scores.to_pylist() if r["kind"] == "child"),
+                                        key=lambda r: r["bits_per_byte"])]
+    a, b = tiny_parents
+    for keep, expected in (("best", ranked[:1]), ("2", ranked[:2])):
+        out = str(tmp_path / keep)
+        raymerge.merge(a, b, out, t=TS, eval_text=text, context=CONTEXT, keep=keep, workers=2)
+        assert sorted(d for d in os.listdir(out) if d.startswith("t-")) == sorted(f"t-{n}" for n in expected)
+        for name in expected:
+            assert _shards(os.path.join(out, f"t-{name}")) == _shards(os.path.join(out_all, f"t-{name}"))
+    plain = str(tmp_path / "plain")
+    raymerge.merge(a, b, plain, t=0.5, workers=2)
+    assert _shards(plain) == _shards(os.path.join(out_all, "t-0.5")), "a kept child is a plain merge"
+
+
+def test_the_plot_has_one_point_per_t_and_the_table_repeats(sweep_all, tiny_parents, ray_head, text, tmp_path):
+    out, result = sweep_all
+    with open(os.path.join(out, "sweep.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    assert matplotlib.image.imread(os.path.join(out, "sweep.png")).shape[2] in (3, 4)
+    from raymerge.report import plot_sweep
+
+    assert plot_sweep(result.scores, str(tmp_path / "again.png")) == TS
+    a, b = tiny_parents
+    again = raymerge.merge(a, b, str(tmp_path / "again"), t=TS, eval_text=text, context=CONTEXT, keep="best",
+                           workers=1)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(again.scores.to_pylist()) == drop(result.scores.to_pylist())
+
+
+def _refused(args, tmp_path) -> str:
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("raymerge: error: "), proc.stderr
+    return lines[0]
+
+
+def test_bad_evaluation_inputs_are_refused_before_any_work(tiny_parents, tmp_path):
+    a, b = tiny_parents
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 w1 w2".encode("latin-1"))
+    short = tmp_path / "short.txt"
+    short.write_text("w1 w2 w3")
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"body": "w1 w2"}\n')
+    import pyarrow as pa
+
+    parquet = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"body": ["w1 w2"]}), parquet)
+    out = tmp_path / "out"
+    sweep = ["merge", a, b, "-o", str(out), "-t", "0.2", "-t", "0.8"]
+    cases = [
+        ([*sweep, "--eval", str(empty)], "no text to score"),
+        ([*sweep, "--eval", str(latin)], "not UTF-8 text"),
+        ([*sweep, "--eval", str(short), "--context", "64"], "shorter than one window of 64"),
+        ([*sweep, "--eval", str(jsonl)], "has no text field 'text'"),
+        ([*sweep, "--eval", str(parquet)], "no column 'text' (columns: body)"),
+        ([*sweep, "--keep", "best"], "--keep chooses children by their scores: it needs --eval TEXT"),
+        ([*sweep, "--eval", str(short), "--keep", "3"], "--keep 3: the sweep has only 2 value(s) of t"),
+    ]
+    for args, message in cases:
+        assert message in _refused(args, tmp_path), args
+        assert not out.exists()
