@@ -1,8 +1,12 @@
-"""`make demo`: build two small parents locally, merge them on an embedded local Ray, and show
-that transformers loads the child and generates from it. Nothing is downloaded.
+"""`make demo`: build small parents locally, merge them on an embedded local Ray, and show that
+transformers loads the child and generates from it; then choose t by scoring a sweep. Nothing is
+downloaded.
 
-Parent B is a fine-tune of parent A that added 32 tokens (vocabulary 2000 vs 2032), the case the
-vocab-gradient padder exists for.
+1. Parent B is a fine-tune of parent A that added 32 tokens (vocabulary 2000 vs 2032), the case
+   the vocab-gradient padder exists for.
+2. Two tiny Llamas trained for a few seconds on two different texts (examples/trained_parents.py)
+   are swept over t = 0, 0.1, ..., 1 and scored on a text that mixes both (``--eval``); only the
+   best child is written, with the table and the plot.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import time
 import torch
 
 from raymerge.synthetic import build_parent, llama_config
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 ROOT = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else "demo-out")
 
@@ -48,6 +54,15 @@ def main() -> None:
     assert torch.isfinite(logits).all(), "the child gave non-finite logits"
     print(f"child: vocab_size={model.config.vocab_size}, len(tokenizer)={len(tok)}, dtype={model.dtype}")
     print(f"prompt {prompt!r} -> {tok.decode(generated[0])!r}")
+
+    import trained_parents
+
+    a, b, mixed = trained_parents.build(os.path.join(ROOT, "trained"))
+    sweep = os.path.join(ROOT, "sweep")
+    cmd = ["raymerge", "merge", a, b, "-o", sweep, "--t-range", "0:1:0.1", "--eval", mixed, "--keep", "best"]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "raymerge"), *cmd[1:]], check=True, env=env)
+    print(f"kept: {sorted(d for d in os.listdir(sweep) if d.startswith('t-'))}; plot: {os.path.join(sweep, 'sweep.png')}")
     print("demo ok")
 
 
