@@ -11,8 +11,10 @@ bench/measure.py) of the largest process and of all processes together:
   and the same writing nine model-sized files (a 9-value sweep's floor);
 - raymerge cold: ``raymerge merge A B -o OUT -t 0.5 --quiet``, starting its own embedded Ray;
 - raymerge warm: the same with ``--address`` to a Ray head (token auth) started for each rep's
-  warm runs, also with ``--workers 1`` and ``--workers 2``, and as a 9-value sweep
-  (``-t 0.1 ... -t 0.9``); no head runs while the other contenders run;
+  warm runs, also with ``--workers 1`` and ``--workers 2``, as a 9-value sweep
+  (``-t 0.1 ... -t 0.9``), and as an 11-value sweep (``--t-range 0:1:0.1``) that scores every t
+  and both parents on a short text and writes only the best child (``--eval --keep best``),
+  against the same sweep writing all 11; no head runs while the other contenders run;
 - mergekit 0.1.5 (its own venv, see bench/mergekit_recipe.py) on the equivalent slerp recipe, as
   is and followed by a ``sync`` of its output files (raymerge fsyncs its shards; mergekit does not).
 
@@ -55,6 +57,8 @@ from tracked import Run, measured, wait_quiet  # noqa: E402
 BIN = os.path.dirname(sys.executable)
 RAYMERGE = os.path.join(BIN, "raymerge")
 SWEEP = [round(0.1 * i, 1) for i in range(1, 10)]
+EVAL_SWEEP = "0:1:0.1"  # 11 values of t
+EVAL_WORDS = 1500  # a short held-out text of the parents' own words (~9 KB)
 MIB = 1024
 CONTENDED = 0.35  # CPUs busy with other processes during a run, above which it is repeated
 
@@ -131,10 +135,14 @@ def contenders(a: str, b: str, work: str, plain_env: dict[str, str], rm_env: dic
     def warm(name: str, *extra: str) -> Contender:
         return Contender(name, lambda o, h: merge + ["--address", h, "-o", o, *extra], auth_env, True)
 
+    text = eval_text(work)
     cs += [warm("raymerge warm (default actors)", *single),
            warm("raymerge warm --workers 1", *single, "--workers", "1"),
            warm("raymerge warm --workers 2", *single, "--workers", "2"),
-           warm("raymerge warm 9-t sweep", *[x for t in SWEEP for x in ("-t", str(t))])]
+           warm("raymerge warm 9-t sweep", *[x for t in SWEEP for x in ("-t", str(t))]),
+           warm("raymerge warm 11-t sweep, --eval --keep best", "--t-range", EVAL_SWEEP, "--eval", text,
+                "--context", "256", "--keep", "best"),
+           warm("raymerge warm 11-t sweep, all 11 written", "--t-range", EVAL_SWEEP)]
     if mergekit:
         recipe = write_recipe(os.path.join(work, "recipe.yml"), mergekit_view(a, os.path.join(work, "mk-a")),
                               mergekit_view(b, os.path.join(work, "mk-b")))
@@ -368,6 +376,17 @@ def report(cs: list[Contender], checks: list[str], scale2: Run | None, split: li
         lines.append("- Top processes of the scale-2 run: "
                      + "; ".join(f"{name.split(' ')[0]} {kb / MIB:.0f} MiB" for name, kb in scale2.top[:4]) + ".")
     return "\n".join(lines) + "\n"
+
+
+def eval_text(work: str) -> str:
+    """A held-out text for the --eval rows, in the benchmark tokenizer's own words."""
+    import random
+
+    r = random.Random(0)
+    path = os.path.join(work, "heldout.txt")
+    with open(path, "w") as f:
+        f.write(" ".join(f"w{r.randrange(30000)}" for _ in range(EVAL_WORDS)))
+    return path
 
 
 def main() -> None:

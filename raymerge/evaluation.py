@@ -70,23 +70,28 @@ class EvalActor:
         self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
 
     def score_child(self, plan: MergePlan, coefficients: dict[str, Coefficients], means: dict,
-                    config: dict, windows: Windows) -> tuple[Score, float]:
-        """Score the child whose coefficients per tensor are ``coefficients``; (score, seconds)."""
+                    config: dict, windows: Windows) -> tuple[Score, float, float]:
+        """Score the child whose coefficients per tensor are ``coefficients``;
+        (score, seconds to build it, seconds to score it)."""
         started = time.monotonic()
         torch.set_num_threads(self.num_threads)
         state = {t.name: self.merger.merged_tensor(t, coefficients.get(t.name), means.get(t.name))
                  for t in plan.tensors}
         model = load_child(config, state).to(self.device)
+        del state
+        built = time.monotonic()
         result = score(model, windows)
-        return result, time.monotonic() - started
+        return result, built - started, time.monotonic() - built
 
-    def score_parent(self, path: str, windows: Windows) -> tuple[Score, float]:
+    def score_parent(self, path: str, windows: Windows) -> tuple[Score, float, float]:
+        """Score a parent, loaded by transformers from its directory; (score, load s, score s)."""
         from transformers import AutoModelForCausalLM
 
         started = time.monotonic()
         torch.set_num_threads(self.num_threads)
         model = AutoModelForCausalLM.from_pretrained(path).to(self.device)
-        return score(model, windows), time.monotonic() - started
+        loaded = time.monotonic()
+        return score(model, windows), loaded - started, time.monotonic() - loaded
 
 
 def load_child(config: dict, state: dict[str, torch.Tensor]):
@@ -142,12 +147,12 @@ def evaluate(options: MergeOptions, plan: MergePlan, inputs: EvalInputs, a: Pare
         while remaining:
             ready, remaining = ray.wait(remaining, num_returns=1)
             kind, label = pending[ready[0]]
-            result, seconds = ray.get(ready[0])
-            rows.append(_row(kind, label, result, seconds))
+            result, build_s, score_s = ray.get(ready[0])
+            rows.append(_row(kind, label, result, build_s, score_s))
             if options.progress:
                 name = f"t={label}" if kind == "child" else f"parent {label}"
                 print(f"eval: {name}: {result.bits_per_byte:.4f} bits/byte, perplexity {result.perplexity:.3f} "
-                      f"({seconds:.1f} s)", file=sys.stderr, flush=True)
+                      f"(built in {build_s:.1f} s, scored in {score_s:.1f} s)", file=sys.stderr, flush=True)
     finally:
         for actor in actors:
             ray.kill(actor)
@@ -156,7 +161,7 @@ def evaluate(options: MergeOptions, plan: MergePlan, inputs: EvalInputs, a: Pare
     return pa.Table.from_pylist(rows)
 
 
-def _row(kind: str, label: str, result: Score, seconds: float) -> dict:
+def _row(kind: str, label: str, result: Score, build_s: float, score_s: float) -> dict:
     t = None
     if kind == "child":
         try:
@@ -165,7 +170,8 @@ def _row(kind: str, label: str, result: Score, seconds: float) -> dict:
             t = None
     return {"kind": kind, "name": label, "t": t, "bits_per_byte": result.bits_per_byte,
             "perplexity": result.perplexity, "tokens": result.n_tokens, "bytes": result.n_bytes,
-            "windows": result.windows, "seconds": seconds}
+            "windows": result.windows, "seconds": build_s + score_s, "build_seconds": build_s,
+            "score_seconds": score_s}
 
 
 def kept_labels(table: pa.Table, keep: str) -> list[str]:
@@ -196,11 +202,14 @@ def write_results(out_root: str, table: pa.Table) -> tuple[str, str]:
 
 
 def describe(table: pa.Table) -> str:
-    """The table the summary prints, the best t named."""
+    """The table the summary prints, the best t named, and where the scoring time went."""
     best = best_label(table)
+    rows = table.to_pylist()
     lines = ["  scores (bits per byte, lower is better; perplexity per token):"]
     for r in table.to_pylist():
         name = f"parent {r['name']}" if r["kind"] == "parent" else f"t={r['name']}"
         mark = "  <- best" if r["kind"] == "child" and r["name"] == best else ""
         lines.append(f"    {name:<12} {r['bits_per_byte']:.4f}  {r['perplexity']:10.3f}{mark}")
+    lines.append(f"  scoring, summed over actors: models built (children) or loaded (parents) in "
+                 f"{sum(r['build_seconds'] for r in rows):.1f} s, scored in {sum(r['score_seconds'] for r in rows):.1f} s")
     return "\n".join(lines)

@@ -131,7 +131,7 @@ def test_the_plot_has_one_point_per_t_and_the_table_repeats(sweep_all, tiny_pare
     a, b = tiny_parents
     again = raymerge.merge(a, b, str(tmp_path / "again"), t=TS, eval_text=text, context=CONTEXT, keep="best",
                            workers=1)
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    drop = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]  # noqa: E731
     assert drop(again.scores.to_pylist()) == drop(result.scores.to_pylist())
 
 
@@ -171,3 +171,31 @@ def test_bad_evaluation_inputs_are_refused_before_any_work(tiny_parents, tmp_pat
     for args, message in cases:
         assert message in _refused(args, tmp_path), args
         assert not out.exists()
+
+
+def test_a_recipe_is_scored_against_the_parents(tiny_parents, ray_head, text, tmp_path):
+    a, b = tiny_parents
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\n"
+                      "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 1]\n    - value: 0.3\n")
+    out = tmp_path / "out"
+    proc = subprocess.run([*CLI, "run", str(recipe), "-o", str(out), "--eval", text, "--context", str(CONTEXT),
+                           "--address", ray_head.address], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = pq.read_table(out / "sweep.parquet").to_pylist()
+    assert [(r["kind"], r["name"]) for r in rows] == [
+        ("parent", "A"), ("parent", "B"), ("child", "self_attn=[0, 0.5, 1]; default=0.3")]
+    assert (out / "config.json").exists() and (out / "sweep.png").exists()
+
+
+def test_report_plots_the_angles_per_layer(tiny_parents, ray_head, tmp_path):
+    a, b = tiny_parents
+    report = tmp_path / "report.parquet"
+    raymerge.merge(a, b, str(tmp_path / "child"), t=0.5, report=str(report), workers=1)
+    png = tmp_path / "angles.png"
+    proc = subprocess.run([*CLI, "report", str(report), "--plot", str(png)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"plot written to {png}" in proc.stdout
+    with open(png, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
