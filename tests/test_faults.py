@@ -100,7 +100,10 @@ def test_actor_killed_mid_merge_is_replaced(medium_parents, ray_head, undisturbe
     def freeze_a_writer() -> bool:
         nonlocal victim
         for pid in _merge_actor_pids(ray_head):
-            os.kill(pid, signal.SIGSTOP)
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue
             if _open_partial_shards(pid, out):
                 victim = pid
                 return True
