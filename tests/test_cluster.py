@@ -63,8 +63,8 @@ def test_impossible_request_fails_within_seconds(tiny_parents, fake_gpu_head, tm
     proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(tmp_path / "out"), "--gpus-per-actor", "2",
                            "--address", fake_gpu_head.address], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "can never be scheduled" in last and "2 CPUs and 1 GPUs" in last
+    assert proc.stderr == ("raymerge: error: 1 actor(s) with 2 GPU(s) each can never be scheduled: the cluster "
+                           "has 2 CPUs and 1 GPUs on 1 node(s) (largest node: 1 GPUs)\n"), proc.stderr
     assert time.monotonic() - started < 60
     assert not (tmp_path / "out").exists()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,8 +68,9 @@ def test_hub_ids_from_an_offline_cache(tiny_parents, ray_head, plain_merge, tmp_
     assert ModelCard.load(out / "README.md").data.base_model == ["raymerge-test/tiny-a", "raymerge-test/tiny-b"]
     missing = subprocess.run([*CLI, "merge", "raymerge-test/not-cached", "raymerge-test/tiny-b", "-o",
                               str(tmp_path / "o2")], capture_output=True, text=True, timeout=300, env=env)
-    assert missing.returncode == 1
-    assert "raymerge-test/not-cached is not a local directory" in missing.stderr.strip().splitlines()[-1]
+    lines = missing.stderr.splitlines()
+    assert missing.returncode == 1 and len(lines) == 1 and lines[0].startswith("raymerge: error: "), missing.stderr
+    assert "raymerge-test/not-cached is not a local directory" in lines[0], missing.stderr
 
 
 def _bin_twin(src: str, dst: str, shards: int) -> str:
@@ -115,24 +117,53 @@ def test_hostile_pickle_is_refused_and_runs_nothing(tiny_parents, tmp_path):
     assert not marker.exists()
     proc = subprocess.run([*CLI, "merge", a, tiny_parents[1], "-o", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "not a loadable PyTorch checkpoint" in last and "UnpicklingError" in last, last
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("raymerge: error: "), proc.stderr
+    assert "not a loadable PyTorch checkpoint" in lines[0] and "UnpicklingError" in lines[0], proc.stderr
     assert not marker.exists(), "the pickle ran code"
 
 
-def test_model_card_and_provenance(tiny_parents, plain_merge):
+def _provenance(out: str) -> dict:
+    with open(os.path.join(out, "raymerge.json")) as f:
+        return json.load(f)
+
+
+def test_model_card_and_provenance(tiny_parents, ray_head, plain_merge, tmp_path):
+    """raymerge.json against the runs that wrote it: parents (paths, weight file sizes), t,
+    options, version, and a plan fingerprint equal for an identical run and not for another."""
+    from importlib.metadata import version
+
     from huggingface_hub import ModelCard
 
+    a, b = tiny_parents
     card = ModelCard.load(os.path.join(plain_merge, "README.md"))
     assert card.data.base_model == [os.path.realpath(p) for p in tiny_parents]
     assert card.data.library_name == "transformers"
     assert {"merge", "raymerge"} <= set(card.data.tags)
-    with open(os.path.join(plain_merge, "raymerge.json")) as f:
-        prov = json.load(f)
-    assert json.loads(json.dumps(prov)) == prov
-    assert prov["t"] == 0.4 and prov["method"] == "slerp" and prov["raymerge_version"] == raymerge.__version__
-    assert set(prov["parents"]) == {"a", "b"} and prov["parents"]["b"]["files"]
+    assert f"raymerge merge {os.path.realpath(a)} {os.path.realpath(b)} -o OUT -t 0.4" in card.text
+
+    same, other = str(tmp_path / "same"), str(tmp_path / "other")
+    raymerge.merge(a, b, same, t=0.4)
+    raymerge.merge(a, b, other, t=0.25, dtype="float32", pad="zeros", max_shard_size="100KB", block_bytes=65536)
+    prov, prov_same, prov_other = _provenance(plain_merge), _provenance(same), _provenance(other)
+
+    def parent(path):
+        sizes = {f: os.stat(os.path.join(path, f)).st_size for f in os.listdir(path) if f.endswith(".safetensors")}
+        assert sizes == {"model.safetensors": sizes["model.safetensors"]} and sizes["model.safetensors"] > 2 * 276032
+        return {"source": path, "path": os.path.realpath(path), "revision": None, "files": sizes}
+
+    for p in (prov, prov_same, prov_other):
+        assert p["raymerge_version"] == raymerge.__version__ == version("raymerge")
+        assert p["method"] == "slerp" and p["schedule"] is None and p["notes"] == []
+        assert p["parents"] == {"a": parent(a), "b": parent(b)}
+        assert re.fullmatch(r"[0-9a-f]{64}", p["plan_fingerprint"]), p["plan_fingerprint"]
+    assert prov["t"] == 0.4 and prov_other["t"] == 0.25
+    assert prov["options"] == {"dtype": "bfloat16", "pad": "gradient", "vocab": "by id",
+                               "max_shard_size": 5_000_000_000, "tokenizer_from": "a", "sweep": [0.4]}
+    assert prov_other["options"] == {"dtype": "float32", "pad": "zeros", "vocab": "by id",
+                                     "max_shard_size": 100_000, "tokenizer_from": "a", "sweep": [0.25]}
+    assert prov_same == prov, "an identical run records the same provenance, fingerprint included"
+    assert prov_other["plan_fingerprint"] != prov["plan_fingerprint"]
 
 
 def test_python_api_and_cli_give_identical_shards(tiny_parents, ray_head, plain_merge, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import filecmp
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import time
 import pytest
 
 import raymerge
+from raymerge.errors import InputError
+from raymerge.schedule import Schedule
 from raymerge.synthetic import build_parent, llama_config
 from raynodes import descendants
 
@@ -72,17 +75,54 @@ def _merge_actor_pids(head) -> list[int]:
     return pids
 
 
+def _open_partial_shards(pid: int, out: str) -> list[str]:
+    """Partial shards the process holds open: an actor does only inside a ``write`` call."""
+    root = os.path.join(os.path.realpath(out), ".raymerge", "partial") + os.sep
+    try:
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        return []
+    return [link for link in links if link.startswith(root)]
+
+
 def test_actor_killed_mid_merge_is_replaced(medium_parents, ray_head, undisturbed, tmp_path):
+    """An actor is frozen (SIGSTOP) while it holds a partial shard open, i.e. inside a write call,
+    and killed (SIGKILL) in that state: Ray restarts it (one restart, a new process) and the
+    merge completes byte-identical to an undisturbed run."""
+    from ray.util.state import get_actor, list_actors
+
     out = str(tmp_path / "out")
     errors = []
     worker = threading.Thread(target=lambda: _capture(errors, raymerge.merge, *medium_parents, out, **MERGE))
     worker.start()
-    assert _wait_for(lambda: _partial_files(out)), "pass 2 never started"
-    victims = _merge_actor_pids(ray_head)
-    assert victims and not os.path.exists(os.path.join(out, "config.json")), "the kill must land mid-merge"
-    os.kill(victims[0], signal.SIGKILL)
+    victim = None
+
+    def freeze_a_writer() -> bool:
+        nonlocal victim
+        for pid in _merge_actor_pids(ray_head):
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue
+            if _open_partial_shards(pid, out):
+                victim = pid
+                return True
+            os.kill(pid, signal.SIGCONT)
+        return False
+
+    try:
+        assert _wait_for(freeze_a_writer, step=0.02), "no actor was ever seen inside a write call"
+        assert not os.path.exists(os.path.join(out, "config.json")), "the kill must land mid-merge"
+        alive = list_actors(filters=[("class_name", "=", "MergeActor"), ("state", "=", "ALIVE")], detail=True)
+        [actor] = [a for a in alive if a.pid == victim]
+        assert actor.num_restarts == 0
+    finally:
+        if victim is not None:
+            os.kill(victim, signal.SIGKILL)  # a stopped process dies of SIGKILL as it is
     worker.join(timeout=600)
-    assert not errors, errors
+    assert not worker.is_alive() and not errors, errors
+    after = get_actor(actor.actor_id)
+    assert after.num_restarts == 1 and after.pid not in (None, 0, victim), after
     same_shards(out, undisturbed)
 
 
@@ -133,23 +173,88 @@ def test_resume_into_a_different_merge_is_refused(medium_parents, ray_head, undi
     proc = subprocess.run([sys.executable, "-m", "raymerge.cli", "merge", *medium_parents, "-o", undisturbed,
                            "-t", "0.7", "--resume", "--address", ray_head.address], capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 1 and "holds a different merge" in proc.stderr
+    assert proc.returncode == 1
+    assert proc.stderr == (f"raymerge: error: output {os.path.realpath(undisturbed)} holds a different merge (other "
+                           "parents, t or options): refusing to resume into it\n"), proc.stderr
 
 
-def test_ctrl_c_stops_cleans_up_and_resumes(medium_parents, ray_head, undisturbed, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_done(tiny_parents, ray_head, session_dir, tmp_path_factory):
+    """A finished merge of the tiny parents at t=0.3, and a third parent C of their shape."""
+    out = str(tmp_path_factory.mktemp("resume") / "done")
+    raymerge.merge(*tiny_parents, out, t=0.3)
+    c = build_parent(str(session_dir / "parent-c"), llama_config(vocab_size=1000), seed=3,
+                     base=(llama_config(vocab_size=1000), 1))
+    return out, c
+
+
+# What a resume into the t=0.3 merge of (A, B) changes: each must be refused before any work.
+OTHER_MERGES = {
+    "other-parent-b": lambda a, b, c: ((a, c), {}),
+    "parents-swapped": lambda a, b, c: ((b, a), {}),
+    "t": lambda a, b, c: ((a, b), {"t": 0.7}),
+    "dtype": lambda a, b, c: ((a, b), {"dtype": "float32"}),
+    "max-shard-size": lambda a, b, c: ((a, b), {"max_shard_size": "100KB"}),
+    "block-size": lambda a, b, c: ((a, b), {"block_bytes": 65536}),
+    "pad": lambda a, b, c: ((a, b), {"pad": "zeros"}),
+    "tokenizer-from": lambda a, b, c: ((a, b), {"tokenizer_from": "b"}),
+    "schedule": lambda a, b, c: ((a, b), {"t": (), "schedule": Schedule(default=(0.5,), filters=(("mlp", (0.3,)),))}),
+}
+
+
+@pytest.mark.parametrize("change", list(OTHER_MERGES))
+def test_resume_refuses_other_parents_dtype_and_options(tiny_parents, tiny_done, tmp_path, change):
+    done, c = tiny_done
+    out = str(tmp_path / "out")
+    shutil.copytree(done, out)
+    before = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)}
+    parents, options = OTHER_MERGES[change](*tiny_parents, c)
+    options = {"t": 0.3, **options}
+    # KNOWN FAILURE for parents-swapped (found by this test): the plan fingerprint holds the
+    # parents' files as a sorted set, so (B, A) fingerprints like (A, B) and the resume is
+    # accepted: the shards of SLERP(A, B, 0.3) are kept as the merge of (B, A) at t=0.3, whose
+    # tensors are SLERP(A, B, 0.7).
+    with pytest.raises(InputError, match="holds a different merge"):
+        raymerge.merge(*parents, out, resume=True, **options)
+    assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)} == before, "nothing was touched"
+
+
+def test_resume_with_the_same_merge_is_accepted(tiny_parents, tiny_done, tmp_path):
+    """The control for the refusals above: the same parents and options resume (nothing to redo)."""
+    done, _ = tiny_done
+    out = str(tmp_path / "out")
+    shutil.copytree(done, out)
+    shard = os.stat(os.path.join(out, "model.safetensors")).st_mtime_ns
+    raymerge.merge(*tiny_parents, out, t=0.3, resume=True)
+    assert os.stat(os.path.join(out, "model.safetensors")).st_mtime_ns == shard, "the finished shard is kept"
+    assert filecmp.cmp(os.path.join(out, "model.safetensors"), os.path.join(done, "model.safetensors"), shallow=False)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_stops_cleans_up_and_resumes(medium_parents, ray_head, undisturbed, tmp_path, signum):
+    """Ctrl-C, or SIGTERM as `ray job stop` sends it, mid-merge: exit 130, no partial shards, no
+    config.json, and --resume completes byte-identical to an undisturbed run."""
     out = str(tmp_path / "out")
     cmd = [sys.executable, "-m", "raymerge.cli", "merge", *medium_parents, "-o", out, "-t", "0.5",
            "--workers", "2", "--max-shard-size", "20MB", "--block-size", "256KiB", "--address", ray_head.address]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     finished = lambda: any(f.endswith(".safetensors") for f in os.listdir(out)) if os.path.isdir(out) else False
-    assert _wait_for(finished), "no shard was finished"
+    assert _wait_for(lambda: finished() and _partial_files(out)), "no shard was finished while others were written"
     assert proc.poll() is None, "the interrupt must land mid-merge"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "rerun with --resume" in err
+    # KNOWN FAILURE for SIGTERM (found by this test): once Ray is initialised, its core worker's
+    # own SIGTERM handler replaces raymerge's ("*** SIGTERM received ... ***" on stderr), and the
+    # process exits with status 15, leaving its partial shards behind, instead of the 130 the
+    # README promises. Ctrl-C (SIGINT) passes.
+    assert proc.returncode == 130, (proc.returncode, _partial_files(out), err)
+    assert err.splitlines()[-1] == "raymerge: interrupted; finished shards are kept: rerun with --resume to continue"
     assert _partial_files(out) == [], "partial shards are removed"
     assert not os.path.exists(os.path.join(out, "config.json"))
+    kept = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out) if f.endswith(".safetensors")}
+    assert kept
     again = subprocess.run([*cmd, "--resume", "--quiet"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     same_shards(out, undisturbed)
+    for f, mtime in kept.items():
+        assert os.stat(os.path.join(out, f)).st_mtime_ns == mtime, f"{f} was finished and should have been kept"

@@ -80,7 +80,8 @@ def test_differing_non_float_tensors_are_refused(tiny_parents, ray_head, tmp_pat
     b2 = clone_with(b, str(tmp_path / "b"), {"model.rotary.ids": torch.arange(10) + 1})
     proc = run_cli("merge", a2, b2, "-o", str(tmp_path / "out"), "--address", ray_head.address, "--quiet")
     assert proc.returncode == 1
-    assert "non-float tensor 'model.rotary.ids' differs" in proc.stderr.strip().splitlines()[-1]
+    assert proc.stderr == ("raymerge: error: non-float tensor 'model.rotary.ids' differs between the parents: "
+                           "it cannot be merged\n"), proc.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -93,8 +94,8 @@ def test_non_finite_parent_is_refused_before_anything_is_written(tiny_parents, r
     before = tree_digest(b2)
     proc = run_cli("merge", a, b2, "-o", str(tmp_path / "out"), "--address", ray_head.address, "--quiet")
     assert proc.returncode == 1
-    last = proc.stderr.strip().splitlines()[-1]
-    assert "parent B" in last and "model.safetensors" in last and "q_proj.weight" in last and "NaN or inf" in last
+    assert proc.stderr == (f"raymerge: error: parent B: {os.path.realpath(b2)}/model.safetensors: tensor "
+                           "'model.layers.1.self_attn.q_proj.weight' holds NaN or inf\n"), proc.stderr
     assert not (tmp_path / "out").exists()
     assert tree_digest(b2) == before
 
@@ -135,23 +136,6 @@ def test_bad_inputs_get_one_line_and_exit_1(tiny_parents, tmp_path):
     assert not any((tmp_path / f"o{i}").exists() for i in range(1, 8))
 
 
-def test_an_actor_error_prints_as_one_line(capsys):
-    """Full storage in an actor comes back wrapped by Ray: the user sees one line, exit 1."""
-    import errno
-
-    import ray.exceptions
-
-    from raymerge import cli
-
-    full = OSError(errno.ENOSPC, "No space left on device", "/out/.raymerge/partial/model.safetensors")
-    wrapped = ray.exceptions.RayTaskError("write", "Traceback (most recent call last):\n  ...", full).as_instanceof_cause()
-    with pytest.raises(SystemExit) as e:
-        cli._fail(wrapped, debug=False)
-    assert e.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["raymerge: error: /out/.raymerge/partial/model.safetensors: No space left on device"]
-
-
 @pytest.fixture
 def tiny_fs(tmp_path):
     """A 300 KiB tmpfs (needs root, as CI and the dev machines have): a really full disk."""
@@ -166,15 +150,29 @@ def tiny_fs(tmp_path):
         subprocess.run(["umount", str(mnt)], check=True)
 
 
-def test_full_and_read_only_output_storage(tiny_parents, ray_head, tiny_fs):
+def test_an_actor_error_prints_as_one_line(tiny_parents, ray_head, tiny_fs):
+    """A real actor failure: the shards (552 KB) do not fit on a 300 KiB tmpfs, so an actor's
+    write of the partial shard fails with ENOSPC inside Ray, and Ray hands the driver that
+    exception wrapped in a RayTaskError with the actor's traceback. The user sees exactly one
+    line, naming the file, and exit status 1: Ray adds nothing to stderr here (worker output is
+    not forwarded to the driver, and the driver logs at ERROR level only)."""
     a, b = tiny_parents
     digests = [tree_digest(a), tree_digest(b)]
-    full = run_cli("merge", a, b, "-o", str(tiny_fs / "out"), "--address", ray_head.address, "--quiet")
-    lines = full.stderr.strip().splitlines()
-    assert full.returncode == 1 and lines[-1].startswith("raymerge: error: ")
-    assert "No space left on device" in lines[-1], full.stderr
-    assert not (tiny_fs / "out" / "config.json").exists() and not (tiny_fs / "out" / "model.safetensors").exists()
+    out = tiny_fs / "out"
+    full = run_cli("merge", a, b, "-o", str(out), "--address", ray_head.address, "--quiet")
+    assert full.returncode == 1
+    partial = os.path.join(os.path.realpath(out), ".raymerge", "partial", "model.safetensors")
+    assert full.stderr == f"raymerge: error: {partial}: No space left on device\n", full.stderr
+    assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
+    assert [tree_digest(a), tree_digest(b)] == digests
+
+
+def test_read_only_output_storage(tiny_parents, ray_head, tiny_fs):
+    a, b = tiny_parents
+    digests = [tree_digest(a), tree_digest(b)]
     subprocess.run(["mount", "-o", "remount,ro", str(tiny_fs)], check=True)
     ro = run_cli("merge", a, b, "-o", str(tiny_fs / "other"), "--address", ray_head.address, "--quiet")
-    assert ro.returncode == 1 and "Read-only file system" in ro.stderr.strip().splitlines()[-1], ro.stderr
+    assert ro.returncode == 1
+    other = os.path.realpath(tiny_fs / "other")
+    assert ro.stderr == f"raymerge: error: cannot write into output {other}: Read-only file system\n", ro.stderr
     assert [tree_digest(a), tree_digest(b)] == digests

@@ -34,6 +34,9 @@ def test_every_tensor_matches_the_reference(merged, tiny_parents):
     out, result = merged
     check_merged(out, *tiny_parents, t=0.3)
     assert result.actors == 2
+    # 4 layers of q 64x64, k and v 32x64, o 64x64, gate/up/down 128x64 and two norms of 64 (36992
+    # values each), embedding and head 1000x64, final norm 64: 276032 bfloat16 values.
+    assert (result.tensors, result.bytes_written) == (39, 2 * 276032)
     assert len(_shards(out)) > 1, "a small --max-shard-size must give several shards"
     assert not os.path.exists(os.path.join(out, ".raymerge")), "no working state is left behind"
 
@@ -84,11 +87,14 @@ def test_cli_merges_into_a_single_shard(tiny_parents, ray_head, tmp_path):
     assert _shards(out) == ["model.safetensors"]
     assert not (out / "model.safetensors.index.json").exists()
     check_merged(str(out), *tiny_parents, t=0.7)
-    assert "t=0.7" in proc.stderr
-    # The summary says where the time went, phase by phase, in order, adding up to the total.
-    total = float(re.search(r" in ([0-9.]+) s \(", proc.stderr).group(1))
-    timing = re.search(r"^  time: (.*)$", proc.stderr, re.M).group(1)
-    phases = re.findall(r"([a-zA-Z +]+?) ([0-9.]+) s(?:, |$)", timing)
-    assert [name.strip() for name, _ in phases] == [
-        "plan", "start Ray", "start actors", "read + reduce", "write", "stop Ray", "assemble"]
-    assert abs(sum(float(s) for _, s in phases) - total) <= 0.05 * len(phases) + 0.05
+    # The whole summary, line by line: counts, the output, and every phase of the time line by
+    # name and in order, each a non-negative number of seconds (values are not checked: timings).
+    seconds = r"(\d+\.\d) s"
+    summary = re.fullmatch(
+        rf"merged 39 tensors with 2 actors on 1 node\(s\) in {seconds} \(0\.00 GB written\)\n"
+        rf"  t=0\.7: {re.escape(os.path.realpath(out))}\n"
+        rf"  time: plan {seconds}, start Ray {seconds}, start actors {seconds}, read \+ reduce {seconds}, "
+        rf"write {seconds}, stop Ray {seconds}, assemble {seconds}\n",
+        proc.stderr)
+    assert summary, proc.stderr
+    assert all(float(x) >= 0 for x in summary.groups())

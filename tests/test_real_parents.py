@@ -141,3 +141,28 @@ def test_tensor_shapes_that_disagree_with_equal_configs_are_refused_with_both_sh
     edit_config(b, intermediate_size=64)  # the config hides the difference; the files do not
     msg = _one_line_error("merge", a, b, "-o", str(tmp_path / "out"))
     assert "A [32, 64] vs B [32, 48]" in msg, msg
+
+
+@pytest.mark.parametrize("tied_first", [True, False], ids=["a-tied", "b-tied"])
+def test_embed_out_head_with_one_tied_parent_becomes_lm_head(tied_first, ray_head, tmp_path):
+    """GPT-NeoX checkpoints call the head ``embed_out.weight`` (transformers saves it so). With the
+    other parent tied, the child is untied and its merged head is ``lm_head.weight`` (align.py),
+    SLERP(tied parent's embed_in, untied parent's embed_out), and transformers loads it as the head."""
+    tied = save_parent(str(tmp_path / "tied"), tiny_config("gpt_neox", tie_word_embeddings=True), seed=1)
+    untied = save_parent(str(tmp_path / "untied"), tiny_config("gpt_neox", tie_word_embeddings=False), seed=1,
+                         noise_seed=2)
+    assert "embed_out.weight" in load_dir(untied) and "embed_out.weight" not in load_dir(tied)
+    a, b = (tied, untied) if tied_first else (untied, tied)
+    out = str(tmp_path / "child")
+    raymerge.merge(a, b, out, t=0.3, workers=2)
+    pa, pb, child = load_dir(a), load_dir(b), load_dir(out)
+    assert "embed_out.weight" not in child and "lm_head.weight" in child
+    head_a = pa.get("embed_out.weight", pa["gpt_neox.embed_in.weight"])
+    head_b = pb.get("embed_out.weight", pb["gpt_neox.embed_in.weight"])
+    assert_within_one_ulp(child["lm_head.weight"], mergekit_style_slerp(0.3, head_a, head_b), "lm_head.weight")
+    assert sorted(child) == sorted((set(pa) | set(pb) | {"lm_head.weight"}) - {"embed_out.weight"})
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["tie_word_embeddings"] is False
+    model = _load_child(out)
+    assert torch.equal(model.get_output_embeddings().weight, child["lm_head.weight"])
+    assert model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from raymerge.slerp import (Reductions, combine_block, reduce_block, slerp, slerp_coefficients)
+from raymerge.slerp import (Coefficients, Reductions, combine_block, reduce_block, slerp, slerp_coefficients)
 
 
 def test_endpoints_reproduce_the_parents_exactly():
@@ -70,13 +70,46 @@ def test_row_blocks_equal_whole_tensor_float64_maths():
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
 
 
-def test_float32_combine_and_round_to_nearest():
-    a = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
-    b = torch.tensor([2.0, 1.0], dtype=torch.bfloat16)
-    c = slerp_coefficients(reduce_block(a, b), 0.5)
-    got = combine_block(a, b, c, torch.bfloat16)
-    want = (c.ca * a.float() + c.cb * b.float()).to(torch.bfloat16)
-    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+# bfloat16 keeps 7 fraction bits: between 1 and 2 its values are 1 + k/128. Each case is
+# (a, b, ca, cb) with a float32 result ca*a + cb*b worked out by hand (every product and sum
+# exact in float32), and the bfloat16 bits that round-to-nearest-even gives for it, written out.
+ROUNDING_CASES = [
+    # 1 + 1/256: exactly halfway between 1 (0x3F80, even) and 1 + 1/128 (0x3F81): to even, down.
+    (1.0, 2.0**-8, 1.0, 1.0, 0x3F80),
+    # 1 + 3/256: halfway between 1 + 1/128 (0x3F81, odd) and 1 + 2/128 (0x3F82, even): to even, up.
+    (1.0 + 2.0**-7, 2.0**-8, 1.0, 1.0, 0x3F82),
+    # 1 + 1/256 + 2^-20 (cb = 1 + 2^-12): just above the tie, so up to 1 + 1/128.
+    (1.0, 2.0**-8, 1.0, 1.0 + 2.0**-12, 0x3F81),
+    # 1 + 1/256 - 2^-20 (cb = 1 - 2^-12): just below the tie, so down to 1.
+    (1.0, 2.0**-8, 1.0, 1.0 - 2.0**-12, 0x3F80),
+    # 0.5 * 2 + 0.5 * (-2^-7) = 1 - 2^-8: exact in bfloat16 (0x3F7F, below 1 the spacing is 2^-8).
+    (2.0, -(2.0**-7), 0.5, 0.5, 0x3F7F),
+    # The negative tie -(1 + 1/256): to even, -1 (0xBF80).
+    (-1.0, -(2.0**-8), 1.0, 1.0, 0xBF80),
+    # 0.75 * 3 + 0.25 * (-1) = 2: exact (0x4000).
+    (3.0, -1.0, 0.75, 0.25, 0x4000),
+]
+
+
+@pytest.mark.parametrize("a,b,ca,cb,bits", ROUNDING_CASES)
+def test_combine_rounds_to_nearest_even(a, b, ca, cb, bits):
+    coef = Coefficients(ca=ca, cb=cb, linear=False, theta=1.0)
+    for in_dtype in (torch.bfloat16, torch.float32):  # every a and b here is a bfloat16 value
+        assert torch.tensor([a, b], dtype=in_dtype).tolist() == [a, b]
+        got = combine_block(torch.tensor([a], dtype=in_dtype), torch.tensor([b], dtype=in_dtype), coef, torch.bfloat16)
+        assert got.dtype == torch.bfloat16
+        assert got.view(torch.int16).item() & 0xFFFF == bits, (in_dtype, hex(got.view(torch.int16).item() & 0xFFFF))
+
+
+def test_combine_is_float32_not_bfloat16():
+    """bfloat16 parents are combined in float32: with a float32 output the sums keep bits that a
+    bfloat16 computation would have lost."""
+    coef = Coefficients(ca=1.0, cb=1.0, linear=False, theta=1.0)
+    a = torch.tensor([256.0, 1.0], dtype=torch.bfloat16)
+    b = torch.tensor([1.0, 2.0**-8], dtype=torch.bfloat16)
+    got = combine_block(a, b, coef, torch.float32)
+    # 256 + 1 = 257 needs 9 bits (bfloat16 would give 256); 1 + 2^-8 needs 8 fraction bits.
+    assert got.tolist() == [257.0, 1.0 + 2.0**-8]
 
 
 def test_t_outside_unit_interval_is_refused():

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import raymerge
+from raymerge.options import t_dirname
 from raymerge.schedule import Schedule, parse_range
 from reference import assert_within_one_ulp, check_merged, load_dir, mergekit_style_slerp
 
@@ -37,9 +40,45 @@ def test_sweep_equals_single_runs_byte_for_byte(tiny_parents, ray_head, tmp_path
         check_merged(sweep_t, a, b, t)
 
 
-def test_t_range_and_its_directory_names():
+def test_t_range_values_and_directory_names():
     assert parse_range("0.1:0.9:0.1") == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    assert [f"t-{format(t, 'g')}" for t in parse_range("0:1:0.25")] == ["t-0", "t-0.25", "t-0.5", "t-0.75", "t-1"]
+    assert parse_range("0:1:0.25") == (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert [t_dirname(t) for t in (0.0, 0.25, 0.5, 1.0, 0.1 + 0.2)] == ["t-0", "t-0.25", "t-0.5", "t-1", "t-0.3"]
+
+
+def test_cli_sweep_from_t_range_and_repeated_t(tiny_parents, ray_head, tmp_path):
+    """`-t 0.25 -t 1 --t-range 0.1:0.3:0.1` through the CLI: five models in the directories the
+    README names, each listed in the summary, t=1 exactly parent B, t=0.3 recorded as 0.3."""
+    a, b = tiny_parents
+    out = tmp_path / "sweep"
+    proc = subprocess.run([*CLI, "merge", a, b, "-o", str(out), "-t", "0.25", "-t", "1", "--t-range", "0.1:0.3:0.1",
+                           "--address", ray_head.address, "--quiet"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    names = ["t-0.25", "t-1", "t-0.1", "t-0.2", "t-0.3"]
+    assert sorted(os.listdir(out)) == sorted(names), "one directory per t and nothing else (no working state)"
+    for name in names:
+        assert f"  t={name[2:]}: {os.path.realpath(out / name)}\n" in proc.stderr, proc.stderr
+        assert os.path.isfile(out / name / "config.json") and os.path.isfile(out / name / "model.safetensors"), name
+    with open(out / "t-0.3" / "raymerge.json") as f:
+        assert json.load(f)["t"] == 0.3, "0.1 + 2 * 0.1 is recorded (and merged) as 0.3"
+    pb, at_1 = load_dir(b), load_dir(str(out / "t-1"))
+    assert sorted(at_1) == sorted(pb) and all(torch.equal(at_1[n], pb[n]) for n in pb), "t=1 is parent B exactly"
+    check_merged(str(out / "t-0.2"), a, b, 0.2)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["-t", "0.5", "-t", "0.50"], "the same t is given twice"),
+    (["-t", "0.2", "--t-range", "0.1:0.3:0.1"], "the same t is given twice"),
+    (["-t", "0.2", "-t", "0.8", "--t-for", "mlp=0.3"], "--t-for takes at most one -t (the default), not a sweep"),
+    (["--t-range", "0:1:0.5", "--t-for", "mlp=0.3"], "--t-for takes at most one -t (the default), not a sweep"),
+])
+def test_duplicate_t_and_a_schedule_with_a_sweep_are_refused(tiny_parents, tmp_path, args, expected):
+    proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(tmp_path / "out"), *args],
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("raymerge: error: "), proc.stderr
+    assert expected in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_schedule_gives_hand_worked_t_per_tensor():
@@ -128,6 +167,27 @@ BAD_RECIPES = [
      "outside [0, 1]"),
     ("merge_method: slerp\nmodels:\n  - model: {a}\n  - model: {b}\nparameters:\n  t: 0.5\n", "needs base_model"),
     ("merge_method: slerp\nbase_model: {a}\nmodels: [\n", "not valid YAML"),
+    # Unequal layer ranges (each alone would be a full or a partial range).
+    ("merge_method: slerp\nbase_model: {a}\nslices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 4]\n"
+     "      - model: {b}\n        layer_range: [0, 3]\nparameters:\n  t: 0.5\n",
+     "the sources' layer ranges must be equal, got [[0, 4], [0, 3]]"),
+    # Per-model parameters, in the models form and in a slice's sources.
+    ("merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\n    parameters:\n"
+     "      weight: 0.3\nparameters:\n  t: 0.5\n", "per-model parameters (models) are not supported"),
+    ("merge_method: slerp\nbase_model: {a}\nslices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 4]\n"
+     "        parameters:\n          t: 0.2\n      - model: {b}\n        layer_range: [0, 4]\nparameters:\n  t: 0.5\n",
+     "per-model parameters (slice sources) are not supported"),
+    # Slice-level parameters.
+    ("merge_method: slerp\nbase_model: {a}\nslices:\n  - sources:\n      - model: {a}\n        layer_range: [0, 4]\n"
+     "      - model: {b}\n        layer_range: [0, 4]\n    parameters:\n      t: 0.2\nparameters:\n  t: 0.5\n",
+     "slice-level keys ['parameters'] are not supported"),
+    # Parameters other than t, other tokenizer keys, and keys raymerge does not know.
+    ("merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters:\n  t: 0.5\n"
+     "  normalize: true\n", "only parameters.t is supported"),
+    ("merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters:\n  t: 0.5\n"
+     "tokenizer:\n  source: union\n  pad_to_multiple_of: 64\n", "only tokenizer.source is supported"),
+    ("merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters:\n  t: 0.5\n"
+     "modules:\n  text_decoder: {{}}\nout_dtype: float32\n", "unsupported keys modules, out_dtype"),
 ]
 
 

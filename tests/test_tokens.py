@@ -284,5 +284,6 @@ def test_an_unreadable_tokenizer_falls_back_to_ids_unless_string_alignment_is_as
     assert "rows are matched by id" in proc.stdout
     proc = subprocess.run([*CLI, "plan", a, str(broken), "--vocab", "union"], capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 1
-    assert proc.stderr.startswith("raymerge: error: ") and "cannot load its tokenizer" in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("raymerge: error: "), proc.stderr
+    assert "cannot load its tokenizer" in lines[0], proc.stderr

@@ -180,3 +180,57 @@ def test_plan_shows_padding_and_saves_parquet(vocab_parents, tmp_path):
     rows = {r["name"]: r for r in table}
     assert rows["lm_head.weight"]["pad_N"] == 32032 and rows["lm_head.weight"]["pad_short"] == "a"
     assert rows["model.norm.weight"]["pad_strategy"] is None
+
+
+def _with_extra_tensor(src: str, dst: str, name: str, tensor: torch.Tensor) -> str:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    tensors[name] = tensor
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_a_vocabulary_axis_other_than_the_first_is_refused(vocab_parents, tmp_path):
+    """A tensor whose only differing axis is axis 1, with the vocabulary sizes 32000 and 32032
+    there: the padder extends rows only, so it is refused, naming the tensor and both shapes."""
+    name = "model.vocab_proj.weight"
+    a = _with_extra_tensor(vocab_parents[32000], str(tmp_path / "a"), name, torch.zeros(32, 32000, dtype=torch.bfloat16))
+    b = _with_extra_tensor(vocab_parents[32032], str(tmp_path / "b"), name, torch.zeros(32, 32032, dtype=torch.bfloat16))
+    msg = _cli_error("merge", a, b, "-o", str(tmp_path / "out"))
+    assert msg == (f"raymerge: error: tensor '{name}': shapes differ, A [32, 32000] vs B [32, 32032]: "
+                   "the vocabulary axis must be the first one"), msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_equal_vocabularies_take_parent_a_tokenizer_files(tiny_parents, ray_head, tmp_path):
+    """Equal vocabulary sizes: the child's tokenizer files are A's, byte for byte, even though B's
+    tokenizer_config.json differs (a harmless model_max_length)."""
+    import shutil
+
+    a, b = tiny_parents
+    b2 = str(tmp_path / "b")
+    shutil.copytree(b, b2)
+    config_path = os.path.join(b2, "tokenizer_config.json")
+    with open(config_path) as f:
+        tok_config = json.load(f)
+    assert tok_config.get("model_max_length") != 2048
+    tok_config["model_max_length"] = 2048
+    with open(config_path, "w") as f:
+        json.dump(tok_config, f, indent=2)
+    out = str(tmp_path / "child")
+    raymerge.merge(a, b2, out, t=0.5, workers=1)
+    # The tokenizer files the README lists: the child holds exactly A's, with A's bytes.
+    listed = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+              "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+    names = [f for f in listed if os.path.isfile(os.path.join(a, f))]
+    assert "tokenizer.json" in names and "tokenizer_config.json" in names
+    assert [f for f in listed if os.path.isfile(os.path.join(out, f))] == names
+    for f in names:
+        with open(os.path.join(out, f), "rb") as got, open(os.path.join(a, f), "rb") as want:
+            assert got.read() == want.read(), f
+    with open(os.path.join(out, "tokenizer_config.json"), "rb") as got, open(config_path, "rb") as b_file:
+        assert got.read() != b_file.read(), "B's tokenizer_config.json must not be the one copied"

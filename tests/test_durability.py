@@ -1,0 +1,131 @@
+"""The crash-safety claims, checked on the system calls of a real merge (strace): every shard is
+fsynced after its last write and before its rename, the directory is fsynced after each rename,
+and the index, the card and config.json are renamed into place after every shard, config.json
+last of all.
+
+The merge runs on an embedded Ray (no --address) so that strace follows the driver and the
+actors alike; it stops its own Ray, and any process left in the process group the test started
+is killed by its pid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from raynodes import start_time
+
+CLI = [sys.executable, "-m", "raymerge.cli"]
+SYSCALLS = "fsync,fdatasync,pwrite64,rename,renameat,renameat2"
+
+
+def _events(trace: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(syscall, result, paths) for each completed call, in the order strace saw them complete.
+
+    A call another thread interrupted is printed as ``... <unfinished ...>`` and completed by a
+    later ``<... NAME resumed> ...`` line of the same thread: the two are joined at the latter.
+    """
+    pending: dict[str, str] = {}
+    events = []
+    with open(trace) as f:
+        for line in f:
+            tid, _, rest = line.rstrip("\n").partition(" ")
+            if rest.endswith("<unfinished ...>"):
+                pending[tid] = rest[: -len("<unfinished ...>")]
+                continue
+            resumed = re.match(r"<\.\.\. (\w+) resumed>(.*)", rest)
+            if resumed:
+                rest = pending.pop(tid) + resumed.group(2)
+            call = re.match(r"(\w+)\((.*)\)\s+= (-?\d+)", rest)
+            if call is None:
+                continue  # signals, exits
+            name, args, result = call.groups()
+            if name.startswith("rename"):
+                paths = tuple(re.findall(r'"([^"]*)"', args))
+            else:
+                paths = tuple(re.findall(r"^\d+<([^>]*)>", args))
+            events.append((name, result, paths))
+    return events
+
+
+def _stop_group(pgid: int, started: int) -> None:
+    """Kill what is left of the process group the test started (pid and start time checked)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            if os.getpgid(pid) != pgid:
+                continue
+        except ProcessLookupError:
+            continue
+        born = start_time(pid)
+        if born is not None and born >= started:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture(scope="module")
+def traced_merge(tiny_parents, tmp_path_factory):
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed (apt-get install strace)")
+    root = tmp_path_factory.mktemp("traced")
+    out, trace = root / "out", root / "trace.txt"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [strace, "-f", "-qq", "--seccomp-bpf", "-y", "-s", "0", "-o", str(trace), "-e", f"trace={SYSCALLS}",
+           *CLI, "merge", *tiny_parents, "-o", str(out), "-t", "0.3", "--max-shard-size", "200KB", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    started = start_time(proc.pid)
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if started is not None:
+            _stop_group(proc.pid, started)
+    assert proc.returncode == 0, err
+    return os.path.realpath(out), _events(str(trace))
+
+
+def test_shards_are_fsynced_before_their_rename_and_the_directory_after(traced_merge):
+    out, events = traced_merge
+    shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(shards) == 4, shards  # 552 KB of tensors in shards of at most 200 KB
+    [config_in] = [i for i, (name, _, paths) in enumerate(events)
+                   if name.startswith("rename") and paths[1:] == (os.path.join(out, "config.json"),)]
+    for shard in shards:
+        partial, final = os.path.join(out, ".raymerge", "partial", shard), os.path.join(out, shard)
+        renames = [i for i, (name, res, paths) in enumerate(events)
+                   if name.startswith("rename") and paths == (partial, final) and res == "0"]
+        assert len(renames) == 1, f"{shard}: renamed {len(renames)} times"
+        moved = renames[0]
+        writes = [i for i, (name, _, paths) in enumerate(events) if name == "pwrite64" and paths == (partial,)]
+        assert writes and writes[-1] < moved, f"{shard}: written after its rename, or never"
+        synced = [i for i, (name, res, paths) in enumerate(events)
+                  if name in ("fsync", "fdatasync") and paths == (partial,) and res == "0"]
+        assert any(writes[-1] < i < moved for i in synced), f"{shard}: no fsync between its last write and its rename"
+        assert not any(name == "pwrite64" and paths == (final,) for name, _, paths in events), shard
+        dir_syncs = [i for i, (name, res, paths) in enumerate(events) if name == "fsync" and paths == (out,)]
+        assert any(moved < i < config_in for i in dir_syncs), \
+            f"{shard}: the directory was not fsynced between its rename and config.json's"
+
+
+def test_index_card_and_config_are_renamed_in_last(traced_merge):
+    out, events = traced_merge
+    into_out = [os.path.basename(paths[1]) for name, res, paths in events
+                if name.startswith("rename") and res == "0" and os.path.dirname(paths[1]) == out]
+    last_shard = max(i for i, f in enumerate(into_out) if f.endswith(".safetensors"))
+    for name in ("README.md", "raymerge.json", "model.safetensors.index.json", "config.json"):
+        assert into_out.count(name) == 1 and into_out.index(name) > last_shard, (name, into_out)
+    assert into_out[-1] == "config.json", into_out
