@@ -11,7 +11,9 @@ tensors), before the output directory is created.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -81,6 +83,10 @@ def ray_session(address: str | None):
     """
     started = False
     if not ray.is_initialized():
+        # Ray's core worker installs its own SIGTERM handler, which exits at once (status 15)
+        # and leaves the partial shards behind; the caller's handler (the CLI stops cleanly, as
+        # on Ctrl-C) is put back.
+        sigterm = signal.getsignal(signal.SIGTERM)
         if address or os.environ.get("RAY_ADDRESS"):
             # Ray refuses resource arguments when attaching to an existing cluster.
             ray.init(address=address, logging_level="ERROR", log_to_driver=False)
@@ -88,6 +94,8 @@ def ray_session(address: str | None):
             # "local" starts a new instance even when another `ray start` runs on this machine.
             ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                      logging_level="ERROR", log_to_driver=False)
+        if threading.current_thread() is threading.main_thread() and sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
         started = True
     try:
         yield

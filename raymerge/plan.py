@@ -107,10 +107,13 @@ class MergePlan:
 
     def fingerprint(self, options: MergeOptions) -> str:
         """A digest of everything that decides the output bytes, used to refuse a foreign resume."""
-        files = sorted({e.file for t in self.tensors for e in (t.a, t.b) if e is not None})
-        stat = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+        def stat(parent: str) -> list:
+            # Per parent, in order: A and B swapped is another merge (t=0.3 becomes t=0.7).
+            files = sorted({e.file for t in self.tensors for e in ((t.a,) if parent == "a" else (t.b,)) if e})
+            return [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+
         data = {
-            "files": stat, "t": list(options.t),
+            "files_a": stat("a"), "files_b": stat("b"), "t": list(options.t),
             "schedule": options.schedule.describe() if options.schedule else None,
             "block_bytes": options.block_bytes, "dtype": self.out_dtype, "pad": self.pad,
             "token_map": self.token_map.digest() if self.token_map else None,

@@ -210,10 +210,7 @@ def test_resume_refuses_other_parents_dtype_and_options(tiny_parents, tiny_done,
     before = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)}
     parents, options = OTHER_MERGES[change](*tiny_parents, c)
     options = {"t": 0.3, **options}
-    # KNOWN FAILURE for parents-swapped (found by this test): the plan fingerprint holds the
-    # parents' files as a sorted set, so (B, A) fingerprints like (A, B) and the resume is
-    # accepted: the shards of SLERP(A, B, 0.3) are kept as the merge of (B, A) at t=0.3, whose
-    # tensors are SLERP(A, B, 0.7).
+    # Swapped parents: the shards of SLERP(A, B, 0.3) are not the merge of (B, A) at t=0.3.
     with pytest.raises(InputError, match="holds a different merge"):
         raymerge.merge(*parents, out, resume=True, **options)
     assert {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out)} == before, "nothing was touched"
@@ -243,10 +240,8 @@ def test_ctrl_c_or_sigterm_stops_cleans_up_and_resumes(medium_parents, ray_head,
     assert proc.poll() is None, "the interrupt must land mid-merge"
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    # KNOWN FAILURE for SIGTERM (found by this test): once Ray is initialised, its core worker's
-    # own SIGTERM handler replaces raymerge's ("*** SIGTERM received ... ***" on stderr), and the
-    # process exits with status 15, leaving its partial shards behind, instead of the 130 the
-    # README promises. Ctrl-C (SIGINT) passes.
+    # Ray's core worker installs its own SIGTERM handler (exit 15, partial shards left): the
+    # driver puts raymerge's back after ray.init.
     assert proc.returncode == 130, (proc.returncode, _partial_files(out), err)
     assert err.splitlines()[-1] == "raymerge: interrupted; finished shards are kept: rerun with --resume to continue"
     assert _partial_files(out) == [], "partial shards are removed"
