@@ -26,11 +26,14 @@ if [ -z "${RAY_AUTH_MODE:-}" ]; then
 fi
 
 free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-GCS_PORT=$(free_port) DASH_PORT=$(free_port) CLIENT_PORT=$(free_port)
+GCS_PORT=$(free_port) DASH_PORT=$(free_port) CLIENT_PORT=$(free_port) AGENT_PORT=$(free_port)
 
+# Every port chosen free: the dashboard agent's default (52365) is taken by any other Ray node on
+# this machine, and a head without its agent cannot accept `ray job submit`.
 # In this script's process group: whoever stops the script's group stops the head with it.
 "$RAY" start --head --block --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
   --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --ray-client-server-port="$CLIENT_PORT" \
+  --dashboard-agent-listen-port="$AGENT_PORT" \
   --disable-usage-stats > "$WORK/head.log" 2>&1 &
 HEAD_PID=$!
 

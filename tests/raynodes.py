@@ -66,6 +66,9 @@ class RayNode:
                     f"--ray-client-server-port={free_port()}"]
         else:
             cmd += [f"--address={address}", "--node-ip-address=127.0.0.1"]
+        # The dashboard agent listens on 52365 unless told otherwise: a second node on this machine
+        # would lose its agent (and `ray job submit` its target) to the first.
+        cmd.append(f"--dashboard-agent-listen-port={free_port()}")
         # Ports from free_port() are ephemeral (32768+); Ray's worker ports (10002-19999) never clash.
         if resources:
             cmd.append(f"--resources={resources}")

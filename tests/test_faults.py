@@ -113,7 +113,8 @@ def test_actor_killed_mid_merge_is_replaced(medium_parents, ray_head, undisturbe
     try:
         assert _wait_for(freeze_a_writer, step=0.02), "no actor was ever seen inside a write call"
         assert not os.path.exists(os.path.join(out, "config.json")), "the kill must land mid-merge"
-        alive = list_actors(filters=[("class_name", "=", "MergeActor"), ("state", "=", "ALIVE")], detail=True)
+        alive = list_actors(address=ray_head.address, filters=[("class_name", "=", "MergeActor"), ("state", "=", "ALIVE")],
+                            detail=True)
         [actor] = [a for a in alive if a.pid == victim]
         assert actor.num_restarts == 0
     finally:
@@ -121,7 +122,7 @@ def test_actor_killed_mid_merge_is_replaced(medium_parents, ray_head, undisturbe
             os.kill(victim, signal.SIGKILL)  # a stopped process dies of SIGKILL as it is
     worker.join(timeout=600)
     assert not worker.is_alive() and not errors, errors
-    after = get_actor(actor.actor_id)
+    after = get_actor(actor.actor_id, address=ray_head.address)
     assert after.num_restarts == 1 and after.pid not in (None, 0, victim), after
     same_shards(out, undisturbed)
 
