@@ -58,7 +58,7 @@ BIN = os.path.dirname(sys.executable)
 RAYMERGE = os.path.join(BIN, "raymerge")
 SWEEP = [round(0.1 * i, 1) for i in range(1, 10)]
 EVAL_SWEEP = "0:1:0.1"  # 11 values of t
-EVAL_WORDS = 400  # a short held-out text of the parents' own words (~2.4 KB)
+EVAL_WORDS = 120  # a short held-out text of the parents' own words (~0.7 KB): one window
 MIB = 1024
 CONTENDED = 0.35  # CPUs busy with other processes during a run, above which it is repeated
 
@@ -141,7 +141,7 @@ def contenders(a: str, b: str, work: str, plain_env: dict[str, str], rm_env: dic
            warm("raymerge warm --workers 2", *single, "--workers", "2"),
            warm("raymerge warm 9-t sweep", *[x for t in SWEEP for x in ("-t", str(t))]),
            warm("raymerge warm 11-t sweep, --eval --keep best", "--t-range", EVAL_SWEEP, "--eval", text,
-                "--context", "256", "--keep", "best"),
+                "--context", "128", "--keep", "best"),
            warm("raymerge warm 11-t sweep, all 11 written", "--t-range", EVAL_SWEEP)]
     if mergekit:
         recipe = write_recipe(os.path.join(work, "recipe.yml"), mergekit_view(a, os.path.join(work, "mk-a")),
