@@ -58,7 +58,7 @@ BIN = os.path.dirname(sys.executable)
 RAYMERGE = os.path.join(BIN, "raymerge")
 SWEEP = [round(0.1 * i, 1) for i in range(1, 10)]
 EVAL_SWEEP = "0:1:0.1"  # 11 values of t
-EVAL_WORDS = 120  # a short held-out text of the parents' own words (~0.7 KB): one window
+EVAL_WORDS = 127  # a held-out text of the parents' own words (~0.7 KB): one 128-token window with BOS
 MIB = 1024
 CONTENDED = 0.35  # CPUs busy with other processes during a run, above which it is repeated
 
