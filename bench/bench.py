@@ -276,6 +276,13 @@ def phase_table(cs: list[Contender]) -> list[str]:
         cells = [fmt(statistics.median(r.phases.get(n, 0.0) for r in runs)) for n in names]
         outside = statistics.median(r.wall_s - sum(r.phases.values()) for r in runs)
         rows.append(f"| {c.name} | {' | '.join(cells)} | {fmt(outside)} | {fmt(c.median())} |")
+    scored = [c for c in timed if any(r.scoring for r in c.runs if r.ok)]
+    for c in scored:
+        runs = [r for r in c.runs if r.ok and r.scoring]
+        rows.append("")
+        rows.append(f"{c.name}: its score phase, summed over the scoring actors (medians): models built in "
+                    f"memory (children) or loaded (parents) {fmt(statistics.median(r.scoring['build'] for r in runs))} s, "
+                    f"scored {fmt(statistics.median(r.scoring['score'] for r in runs))} s.")
     return ["## Where the time goes", "",
             "Medians, in seconds, of the phases raymerge's summary reports (`time:` line); \"outside\" is "
             "the rest of the command's wall time: starting Python, importing torch and Ray, exiting.", "",

@@ -9,7 +9,7 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from measure import _tree, measure, own_memory_kb
 
@@ -25,6 +25,7 @@ class Run:
     top: list[tuple[str, int]]
     other_cpus: float  # average CPUs busy with processes this bench did not start, during the run
     phases: dict[str, float]  # raymerge's own "time:" line (phase -> seconds); empty for others
+    scoring: dict[str, float] = field(default_factory=dict)  # --eval: "build", "score" (summed over actors)
 
 
 def busy_cpu_s() -> float:
@@ -66,6 +67,12 @@ def phases(stderr: str) -> dict[str, float]:
     return {}
 
 
+def scoring(stderr: str) -> dict[str, float]:
+    """``--eval``'s summary line: seconds to build (or load) the models and to score them."""
+    m = re.search(r"scoring, summed over actors: .* in ([0-9.]+) s, scored in ([0-9.]+) s", stderr)
+    return {"build": float(m.group(1)), "score": float(m.group(2))} if m else {}
+
+
 def measured(cmd: list[str], env: dict[str, str] | None) -> Run:
     """measure() from bench/measure.py for wall time, plus memory of everything this process started.
 
@@ -103,4 +110,4 @@ def measured(cmd: list[str], env: dict[str, str] | None) -> Run:
     other = max(0.0, busy_cpu_s() - busy0 - ours) / m.wall_s
     top = sorted(peaks.values(), key=lambda x: -x[1])[:8]
     return Run(m.wall_s, m.returncode == 0, max((kb for _, kb in top), default=0), total_peak[0], top, other,
-               phases(m.stderr))
+               phases(m.stderr), scoring(m.stderr))
