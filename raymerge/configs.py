@@ -119,7 +119,7 @@ def _rope(cfg: ParentConfig) -> tuple[dict, object]:
     return settings, theta
 
 
-def _meta_shapes(hf) -> dict | None:
+def _meta_shapes(hf) -> dict:
     """Tensor names and shapes of the model transformers builds from ``hf`` (meta device: no memory)."""
     import torch
     from transformers import AutoModelForCausalLM

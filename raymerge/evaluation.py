@@ -43,7 +43,7 @@ class EvalInputs:
 def prepare(options: MergeOptions, a: Parent, b: Parent, plan: MergePlan) -> EvalInputs:
     """Read and tokenize the evaluation text before any work: every refusal happens here."""
     from raymerge.assemble import child_config
-    from raymerge.tokens import load_tokenizer, union_tokenizer
+    from raymerge.tokens import union_tokenizer
 
     for p in (a, b):
         if p.vocab is None:
@@ -52,11 +52,11 @@ def prepare(options: MergeOptions, a: Parent, b: Parent, plan: MergePlan) -> Eva
     if plan.token_map is not None and plan.token_map.mode == "union":
         child_tok = union_tokenizer(a.path, b.vocab, plan.token_map)
     else:
-        child_tok = load_tokenizer((a if plan.tokenizer_from == "a" else b).path)
+        child_tok = (a if plan.tokenizer_from == "a" else b).tokenizer  # loaded once, with the vocabulary
     context = options.context or default_context(a.config.text)
     return EvalInputs(
         child=make_windows(child_tok, text, context),
-        parents={p.label: make_windows(load_tokenizer(p.path), text, context) for p in (a, b)},
+        parents={p.label: make_windows(p.tokenizer, text, context) for p in (a, b)},
         child_config=child_config(a, b, plan), context=context,
     )
 

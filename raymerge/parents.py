@@ -17,7 +17,7 @@ import torch
 from raymerge.configs import ParentConfig, load_config
 from raymerge.errors import InputError
 from raymerge.shards import DTYPE_NAMES, FLOAT_DTYPES, TensorEntry, numel, read_header
-from raymerge.tokens import Vocab, read_vocab
+from raymerge.tokens import Vocab, has_tokenizer, load_tokenizer, vocab_of
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -65,9 +65,14 @@ class Parent:
         return [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(self.path, f))]
 
     @cached_property
+    def tokenizer(self):
+        """The parent's tokenizer as transformers loads it (None when it ships none); loaded once."""
+        return load_tokenizer(self.path) if has_tokenizer(self.path) else None
+
+    @cached_property
     def vocab(self) -> Vocab | None:
-        """The tokenizer's tokens by id (None when the parent ships no tokenizer); read once."""
-        return read_vocab(self.path)
+        """The tokenizer's tokens by id (None when the parent ships no tokenizer)."""
+        return None if self.tokenizer is None else vocab_of(self.tokenizer)
 
 
 def _inside(root: str, name: str) -> str:

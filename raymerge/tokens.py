@@ -56,11 +56,13 @@ def load_tokenizer(model_dir: str):
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def read_vocab(model_dir: str) -> Vocab | None:
-    """The tokens by id of the directory's tokenizer, None when it ships no tokenizer."""
-    if not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_MARKERS):
-        return None
-    tok = load_tokenizer(model_dir)
+def has_tokenizer(model_dir: str) -> bool:
+    """Whether the directory ships a tokenizer transformers can load."""
+    return any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_MARKERS)
+
+
+def vocab_of(tok) -> Vocab:
+    """A loaded tokenizer's tokens by id and the flags of its added tokens."""
     vocab = tok.get_vocab()
     by_id: list[str | None] = [None] * (max(vocab.values()) + 1 if vocab else 0)
     for token, i in vocab.items():
