@@ -5,7 +5,8 @@
 #
 #   cluster/local-job.sh PARENT_A PARENT_B OUT [raymerge merge options...]
 #
-# Exits with the job's outcome: 0 when the merge succeeded, non-zero otherwise.
+# Exits with the job's outcome: 0 when the job SUCCEEDED, non-zero for any other end (FAILED,
+# STOPPED, never accepted).
 set -uo pipefail
 
 if [ $# -lt 3 ]; then
@@ -66,7 +67,7 @@ done
 
 ADDRESS="http://127.0.0.1:$DASH_PORT"
 JOB_ID="raymerge-$(date +%s)-$$"
-echo "local-job: Ray head on 127.0.0.1:$GCS_PORT, job API at $ADDRESS"
+echo "local-job: Ray head on 127.0.0.1:$GCS_PORT, job API at $ADDRESS, job $JOB_ID"
 # Right after start-up the head may not have a job agent yet ("No available agent"): retry.
 # `ray job submit` waits for the job, streams its log and exits non-zero when the job fails.
 RC=1
@@ -77,7 +78,10 @@ for _ in $(seq 60); do
   grep -q "No available agent" "$WORK/submit.log" || break
   sleep 1
 done
-STATUS=$("$RAY" job status --address "$ADDRESS" "$JOB_ID" 2>&1 \
-  | grep -oiE "job '[^']+' (succeeded|failed|stopped)" | awk '{print toupper($NF)}' | tail -1)
+# `ray job submit` exits 0 for a job that was stopped (`ray job stop`, the dashboard): ask the job.
+STATUS=$("$PY" -c 'import sys; from ray.job_submission import JobSubmissionClient as C
+print(C(sys.argv[1]).get_job_status(sys.argv[2]).value)' "$ADDRESS" "$JOB_ID" 2>/dev/null)
 echo "local-job: job $JOB_ID ${STATUS:-was not accepted} (ray job submit exited $RC)"
-exit "$RC"
+[ "$STATUS" = SUCCEEDED ] && exit 0
+[ "$RC" -ne 0 ] && exit "$RC"
+exit 1
