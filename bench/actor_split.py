@@ -2,8 +2,8 @@
 
     .venv/bin/python bench/actor_split.py [--reps 5]          # prints a Markdown table
 
-Drives one MergeActor in-process (no Ray, as bench/gpu_check.sh does) over the benchmark parents:
-pass 1 (reduce) over every tensor, then pass 2 (write) into one shard file per shard, fsynced.
+Drives one MergeActor in-process (no Ray) over the benchmark parents: one ``write`` call per shard
+(each tensor read, reduced, combined and written into one shard file per shard, fsynced).
 Each run is a fresh process, in one of three variants, alternated rep by rep:
 
 - ``before``: the actor as it was before these two changes: blocks written inline, with all the
@@ -13,7 +13,7 @@ Each run is a fresh process, in one of three variants, alternated rep by rep:
   torch computes the next ones on the remaining CPUs.
 
 For 2 threads (one actor owning this machine) and 1 thread (one of two actors). Reports medians of
-each pass's wall time and of the process's minor page faults.
+the wall time and of the process's minor page faults.
 """
 
 from __future__ import annotations
@@ -34,14 +34,13 @@ VARIANTS = ("before", "kept buffers", "now")
 
 
 def one_run(a_dir: str, b_dir: str, threads: int, variant: str) -> dict:
-    """One run in this process; returns seconds and minor faults of each pass."""
+    """One run in this process; returns its seconds and minor faults."""
     import torch
 
     import raymerge.actors as actors
     from raymerge.options import MergeOptions
     from raymerge.parents import load_parent
     from raymerge.plan import build_plan
-    from raymerge.slerp import slerp_coefficients
 
     if variant == "before":
         actors._reuse_freed_memory = lambda: None
@@ -68,15 +67,12 @@ def one_run(a_dir: str, b_dir: str, threads: int, variant: str) -> dict:
         plan = build_plan(load_parent(a_dir, "A"), load_parent(b_dir, "B"), options, 1)
         actor = actors.MergeActor(options.block_bytes, num_threads=threads)
         f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-        stats = actor.reduce(list(plan.tensors))
-        f1, t1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-        coefficients = {s.name: (slerp_coefficients(s.reductions, 0.5),) for s in stats}
         for i, shard in enumerate(plan.shards):
             tensors = tuple(t for t in plan.tensors if t.shard == i)
             actor.write(actors.WriteJob((os.path.join(out, shard.filename),), shard.layout.header, tensors,
-                                        {t.name: coefficients[t.name] for t in tensors if t.name in coefficients}))
-        f2, t2 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-        return {"reduce_s": t1 - t0, "write_s": t2 - t1, "reduce_faults": f1 - f0, "write_faults": f2 - f1}
+                                        ts={t.name: (0.5,) for t in tensors if t.op == "slerp"}))
+        f1, t1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        return {"merge_s": t1 - t0, "faults": f1 - f0}
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -98,19 +94,14 @@ def split_table(a_dir: str, b_dir: str, reps: int, quiet_wait=None, env: dict | 
                     raise RuntimeError(f"actor_split {variant}: {got.stderr[-2000:]}")
                 r = json.loads(got.stdout.strip().splitlines()[-1])
                 results.setdefault((threads, variant), []).append(r)
-                print(f"actor split rep {rep + 1}/{reps}  threads {threads}  {variant:12s}  reduce "
-                      f"{r['reduce_s']:5.2f} s  write {r['write_s']:5.2f} s  faults "
-                      f"{r['reduce_faults'] + r['write_faults']}", flush=True)
-    lines = ["| threads | variant | pass 1 (reduce) s | pass 2 (write) s | both s | minor page faults | runs |",
-             "|---|---|---|---|---|---|---|"]
+                print(f"actor split rep {rep + 1}/{reps}  threads {threads}  {variant:12s}  "
+                      f"{r['merge_s']:5.2f} s  faults {r['faults']}", flush=True)
+    lines = ["| threads | variant | merge s | minor page faults | runs |", "|---|---|---|---|---|"]
     for (threads, variant), rs in results.items():
-        def med(key):
-            return statistics.median(r[key] for r in rs)
-        both = statistics.median(r["reduce_s"] + r["write_s"] for r in rs)
-        faults = statistics.median(r["reduce_faults"] + r["write_faults"] for r in rs)
-        worst = max(r["reduce_s"] + r["write_s"] for r in rs)
-        lines.append(f"| {threads} | {variant} | {med('reduce_s'):.2f} | {med('write_s'):.2f} | "
-                     f"{both:.2f} (worst {worst:.2f}) | {faults:,.0f} | {len(rs)} |")
+        merge_s = statistics.median(r["merge_s"] for r in rs)
+        worst = max(r["merge_s"] for r in rs)
+        faults = statistics.median(r["faults"] for r in rs)
+        lines.append(f"| {threads} | {variant} | {merge_s:.2f} (worst {worst:.2f}) | {faults:,.0f} | {len(rs)} |")
     return lines
 
 

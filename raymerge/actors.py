@@ -1,12 +1,17 @@
 """The merge actor: reads its tensors' slices with safetensors, pads, SLERPs, writes shards.
 
-Work comes in two idempotent passes over the actor's share of the plan:
+A merge is one pass over the actor's share of the plan, tensor by tensor (``write``): stream the
+tensor in row blocks and accumulate its float64 reductions (and finiteness, equality of non-float
+tensors, the short parent's mean for ``--pad mean``); refuse it, writing nothing more, if a check
+fails; else turn the reductions into coefficients (one set per t), combine the same blocks (kept
+in memory, or read again while the page cache still holds them) and write the bytes at the
+tensor's planned offset in its shard, for every output. Every parent byte is read from storage
+once; while one tensor is worked on, the kernel is already reading the next (readahead.py), and a
+background thread writes the finished blocks.
 
-1. ``reduce``: stream each tensor in row blocks and return its float64 reductions (and finiteness,
-   equality of non-float tensors, the short parent's mean for ``--pad mean``). Nothing is written.
-2. ``write``: stream each tensor again, combine the blocks with the coefficients the driver
-   computed from the reductions (one set per t), and write the bytes at the tensor's planned
-   offset in its shard, for every output.
+``--eval`` needs every tensor's coefficients before anything is written, so it splits the work
+in two: ``reduce`` returns the reductions of every tensor, the children are scored, and ``write``
+then takes the coefficients it is given (``WriteJob.reduced``).
 
 Tensor bytes never travel through Ray: the actor reads the parents and writes the shards on the
 filesystem; Ray carries plans, paths and small records. The class is plain Python so that tests
@@ -28,13 +33,18 @@ from safetensors import safe_open
 
 from raymerge.align import pad_rows
 from raymerge.plan import TensorPlan
+from raymerge.readahead import ReadAhead
 from raymerge.shards import TORCH_DTYPES, ShardFile, TensorEntry, WriteBehind, close_all, numel
-from raymerge.slerp import Coefficients, Reductions, combine_block, reduce_block, to_work
+from raymerge.slerp import Coefficients, Reductions, combine_block, reduce_block, slerp_coefficients, to_work
+
+# A tensor whose two parents' bytes together fit in this many bytes is kept in memory between its
+# reduction and its combination; a larger one is read a second time, from the page cache.
+KEEP_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
 class TensorStats:
-    """What pass 1 learned about one tensor."""
+    """What the reduction of one tensor learned."""
 
     name: str
     reductions: Reductions
@@ -43,24 +53,47 @@ class TensorStats:
     equal: bool = True  # non-float tensors: identical in both parents
     means: dict[str, torch.Tensor] = field(default_factory=dict)  # --pad mean: parent -> its mean row
 
+    @property
+    def ok(self) -> bool:
+        return self.finite_a and self.finite_b and self.equal
+
 
 @dataclass(frozen=True)
 class WriteJob:
-    """Pass 2 for one actor and one shard: the tensors to write and where."""
+    """One actor's tensors of one shard: what to make and where to write it.
+
+    Unless ``reduced``, each tensor is reduced and checked here, and its SLERP coefficients come
+    from its own reductions and ``ts`` (one t per output). With ``reduced`` (``--eval``), pass 1
+    ran already: ``coefficients`` and ``means`` are given.
+    """
 
     shard_paths: tuple[str, ...]  # one partial file per output (per t)
     header: bytes
     tensors: tuple[TensorPlan, ...]
-    coefficients: dict[str, tuple[Coefficients, ...]]  # name -> one per output
+    ts: dict[str, tuple[float, ...]] = field(default_factory=dict)  # slerp tensor -> one t per output
+    reduced: bool = False
+    coefficients: dict[str, tuple[Coefficients, ...]] = field(default_factory=dict)  # name -> one per output
     means: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # name -> parent -> mean row
+    then: tuple[TensorPlan, ...] = ()  # this actor's next tensors after this job: read ahead
+
+
+@dataclass(frozen=True)
+class Written:
+    """What one ``write`` call did: bytes written, and each tensor's reductions (unless reduced)."""
+
+    nbytes: int
+    stats: tuple[TensorStats, ...]
+    refused: TensorStats | None = None  # a tensor that failed its checks: the call stopped there
 
 
 class MergeActor:
     """One worker of a merge. Methods take and return plain records; each call is idempotent."""
 
-    def __init__(self, block_bytes: int, num_threads: int = 1, use_gpu: bool = False):
+    def __init__(self, block_bytes: int, num_threads: int = 1, use_gpu: bool = False,
+                 keep_bytes: int = KEEP_BYTES):
         self.block_bytes = block_bytes
         self.num_threads = max(1, num_threads)
+        self.keep_bytes = keep_bytes
         _reuse_freed_memory()
         self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self._handles: dict[str, object] = {}
@@ -154,6 +187,13 @@ class MergeActor:
                 block[usable] = self._gather(other_entry, osrc[usable]).to(torch.float32)
         return block
 
+    def _sources(self, t: TensorPlan, r0: int, r1: int, means) -> tuple[torch.Tensor, ...]:
+        """The aligned input rows [r0, r1) an output block is made from: (A's, B's) for a SLERP
+        or a comparison, the one parent's for a copy."""
+        if t.op in ("copy_a", "copy_b"):
+            return (self._rows(t, t.op[-1], r0, r1, means),)
+        return self._rows(t, "a", r0, r1, means), self._rows(t, "b", r0, r1, means)
+
     def _blocks(self, shape: tuple[int, ...]):
         """Row ranges of one tensor, sized so a float32 block holds about block_bytes."""
         if not shape:
@@ -171,37 +211,6 @@ class MergeActor:
             total += self._slice(entry, r0, r1).to(torch.float64).sum(dim=0)
         return (total / entry.shape[0]).to(torch.float32)
 
-    # ---- pass 1 --------------------------------------------------------------------------
-
-    def reduce(self, tensors: list[TensorPlan]) -> list[TensorStats]:
-        """Pass 1: the float64 reductions of each tensor, and its finiteness."""
-        # torch's float64 dot splits its sum across threads, so its last bits depend on the thread
-        # count, which follows the number of actors: one thread gives every actor count the same
-        # reductions, hence the same output bytes (tests/test_determinism.py).
-        torch.set_num_threads(1)
-        return [self._reduce_one(t) for t in tensors]
-
-    def _reduce_one(self, t: TensorPlan) -> TensorStats:
-        if t.op in ("copy_a", "copy_b"):
-            parent, means = t.op[-1], self._means(t)
-            red = Reductions()
-            for r0, r1 in self._blocks(t.shape):
-                x = self._rows(t, parent, r0, r1, means)
-                red = red + (reduce_block(x, x) if x.is_floating_point() else Reductions())
-            ok = math.isfinite(red.aa)
-            return TensorStats(t.name, red, ok, ok, means=means)
-        if t.op == "equal":
-            equal = all(
-                torch.equal(self._rows(t, "a", r0, r1), self._rows(t, "b", r0, r1))
-                for r0, r1 in self._blocks(t.shape)
-            )
-            return TensorStats(t.name, Reductions(), True, True, equal=equal)
-        means = self._means(t)
-        red = Reductions()
-        for r0, r1 in self._blocks(t.shape):
-            red = red + reduce_block(self._rows(t, "a", r0, r1, means), self._rows(t, "b", r0, r1, means))
-        return TensorStats(t.name, red, math.isfinite(red.aa), math.isfinite(red.bb), means=means)
-
     def _means(self, t: TensorPlan) -> dict[str, torch.Tensor]:
         """The mean rows ``--pad mean`` fills with: the short parent's, or each parent's by token string."""
         if t.pad is not None and t.pad.strategy == "mean":
@@ -210,58 +219,113 @@ class MergeActor:
             return {p: self._mean_row(e) for p, e in (("a", t.a), ("b", t.b)) if e is not None}
         return {}
 
-    # ---- pass 2 --------------------------------------------------------------------------
+    # ---- reductions ----------------------------------------------------------------------
 
-    def write(self, job: WriteJob) -> int:
-        """Pass 2: compute this job's tensors and write them into every output's partial shard.
+    def reduce(self, tensors: list[TensorPlan]) -> list[TensorStats]:
+        """The float64 reductions of each tensor, and its checks (``--eval``'s first pass)."""
+        _reduce_on_one_thread()
+        return [self._reduce_one(t, self._means(t))[0] for t in tensors]
 
-        Returns the number of bytes written (all outputs together).
+    def _reduce_one(self, t: TensorPlan, means: dict, keep: bool = False) -> tuple[TensorStats, list | None]:
+        """One tensor's reductions and checks; with ``keep``, also its aligned blocks (for the
+        combination that follows, so that they are not read again)."""
+        kept = [] if keep else None
+        red, equal = Reductions(), True
+        for r0, r1 in self._blocks(t.shape):
+            src = self._sources(t, r0, r1, means)
+            if t.op == "equal":
+                equal = equal and torch.equal(*src)
+            elif src[0].is_floating_point():
+                red = red + reduce_block(src[0], src[-1])
+            if kept is not None:
+                kept.append(src)
+        if t.op in ("copy_a", "copy_b"):
+            ok = math.isfinite(red.aa)
+            return TensorStats(t.name, red, ok, ok, means=means), kept
+        return TensorStats(t.name, red, math.isfinite(red.aa), math.isfinite(red.bb), equal, means), kept
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def write(self, job: WriteJob) -> Written:
+        """Make this job's tensors and write them into every output's partial shard.
+
+        Stops at the first tensor that fails its checks (NaN or inf, differing non-float
+        tensors) and reports it, having written nothing of it.
         """
-        # One of the actor's CPUs goes to the background writer; torch gets the rest.
-        torch.set_num_threads(max(1, self.num_threads - 1))
         files: list[ShardFile] = []
-        written = 0
+        written, stats, refused = 0, [], None
         try:
             for path in job.shard_paths:
                 files.append(ShardFile(path, job.header))
-            # Blocks go to disk on a background thread while the next ones are read and combined.
-            with WriteBehind() as writer:
-                for t in job.tensors:
-                    out_dtype = TORCH_DTYPES[t.dtype]
-                    row_bytes = numel(t.shape[1:]) * out_dtype.itemsize
-                    coefs = job.coefficients.get(t.name)
-                    means = job.means.get(t.name)
-                    for r0, r1 in self._blocks(t.shape):
-                        offset = t.offset + r0 * row_bytes
-                        for f, block in zip(files, self._out_blocks(t, r0, r1, coefs, means, out_dtype, len(files))):
-                            writer.submit(f, offset, block)
-                            written += block.numel() * block.element_size()
+            # The kernel reads the next tensors while this one is worked on; blocks go to disk
+            # on a background thread while the next ones are read and combined.
+            with ReadAhead(job.tensors + job.then) as ahead, WriteBehind() as writer:
+                for i, t in enumerate(job.tensors):
+                    ahead.done(i)
+                    if job.reduced:
+                        coefs, means, kept = job.coefficients.get(t.name), job.means.get(t.name), None
+                    else:
+                        _reduce_on_one_thread()
+                        means = self._means(t)
+                        s, kept = self._reduce_one(t, means, keep=t.read_bytes <= self.keep_bytes)
+                        stats.append(s)
+                        if not s.ok:
+                            refused = s
+                            break
+                        coefs = (tuple(slerp_coefficients(s.reductions, x) for x in job.ts[t.name])
+                                 if t.op == "slerp" else None)
+                    # One of the actor's CPUs goes to the background writer; torch gets the rest.
+                    torch.set_num_threads(max(1, self.num_threads - 1))
+                    written += self._write_tensor(t, coefs, means, kept, files, writer)
         except BaseException:
             # Already failing: close without syncing, so that a sync error cannot hide the real
             # one (a full disk), and leak no descriptor.
             with contextlib.suppress(OSError):
                 close_all(files, sync=False)
             raise
-        close_all(files, sync=True)
+        close_all(files, sync=refused is None)
+        return Written(written, tuple(stats), refused)
+
+    def _write_tensor(self, t: TensorPlan, coefs, means, kept: list | None, files: list[ShardFile],
+                      writer: WriteBehind) -> int:
+        """Combine one tensor's blocks (``kept``, or read again) and queue them for every output."""
+        out_dtype = TORCH_DTYPES[t.dtype]
+        row_bytes = numel(t.shape[1:]) * out_dtype.itemsize
+        written = 0
+        for j, (r0, r1) in enumerate(self._blocks(t.shape)):
+            src = kept[j] if kept is not None else self._sources(t, r0, r1, means)
+            if kept is not None:
+                kept[j] = None  # free each block once it is combined
+            for f, block in zip(files, self._out_blocks(t, src, coefs, out_dtype, len(files))):
+                writer.submit(f, t.offset + r0 * row_bytes, block)
+                written += block.numel() * block.element_size()
         return written
 
     def merged_tensor(self, t: TensorPlan, coef: Coefficients | None, means=None) -> torch.Tensor:
-        """One output tensor in memory: the blocks pass 2 would write for this t, joined (the
+        """One output tensor in memory: the blocks ``write`` would write for this t, joined (the
         same bits as the written tensor; used to score a child without writing it)."""
         out_dtype = TORCH_DTYPES[t.dtype]
         coefs = (coef,) if coef is not None else None
-        blocks = [next(self._out_blocks(t, r0, r1, coefs, means, out_dtype, 1)) for r0, r1 in self._blocks(t.shape)]
+        blocks = [next(self._out_blocks(t, self._sources(t, r0, r1, means), coefs, out_dtype, 1))
+                  for r0, r1 in self._blocks(t.shape)]
         return torch.cat(blocks).reshape(t.shape) if t.shape else blocks[0].reshape(())
 
-    def _out_blocks(self, t: TensorPlan, r0: int, r1: int, coefs, means, out_dtype, n_outputs: int):
-        """Rows [r0, r1) of the tensor in every output: one SLERP per t, or the copied rows."""
+    def _out_blocks(self, t: TensorPlan, src: tuple[torch.Tensor, ...], coefs, out_dtype, n_outputs: int):
+        """One block of the tensor in every output: one SLERP per t, or the copied rows."""
         if t.op == "slerp":
-            a, b = to_work(self._rows(t, "a", r0, r1, means), self._rows(t, "b", r0, r1, means))
+            a, b = to_work(*src)
             for coef in coefs:
                 yield combine_block(a, b, coef, out_dtype).cpu()
         else:
-            x = self._rows(t, "b" if t.op == "copy_b" else "a", r0, r1, means).to(out_dtype).cpu()
+            x = src[0].to(out_dtype).cpu()
             yield from [x] * n_outputs
+
+
+def _reduce_on_one_thread() -> None:
+    # torch's float64 dot splits its sum across threads, so its last bits depend on the thread
+    # count, which follows the number of actors: one thread gives every actor count the same
+    # reductions, hence the same output bytes (tests/test_determinism.py).
+    torch.set_num_threads(1)
 
 
 def _reuse_freed_memory() -> None:

@@ -1,11 +1,13 @@
 """The driver: resolves parents, builds the plan from headers, drives the actors, assembles.
 
-    parents ─ headers ─▶ plan ─▶ actors, pass 1 (reduce) ─▶ coefficients per tensor and t
-                                 actors, pass 2 (write)  ─▶ finished shards renamed into place
-                                 assembler               ─▶ index, config, tokenizer, card, provenance
+    parents ─ headers ─▶ plan ─▶ actors, per tensor: reduce, check, SLERP per t, write
+                                 ─▶ finished shards renamed into place
+                                 assembler ─▶ index, config, tokenizer, card, provenance
 
-Every input is checked, and pass 1 has read every tensor (finiteness, equality of non-float
-tensors), before the output directory is created.
+Headers, configs and tokenizers are checked before the output directory is created; tensor values
+(finiteness, equality of non-float tensors) as each tensor is read, and a refusal then removes
+every shard the merge wrote. ``--eval`` reduces every tensor first (its scores need every
+tensor's coefficients), scores the children, then writes the ones it keeps.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -149,7 +151,9 @@ def actor_shape(options: MergeOptions, nodes: list[dict]) -> ActorShape:
 def _check_stats(plan: MergePlan, stats: dict[str, TensorStats]) -> None:
     """Refuse non-finite parents and differing non-float tensors, naming file and tensor."""
     for t in plan.tensors:
-        s = stats[t.name]
+        s = stats.get(t.name)
+        if s is None:
+            continue
         for ok, entry, label in ((s.finite_a, t.a, "A"), (s.finite_b, t.b, "B")):
             if not ok and entry is not None:
                 raise InputError(f"parent {label}: {entry.file}: tensor {entry.name!r} holds NaN or inf")
@@ -218,7 +222,8 @@ def merge(options: MergeOptions) -> MergeResult:
         finally:
             for actor in actors:
                 ray.kill(actor)
-        phases.lap("write")
+        # With --eval, the tensors were read and reduced before scoring: this is the writing.
+        phases.lap("write" if options.eval_text else "merge")
     phases.lap("stop Ray")
 
     outputs = {}
@@ -236,8 +241,8 @@ def merge(options: MergeOptions) -> MergeResult:
 def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[float, ...]],
            fingerprint: str, out: OutputDir, actors: list, phases: Phases,
            scoring: tuple | None) -> tuple[int, int, pa.Table | None]:
-    """Both passes, and between them the scores of ``--eval``; returns (bytes written, number of
-    nodes the actors ran on, the scores)."""
+    """The merge, and with ``--eval`` first the reductions and scores; returns (bytes written,
+    number of nodes the actors ran on, the scores)."""
     read_paths = sorted({e.file for t in plan.tensors for e in (t.a, t.b) if e is not None})
     probe_dir = out.probe_dir()
     try:
@@ -253,19 +258,20 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
         _check_writable(info, probe_dir)
     phases.lap("start actors")
 
-    stats = _reduce_pass(options, plan, actors)
-    phases.lap("read + reduce")
-    coefficients: dict[str, tuple[Coefficients, ...]] = {
-        name: tuple(slerp_coefficients(stats[name].reductions, x) for x in ts)
-        for name, ts in t_by_name.items()
-    }
-    scores = None
+    scores, stats, coefficients = None, {}, None
     if scoring is not None:
+        # Scoring needs every tensor's coefficients before anything is written: a first pass
+        # reduces them all, and the write pass takes the chosen children's coefficients.
         inputs, a, b, start_actors = scoring
+        stats = _reduce_pass(options, plan, actors, plan.tensors)
+        _check_stats(plan, stats)
+        phases.lap("read + reduce")
+        coefficients = {name: tuple(slerp_coefficients(stats[name].reductions, x) for x in ts)
+                        for name, ts in t_by_name.items()}
         labels = options.t_labels()
         means = {n: s.means for n, s in stats.items() if s.means}
         # The scoring actors need the CPUs (or GPUs) the merge actors hold: stop those, and start
-        # them again for pass 2 (in place, so that the caller's clean-up sees the new ones).
+        # them again for the write pass (in place, so that the caller's clean-up sees the new ones).
         _stop_and_wait(actors)
         scores = evaluation.evaluate(options, plan, inputs, a, b, coefficients, means, labels)
         actors[:] = start_actors()
@@ -274,15 +280,22 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
         chosen = [i for i, label in enumerate(labels) if label in kept]
         out.subdirs = [out.subdirs[i] for i in chosen]
         coefficients = {name: tuple(c[i] for i in chosen) for name, c in coefficients.items()}
+        t_by_name = {name: tuple(ts[i] for i in chosen) for name, ts in t_by_name.items()}
 
     out.create(fingerprint, options.overwrite)
     for info in ray.get([actor.where.remote([], out.state_dir) for actor in actors]):
         _check_writable(info, out.root)
+    written, merged = _write_pass(options, plan, t_by_name, stats, out, actors)
+    stats = stats or merged
     if options.report:
+        missing = [t for t in plan.tensors if t.name not in stats]  # in shards a resume kept
+        if missing:
+            stats.update(_reduce_pass(options, plan, actors, missing))
         os.makedirs(os.path.dirname(os.path.abspath(options.report)), exist_ok=True)
+        coefficients = {name: tuple(slerp_coefficients(stats[name].reductions, x) for x in ts)
+                        for name, ts in t_by_name.items()}
         pq.write_table(tensor_report(plan, {n: s.reductions for n, s in stats.items()}, coefficients, t_by_name),
                        options.report)
-    written = _write_pass(options, plan, stats, coefficients, out, actors)
     return written, len({info["node"] for info in placed}), scores
 
 
@@ -303,13 +316,13 @@ def _by_actor(tensors) -> dict[int, list[TensorPlan]]:
     return groups
 
 
-def _reduce_pass(options: MergeOptions, plan: MergePlan, actors: list) -> dict[str, TensorStats]:
-    """Pass 1: every tensor's reductions, finiteness and equality; nothing is written."""
+def _reduce_pass(options: MergeOptions, plan: MergePlan, actors: list, tensors) -> dict[str, TensorStats]:
+    """The reductions, finiteness and equality of ``tensors``; nothing is written."""
     stats: dict[str, TensorStats] = {}
-    progress = Progress("reduce", sum(t.read_bytes for t in plan.tensors), enabled=options.progress)
+    progress = Progress("reduce", sum(t.read_bytes for t in tensors), enabled=options.progress)
     pending = {}
-    for i, tensors in _by_actor(plan.tensors).items():
-        for chunk in chunk_by_size(tensors, CALL_BYTES, lambda t: t.read_bytes):
+    for i, mine in _by_actor(tensors).items():
+        for chunk in chunk_by_size(mine, CALL_BYTES, lambda t: t.read_bytes):
             pending[actors[i].reduce.remote(chunk)] = chunk
 
     def reduced(ref, values):
@@ -319,50 +332,70 @@ def _reduce_pass(options: MergeOptions, plan: MergePlan, actors: list) -> dict[s
 
     _run(list(pending), reduced)
     progress.close()
-    _check_stats(plan, stats)
     return stats
 
 
-def _write_pass(options: MergeOptions, plan: MergePlan, stats: dict[str, TensorStats],
-                coefficients: dict[str, tuple[Coefficients, ...]], out: OutputDir, actors: list) -> int:
-    """Pass 2: compute and write every shard not already finished; rename each when complete."""
-    means = {n: s.means for n, s in stats.items() if s.means}
+def _write_pass(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[float, ...]],
+                reduced: dict[str, TensorStats], out: OutputDir,
+                actors: list) -> tuple[int, dict[str, TensorStats]]:
+    """Make and write every shard not already finished, renaming each when complete; returns the
+    bytes written and the reductions of the tensors made.
+
+    Each tensor is reduced, checked and written in one read of its bytes, unless ``reduced``
+    holds pass 1's results (``--eval``). A tensor that fails its checks stops the merge: the
+    actors are stopped and every model file of this merge removed before the refusal is raised.
+    """
     done = out.finished_shards(plan)
     todo = [i for i in range(len(plan.shards)) if i not in done]
     out.clear_partial(plan, set(todo))
-    jobs: dict = {}
+    means = {n: s.means for n, s in reduced.items() if s.means}
+    per_actor: dict[int, list[tuple[WriteJob, int]]] = defaultdict(list)  # actor -> (job, shard), in order
     remaining: dict[int, int] = defaultdict(int)
     for i in todo:
         shard = plan.shards[i]
         paths = tuple(out.partial_path(sub, shard.filename) for sub in out.subdirs)
         for actor_id, mine in sorted(_by_actor(t for t in plan.tensors if t.shard == i).items()):
             # Calls of bounded size: progress moves, and a lost actor costs one call, not a shard.
-            for chunk in chunk_by_size(mine, CALL_BYTES, lambda t: t.nbytes * len(paths)):
-                job = WriteJob(
-                    shard_paths=paths, header=shard.layout.header, tensors=tuple(chunk),
-                    coefficients={t.name: coefficients[t.name] for t in chunk if t.name in coefficients},
-                    means={t.name: means[t.name] for t in chunk if t.name in means},
-                )
-                jobs[actors[actor_id].write.remote(job)] = i
+            for chunk in chunk_by_size(mine, CALL_BYTES, lambda t: t.read_bytes + t.nbytes * len(paths)):
+                names = [t.name for t in chunk if t.name in t_by_name]
+                job = WriteJob(shard_paths=paths, header=shard.layout.header, tensors=tuple(chunk),
+                               ts={n: t_by_name[n] for n in names}, reduced=bool(reduced))
+                if reduced:
+                    job = replace(job, coefficients={n: tuple(slerp_coefficients(reduced[n].reductions, x)
+                                                              for x in t_by_name[n]) for n in names},
+                                  means={t.name: means[t.name] for t in chunk if t.name in means})
+                per_actor[actor_id].append((job, i))
                 remaining[i] += 1
+    shard_of = {}
+    for actor_id, queue in per_actor.items():
+        for k, (job, i) in enumerate(queue):
+            # Each call also reads ahead the first tensors of the actor's next call.
+            then = queue[k + 1][0].tensors[:2] if k + 1 < len(queue) else ()
+            shard_of[actors[actor_id].write.remote(replace(job, then=then))] = i
     write_total = sum(plan.shards[i].layout.size for i in todo) * len(out.subdirs)
-    progress = Progress("write", write_total, len(plan.shards), enabled=options.progress)
+    progress = Progress("merge" if not reduced else "write", write_total, len(plan.shards), enabled=options.progress)
     progress.update(shards=len(done))
-    written = 0
+    written, stats = 0, {}
 
-    def wrote(ref, nbytes):
+    def wrote(ref, result):
         nonlocal written
-        written += nbytes
-        i = jobs[ref]
+        for s in result.stats:
+            stats[s.name] = s
+        if result.refused is not None:
+            _stop_and_wait(actors)
+            out.discard(plan)
+            _check_stats(plan, {result.refused.name: result.refused})
+        written += result.nbytes
+        i = shard_of[ref]
         remaining[i] -= 1
         finished = remaining[i] == 0
         if finished:
             out.finish_shard(plan, i)
-        progress.update(nbytes, shards=int(finished))
+        progress.update(result.nbytes, shards=int(finished))
 
-    _run(list(jobs), wrote)
+    _run(list(shard_of), wrote)
     progress.close()
-    return written
+    return written, stats
 
 
 def print_summary(result: MergeResult, stream=sys.stderr) -> None:

@@ -7,7 +7,8 @@ Layout while a merge runs::
     OUT/<sub>/<shard>                    finished shards, renamed there when complete
 
 ``<sub>`` is ``""`` for one t and ``t-<t>`` for each t of a sweep. A file only ever appears under
-its final name once it is complete, so a crash leaves nothing that looks finished.
+its final name once it is complete, so a crash leaves nothing that looks finished; a merge refused
+midway (a NaN in a parent tensor) removes every shard it wrote.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class OutputDir:
     def __init__(self, out: str, subdirs: list[str]):
         self.root = os.path.realpath(out)
         self.subdirs = subdirs
+        self.made = False  # whether this merge created the directory (or emptied it: --overwrite)
 
     @property
     def state_dir(self) -> str:
@@ -52,7 +54,8 @@ class OutputDir:
 
     def probe_dir(self) -> str:
         """Where the actors check, before any work, that they can write: OUT, or the nearest
-        existing directory above it (OUT itself is only created once every input is checked)."""
+        existing directory above it (OUT itself is created once the inputs' headers, configs
+        and tokenizers are checked)."""
         path = self.root
         while not os.path.isdir(path) and os.path.dirname(path) != path:
             path = os.path.dirname(path)
@@ -98,6 +101,7 @@ class OutputDir:
         try:
             if overwrite and os.path.isdir(self.root):
                 shutil.rmtree(self.root)
+            self.made = not os.path.isdir(self.root) or not os.listdir(self.root)
             for sub in self.subdirs:
                 os.makedirs(os.path.join(self.state_dir, "partial", sub), exist_ok=True)
                 os.makedirs(self.output_path(sub), exist_ok=True)
@@ -134,6 +138,19 @@ class OutputDir:
                 raise RuntimeError(f"{src}: {size} bytes written, {shard.layout.size} planned")
             os.replace(src, self.final_path(sub, shard.filename))
             fsync_path(self.output_path(sub))  # the shard's bytes were synced before its rename
+
+    def discard(self, plan: MergePlan) -> None:
+        """Remove every model file of this merge (a parent was refused midway): OUT is left
+        holding no model, and is gone if this merge created it."""
+        if self.made:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        for sub in self.subdirs:
+            for shard in plan.shards:
+                path = self.final_path(sub, shard.filename)
+                if os.path.exists(path):
+                    os.remove(path)
+        self.cleanup()
 
     def cleanup(self) -> None:
         shutil.rmtree(self.state_dir, ignore_errors=True)

@@ -19,7 +19,8 @@ def _job(parents, tmp_path, paths):
     shard = plan.shards[0]
     tensors = tuple(t for t in plan.tensors if t.shard == 0)
     coefs = {t.name: (Coefficients(0.5, 0.5, True, 0.0),) * len(paths) for t in tensors if t.op == "slerp"}
-    return WriteJob(shard_paths=tuple(paths), header=shard.layout.header, tensors=tensors, coefficients=coefs)
+    return WriteJob(shard_paths=tuple(paths), header=shard.layout.header, tensors=tensors, reduced=True,
+                    coefficients=coefs)
 
 
 def _open_fds() -> int:

@@ -35,7 +35,9 @@ def _events(trace: str) -> list[tuple[str, str, tuple[str, ...]]]:
     events = []
     with open(trace) as f:
         for line in f:
+            # strace pads the thread id to a width ("6442  rename(...)"): split at the blanks.
             tid, _, rest = line.rstrip("\n").partition(" ")
+            rest = rest.lstrip(" ")
             if rest.endswith("<unfinished ...>"):
                 pending[tid] = rest[: -len("<unfinished ...>")]
                 continue
