@@ -3,11 +3,11 @@
 A merge is one pass over the actor's share of the plan, tensor by tensor (``write``): stream the
 tensor in row blocks and accumulate its float64 reductions (and finiteness, equality of non-float
 tensors, the short parent's mean for ``--pad mean``); refuse it, writing nothing more, if a check
-fails; else turn the reductions into coefficients (one set per t), combine the same blocks (kept
-in memory, or read again while the page cache still holds them) and write the bytes at the
-tensor's planned offset in its shard, for every output. Every parent byte is read from storage
-once; while one tensor is worked on, the kernel is already reading the next (readahead.py), and a
-background thread writes the finished blocks.
+fails; else turn the reductions into coefficients (one set per t), combine the same blocks and
+write the bytes at the tensor's planned offset in its shard, for every output. Every parent byte
+is read from storage once: a background thread reads the next tensors whole while this one is
+worked on (readahead.py; a tensor too large for that is streamed twice, the second time from the
+page cache), and another writes the finished blocks.
 
 ``--eval`` needs every tensor's coefficients before anything is written, so it splits the work
 in two: ``reduce`` returns the reductions of every tensor, the children are scored, and ``write``
@@ -33,13 +33,9 @@ from safetensors import safe_open
 
 from raymerge.align import pad_rows
 from raymerge.plan import TensorPlan
-from raymerge.readahead import ReadAhead
+from raymerge.readahead import Buffers, ReadAhead
 from raymerge.shards import TORCH_DTYPES, ShardFile, TensorEntry, WriteBehind, close_all, numel
 from raymerge.slerp import Coefficients, Reductions, combine_block, reduce_block, slerp_coefficients, to_work
-
-# A tensor whose two parents' bytes together fit in this many bytes is kept in memory between its
-# reduction and its combination; a larger one is read a second time, from the page cache.
-KEEP_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -89,14 +85,15 @@ class Written:
 class MergeActor:
     """One worker of a merge. Methods take and return plain records; each call is idempotent."""
 
-    def __init__(self, block_bytes: int, num_threads: int = 1, use_gpu: bool = False,
-                 keep_bytes: int = KEEP_BYTES):
+    def __init__(self, block_bytes: int, num_threads: int = 1, use_gpu: bool = False):
         self.block_bytes = block_bytes
         self.num_threads = max(1, num_threads)
-        self.keep_bytes = keep_bytes
         _reuse_freed_memory()
         self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
         self._handles: dict[str, object] = {}
+        self._loaded: dict[tuple[str, str], torch.Tensor] = {}  # the current tensor's bytes, read ahead
+        self._buffers = Buffers()  # what they are read into, reused from call to call
+        self._carried: dict = {}  # the next call's first tensors, read by this one (readahead.py)
 
     # ---- set-up checks -------------------------------------------------------------------
 
@@ -126,6 +123,9 @@ class MergeActor:
     # ---- reading -------------------------------------------------------------------------
 
     def _slice(self, entry: TensorEntry, r0: int, r1: int) -> torch.Tensor:
+        loaded = self._loaded.get((entry.file, entry.name))
+        if loaded is not None:
+            return loaded[r0:r1] if entry.shape else loaded
         handle = self._handles.get(entry.file)
         if handle is None:
             handle = self._handles[entry.file] = _open(entry.file)
@@ -224,12 +224,16 @@ class MergeActor:
     def reduce(self, tensors: list[TensorPlan]) -> list[TensorStats]:
         """The float64 reductions of each tensor, and its checks (``--eval``'s first pass)."""
         _reduce_on_one_thread()
-        return [self._reduce_one(t, self._means(t))[0] for t in tensors]
+        stats = []
+        with ReadAhead(tensors, self._buffers) as ahead:
+            for i, t in enumerate(tensors):
+                self._loaded = ahead.take(i)
+                stats.append(self._reduce_one(t, self._means(t)))
+        self._loaded = {}
+        return stats
 
-    def _reduce_one(self, t: TensorPlan, means: dict, keep: bool = False) -> tuple[TensorStats, list | None]:
-        """One tensor's reductions and checks; with ``keep``, also its aligned blocks (for the
-        combination that follows, so that they are not read again)."""
-        kept = [] if keep else None
+    def _reduce_one(self, t: TensorPlan, means: dict) -> TensorStats:
+        """One tensor's reductions and checks."""
         red, equal = Reductions(), True
         for r0, r1 in self._blocks(t.shape):
             src = self._sources(t, r0, r1, means)
@@ -237,12 +241,10 @@ class MergeActor:
                 equal = equal and torch.equal(*src)
             elif src[0].is_floating_point():
                 red = red + reduce_block(src[0], src[-1])
-            if kept is not None:
-                kept.append(src)
         if t.op in ("copy_a", "copy_b"):
             ok = math.isfinite(red.aa)
-            return TensorStats(t.name, red, ok, ok, means=means), kept
-        return TensorStats(t.name, red, math.isfinite(red.aa), math.isfinite(red.bb), equal, means), kept
+            return TensorStats(t.name, red, ok, ok, means=means)
+        return TensorStats(t.name, red, math.isfinite(red.aa), math.isfinite(red.bb), equal, means)
 
     # ---- writing -------------------------------------------------------------------------
 
@@ -257,17 +259,19 @@ class MergeActor:
         try:
             for path in job.shard_paths:
                 files.append(ShardFile(path, job.header))
-            # The kernel reads the next tensors while this one is worked on; blocks go to disk
-            # on a background thread while the next ones are read and combined.
-            with ReadAhead(job.tensors + job.then) as ahead, WriteBehind() as writer:
+            # The next tensors are read while this one is worked on; blocks go to disk on a
+            # background thread while the next ones are combined.
+            ahead = ReadAhead(job.tensors + job.then, self._buffers, self._carried, keep_from=len(job.tensors))
+            self._carried = {}
+            with ahead, WriteBehind() as writer:
                 for i, t in enumerate(job.tensors):
-                    ahead.done(i)
+                    self._loaded = ahead.take(i)
                     if job.reduced:
-                        coefs, means, kept = job.coefficients.get(t.name), job.means.get(t.name), None
+                        coefs, means = job.coefficients.get(t.name), job.means.get(t.name)
                     else:
                         _reduce_on_one_thread()
                         means = self._means(t)
-                        s, kept = self._reduce_one(t, means, keep=t.read_bytes <= self.keep_bytes)
+                        s = self._reduce_one(t, means)
                         stats.append(s)
                         if not s.ok:
                             refused = s
@@ -276,26 +280,26 @@ class MergeActor:
                                  if t.op == "slerp" else None)
                     # One of the actor's CPUs goes to the background writer; torch gets the rest.
                     torch.set_num_threads(max(1, self.num_threads - 1))
-                    written += self._write_tensor(t, coefs, means, kept, files, writer)
+                    written += self._write_tensor(t, coefs, means, files, writer)
         except BaseException:
             # Already failing: close without syncing, so that a sync error cannot hide the real
             # one (a full disk), and leak no descriptor.
             with contextlib.suppress(OSError):
                 close_all(files, sync=False)
             raise
+        finally:
+            self._loaded = {}
+        self._carried = ahead.leftover
         close_all(files, sync=refused is None)
         return Written(written, tuple(stats), refused)
 
-    def _write_tensor(self, t: TensorPlan, coefs, means, kept: list | None, files: list[ShardFile],
-                      writer: WriteBehind) -> int:
-        """Combine one tensor's blocks (``kept``, or read again) and queue them for every output."""
+    def _write_tensor(self, t: TensorPlan, coefs, means, files: list[ShardFile], writer: WriteBehind) -> int:
+        """Combine one tensor's blocks and queue them for every output."""
         out_dtype = TORCH_DTYPES[t.dtype]
         row_bytes = numel(t.shape[1:]) * out_dtype.itemsize
         written = 0
-        for j, (r0, r1) in enumerate(self._blocks(t.shape)):
-            src = kept[j] if kept is not None else self._sources(t, r0, r1, means)
-            if kept is not None:
-                kept[j] = None  # free each block once it is combined
+        for r0, r1 in self._blocks(t.shape):
+            src = self._sources(t, r0, r1, means)
             for f, block in zip(files, self._out_blocks(t, src, coefs, out_dtype, len(files))):
                 writer.submit(f, t.offset + r0 * row_bytes, block)
                 written += block.numel() * block.element_size()
@@ -317,7 +321,9 @@ class MergeActor:
             for coef in coefs:
                 yield combine_block(a, b, coef, out_dtype).cpu()
         else:
-            x = src[0].to(out_dtype).cpu()
+            # A copy, never a view: the read-ahead reuses the rows' buffer once the tensor is done,
+            # perhaps before the background writer has written this block.
+            x = src[0].to(out_dtype, copy=True).cpu()
             yield from [x] * n_outputs
 
 

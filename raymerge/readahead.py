@@ -1,100 +1,276 @@
-"""Reading ahead: the kernel fetches the next tensors' parent bytes while this one is worked on.
+"""Reading ahead: the next tensors' parent bytes are read while this one is worked on.
 
-An actor works tensor by tensor (actors.py). Left alone, each tensor's first read would wait for
-storage, and the maths would wait for the read. ``ReadAhead`` asks the kernel, from a background
-thread, to start reading the byte ranges of the tensors that come next
-(``posix_fadvise(WILLNEED)``: the pages go into the page cache, nothing is copied into this
-process), keeping about ``ahead_bytes`` requested beyond the tensor being worked on. The advice
-changes no byte anyone reads; where the platform lacks it (macOS), or for PyTorch ``.bin``
-parents (whose tensor offsets are not known), it does nothing.
+An actor works tensor by tensor (actors.py). Left alone, each tensor's read would wait for
+storage, and the maths would wait for the read. ``ReadAhead`` runs a background thread that
+walks the actor's tensors in order, ahead of the work, keeping at most about ``ahead_bytes`` read
+and not yet used:
+
+- a tensor whose two parents' bytes fit in ``load_bytes`` is read whole, with large sequential
+  reads straight into memory: the actor then slices it there, for its reduction and again for
+  its combination, and storage is read once. What the page cache holds is copied from it; the
+  rest is read with ``O_DIRECT``, from storage into the buffer: copying through the page cache
+  costs the kernel about one CPU second per GB, more than the maths;
+- a larger tensor (a big vocabulary's embedding) is streamed by the actor in row blocks; the
+  thread only asks the kernel to start reading its byte ranges (``posix_fadvise(WILLNEED)``,
+  where the platform has it), so the blocks come from the page cache, where they stay for the
+  combination's second look.
+
+Tensors are read into byte buffers the actor keeps for its whole life (``Buffers``): their pages
+are faulted in once, not once per tensor (a fresh allocation per tensor cost more system time
+than the maths). PyTorch ``.bin`` parents (whose tensor offsets are not known) are not read ahead.
 
 Example:
     >>> with ReadAhead(tensors) as ahead:  # doctest: +SKIP
     ...     for i, t in enumerate(tensors):
-    ...         ahead.done(i)  # working on tensor i now: read further ahead
-    ...         work_on(t)
+    ...         loaded = ahead.take(i)  # {(file, name): tensor} for a tensor read whole, else {}
+    ...         work_on(t, loaded)
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 import threading
 from collections.abc import Sequence
 
-from raymerge.shards import TensorEntry
+import torch
 
-# The bytes requested beyond the tensor being worked on: a few of a 7B model's largest tensors,
-# small against the page cache of any machine that merges one.
+from raymerge.shards import TORCH_DTYPES, TensorEntry
+
+# What the thread may hold read and unused. Two of a 7B model's largest tensors (both parents)
+# fit; memory stays well under the 1.5 GB an actor may use.
 AHEAD_BYTES = 512 * 2**20
-CAN_ADVISE = hasattr(os, "posix_fadvise")
+# A tensor is read whole when both parents' bytes fit in this; a larger one is streamed.
+LOAD_BYTES = 256 * 2**20
+READ_CHUNK = 16 * 2**20  # bytes per read call
+ALIGN = 4096  # O_DIRECT's alignment of buffers, offsets and lengths (the largest logical block size)
 
 
-def _ranges(tensor) -> list[TensorEntry]:
+def _entries(tensor) -> list[TensorEntry]:
     """The parent entries (file byte ranges) a planned tensor reads."""
     return [e for e in (tensor.a, tensor.b) if e is not None and not e.file.endswith(".bin")]
 
 
+class Buffers:
+    """Byte buffers reused from one tensor to the next (and from one call to the next)."""
+
+    def __init__(self, limit_bytes: int = AHEAD_BYTES + LOAD_BYTES):
+        self.limit_bytes = limit_bytes
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of at least ``nbytes`` starting at an ALIGN boundary: the smallest
+        free one that fits, else a new one."""
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            if fits:
+                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+        raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+        pad = -raw.data_ptr() % ALIGN
+        return raw[pad:pad + nbytes]
+
+    def put(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            self._free.append(buf)
+            # Keep what the read-ahead can hold at once; let the largest others go.
+            while sum(b.numel() for b in self._free) > self.limit_bytes:
+                self._free.pop(max(range(len(self._free)), key=lambda i: self._free[i].numel()))
+
+
+def span(entry: TensorEntry) -> tuple[int, int]:
+    """The ALIGN-aligned file range [lo, lo + length) that holds the entry's bytes."""
+    lo = entry.start - entry.start % ALIGN
+    return lo, -(-(entry.end - lo) // ALIGN) * ALIGN
+
+
+def read_entry(fds: tuple[int, int | None], entry: TensorEntry, buf: torch.Tensor) -> torch.Tensor:
+    """The entry's tensor, read into ``buf`` (from ``Buffers``, at least ``span(entry)`` long).
+
+    ``fds`` is the file opened plainly and with O_DIRECT (None where the file system refuses
+    it). A chunk the page cache holds whole is copied from it; any other comes from storage
+    through the O_DIRECT descriptor (a plain read would also fill the cache: twice the work).
+    """
+    plain, direct = fds
+    lo, length = span(entry)
+    view = memoryview(buf[:length].numpy())
+    end = entry.end - lo  # bytes of the span that must be read
+    pos = 0
+    while pos < end:
+        size = min(READ_CHUNK, length - pos)  # pos stays aligned: chunks are, and so is EOF's read
+        if direct is not None and not _cached(plain, lo + pos, min(size, end - pos)):
+            n = os.preadv(direct, [view[pos:pos + size]], lo + pos)
+        else:
+            n = os.preadv(plain, [view[pos:pos + min(size, end - pos)]], lo + pos)
+        if n == 0:
+            raise OSError(f"{entry.file}: unexpected end of file in tensor {entry.name!r}")
+        pos += n
+    raw = buf[entry.start - lo:entry.end - lo]
+    dtype = TORCH_DTYPES[entry.dtype]
+    if (entry.start - lo) % dtype.itemsize:  # an unaligned tensor (never written so by safetensors)
+        raw = raw.clone()
+    return raw.view(dtype).reshape(entry.shape)
+
+
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        return libc
+    except (OSError, AttributeError):  # no mincore (not Linux): no O_DIRECT either
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def _cached(fd: int, offset: int, length: int) -> bool:
+    """Whether the page cache holds every page of the file range (``mincore`` on a mapping)."""
+    page = mmap.PAGESIZE
+    start = offset - offset % page
+    size = offset + length - start
+    addr = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        return False
+    try:
+        vec = ctypes.create_string_buffer(-(-size // page))
+        if _LIBC.mincore(addr, size, vec) != 0:
+            return False
+        return b"\x00" not in vec.raw  # one byte per page, its low bit set when resident
+    finally:
+        _LIBC.munmap(addr, size)
+
+
 class ReadAhead:
-    """Advises the kernel to read ``tensors``' parent bytes, in order, ahead of their use."""
+    """Reads (or has the kernel read) ``tensors``' parent bytes in order, ahead of their use.
 
-    def __init__(self, tensors: Sequence, ahead_bytes: int = AHEAD_BYTES):
+    The tensors from index ``keep_from`` on are the next call's: what was read of them is handed
+    over (``leftover``, after ``close``) and given to the next ReadAhead as ``carried``, so a call
+    boundary neither waits for a read nor reads anything twice.
+    """
+
+    def __init__(self, tensors: Sequence, buffers: Buffers | None = None, carried: dict | None = None,
+                 keep_from: int | None = None, ahead_bytes: int = AHEAD_BYTES, load_bytes: int = LOAD_BYTES):
         self.tensors = tensors
+        self.buffers = buffers or Buffers()
         self.ahead_bytes = ahead_bytes
-        self._current = 0
-        self._wake = threading.Condition()
+        self.load_bytes = load_bytes
+        self._cond = threading.Condition()
+        self._loaded: dict[int, dict[tuple[str, str], torch.Tensor]] = {}  # tensor index -> its tensors
+        self._held_buffers: dict[int, list[torch.Tensor]] = {}  # tensor index -> the buffers under them
+        self._done_until = 0  # tensors [0, _done_until) are worked on and released
+        self._error: BaseException | None = None
         self._closed = False
-        self._fds: dict[str, int] = {}
-        self._thread = None
-        if CAN_ADVISE and tensors:
-            self._thread = threading.Thread(target=self._run, name="raymerge-readahead", daemon=True)
-            self._thread.start()
+        self._fds: dict[str, tuple[int, int | None]] = {}
+        self.keep_from = len(tensors) if keep_from is None else keep_from
+        self.leftover: dict[str, tuple[dict, list]] = {}
+        carried = dict(carried or {})
+        for i, t in enumerate(tensors):
+            if t.name in carried:
+                self._loaded[i], self._held_buffers[i] = carried.pop(t.name)
+        for _, bufs in carried.values():
+            for buf in bufs:
+                self.buffers.put(buf)
+        self._thread = threading.Thread(target=self._run, name="raymerge-readahead", daemon=True)
+        self._thread.start()
 
-    def done(self, i: int) -> None:
-        """Work has reached tensor ``i``: everything before it is no longer needed ahead."""
-        with self._wake:
-            self._current = i
-            self._wake.notify()
+    def loads(self, tensor) -> bool:
+        """Whether ``tensor`` is read whole (else streamed, with the kernel asked to read ahead)."""
+        entries = _entries(tensor)
+        return bool(entries) and len(entries) == sum(e is not None for e in (tensor.a, tensor.b)) \
+            and sum(e.nbytes for e in entries) <= self.load_bytes
+
+    def take(self, i: int) -> dict[tuple[str, str], torch.Tensor]:
+        """Tensor ``i``'s parent tensors by (file, name) once read, or {} when it is streamed.
+        Everything before ``i`` is released: its buffers are reused, so the caller must hold no
+        view of them by then."""
+        with self._cond:
+            self._done_until = i
+            self._release(lambda j: j < i)
+            self._cond.notify_all()
+            if not self.loads(self.tensors[i]):
+                return {}
+            while i not in self._loaded and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise self._error
+            return self._loaded[i]
+
+    def _held(self, upto: int) -> int:
+        """Bytes read ahead (or advised) for tensors past the one being worked on, up to ``upto``."""
+        return sum(sum(e.nbytes for e in _entries(t)) for t in self.tensors[self._done_until + 1:upto])
 
     def _run(self) -> None:
         try:
-            requested_end = 0  # tensors [0, requested_end) were requested
-            while True:
-                with self._wake:
-                    while not self._closed and not self._room(requested_end):
-                        self._wake.wait()
-                    if self._closed or requested_end >= len(self.tensors):
+            for i, tensor in enumerate(self.tensors):
+                size = sum(e.nbytes for e in _entries(tensor))
+                with self._cond:
+                    # The tensor being worked on, and the next, always proceed; after that,
+                    # wait for room.
+                    while (not self._closed and i > self._done_until + 1
+                           and self._held(i) + size > self.ahead_bytes):
+                        self._cond.wait()
+                    if self._closed:
                         return
-                for entry in _ranges(self.tensors[requested_end]):
-                    self._advise(entry)
-                requested_end += 1
+                    if i in self._loaded:  # carried over from the last call
+                        continue
+                if self.loads(tensor):
+                    bufs = [self.buffers.get(span(e)[1]) for e in _entries(tensor)]
+                    got = {(e.file, e.name): read_entry(self._fds_of(e.file), e, buf)
+                           for e, buf in zip(_entries(tensor), bufs)}
+                    with self._cond:
+                        self._loaded[i], self._held_buffers[i] = got, bufs
+                        self._cond.notify_all()
+                elif hasattr(os, "posix_fadvise"):
+                    for e in _entries(tensor):
+                        os.posix_fadvise(self._fds_of(e.file)[0], e.start, e.nbytes, os.POSIX_FADV_WILLNEED)
+        except BaseException as e:  # raised to the actor by take()
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
         finally:
-            for fd in self._fds.values():
-                os.close(fd)
+            for fds in self._fds.values():
+                for fd in fds:
+                    if fd is not None:
+                        os.close(fd)
+            self._fds.clear()
 
-    def _room(self, requested_end: int) -> bool:
-        """Whether tensor ``requested_end`` fits within ``ahead_bytes`` past the current one."""
-        if requested_end >= len(self.tensors):
-            return True
-        if requested_end <= self._current:
-            return True
-        beyond = sum(sum(e.nbytes for e in _ranges(t)) for t in self.tensors[self._current + 1:requested_end + 1])
-        return beyond <= self.ahead_bytes or requested_end == self._current + 1
+    def _release(self, which) -> None:
+        for j in [j for j in self._loaded if which(j)]:
+            del self._loaded[j]
+            for buf in self._held_buffers.pop(j):
+                self.buffers.put(buf)
 
-    def _advise(self, entry: TensorEntry) -> None:
-        try:
-            fd = self._fds.get(entry.file)
-            if fd is None:
-                fd = self._fds[entry.file] = os.open(entry.file, os.O_RDONLY)
-            os.posix_fadvise(fd, entry.start, entry.nbytes, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass  # advice only: the real read reports any error
+    def _fds_of(self, file: str) -> tuple[int, int | None]:
+        """The file opened plainly, and with O_DIRECT where the platform and file system allow."""
+        fds = self._fds.get(file)
+        if fds is None:
+            plain = os.open(file, os.O_RDONLY)
+            direct = None
+            if hasattr(os, "O_DIRECT") and _LIBC is not None:
+                try:
+                    direct = os.open(file, os.O_RDONLY | os.O_DIRECT)
+                except OSError:  # tmpfs and some network file systems refuse it
+                    direct = None
+            fds = self._fds[file] = (plain, direct)
+        return fds
 
     def close(self) -> None:
-        with self._wake:
+        with self._cond:
             self._closed = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join()
+            self._cond.notify_all()
+        self._thread.join()
+        self.leftover = {self.tensors[j].name: (self._loaded[j], self._held_buffers[j])
+                         for j in self._loaded if j >= max(self.keep_from, self._done_until + 1)}
+        for name in self.leftover:
+            j = next(j for j in self._loaded if self.tensors[j].name == name)
+            del self._loaded[j], self._held_buffers[j]
+        self._release(lambda j: True)
 
     def __enter__(self) -> "ReadAhead":
         return self
