@@ -128,6 +128,8 @@ def vocab_alignment(a: Parent, b: Parent, vocab: str, pad: str | None) -> tuple[
     otherwise it aligns by string, as ``union``. Returns the token map (None for the padder), the
     pad (or fill) strategy, and notes.
     """
+    if vocab == "auto" and a.same_tokenizer_as(b):
+        return None, pad or "gradient", []  # one tokenizer: rows match by id
     vocabs, notes = [], []
     for p in (a, b):
         try:

@@ -12,6 +12,7 @@ import click
 from raymerge.errors import InputError, RaymergeError
 from raymerge.options import DTYPE_CHOICES, PAD_STRATEGIES, VOCAB_MODES, MergeOptions, parse_size
 from raymerge.schedule import parse_range, parse_t_for
+from raymerge.session import RaySession
 
 
 def _fail(err: Exception, debug: bool) -> None:
@@ -149,9 +150,12 @@ def merge(**values):
     """Merge parents A (t=0) and B (t=1) into OUT by SLERP."""
 
     def go():
-        from raymerge.driver import merge as run_merge, print_summary
+        options = build_options(**values)
+        # Ray starts while the driver's modules are imported and the parents planned.
+        with RaySession(options.address) as session:
+            from raymerge.driver import merge as run_merge, print_summary
 
-        print_summary(run_merge(build_options(**values)))
+            print_summary(run_merge(options, session))
 
     _run_guarded(values["debug"], go)
 
@@ -207,7 +211,6 @@ def run_recipe(recipe, **values):
     tokenizer_source."""
 
     def go():
-        from raymerge.driver import merge as run_merge, print_summary
         from raymerge.parents import load_parent
         from raymerge.recipe import check_layer_range, load_recipe
 
@@ -215,7 +218,10 @@ def run_recipe(recipe, **values):
         check_layer_range(r, load_parent(r.a, "A").num_layers, load_parent(r.b, "B").num_layers)
         options = build_options(a=r.a, b=r.b, schedule=r.schedule, dtype=r.dtype,
                                 **{**values, "vocab": values["vocab"] or r.vocab})
-        print_summary(run_merge(options))
+        with RaySession(options.address) as session:
+            from raymerge.driver import merge as run_merge, print_summary
+
+            print_summary(run_merge(options, session))
 
     _run_guarded(values["debug"], go)
 

@@ -13,12 +13,9 @@ tensor's coefficients), scores the children, then writes the ones it keeps.
 from __future__ import annotations
 
 import os
-import signal
 import sys
-import threading
 import time
 from collections import defaultdict
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import pyarrow as pa
@@ -35,6 +32,7 @@ from raymerge.parents import Parent, load_parent
 from raymerge.plan import MergePlan, TensorPlan, assign_actors, build_plan, chunk_by_size
 from raymerge.progress import Progress
 from raymerge.report import tensor_report
+from raymerge.session import RaySession
 from raymerge.slerp import Coefficients, slerp_coefficients
 
 # Each actor call reads (pass 1) or writes (pass 2) about this many bytes: progress moves, and
@@ -74,36 +72,6 @@ class Phases:
 
 def load_parents(options: MergeOptions) -> tuple[Parent, Parent]:
     return load_parent(options.a, "A"), load_parent(options.b, "B")
-
-
-@contextmanager
-def ray_session(address: str | None):
-    """Attach to ``address`` (or ``RAY_ADDRESS``), else start an embedded local Ray on all cores.
-
-    Actors never print (errors come back as exceptions, progress through the driver), so worker
-    logs are not forwarded: Ray's own retry chatter would only break the one-line errors.
-    """
-    started = False
-    if not ray.is_initialized():
-        # Ray's core worker installs its own SIGTERM handler, which exits at once (status 15)
-        # and leaves the partial shards behind; the caller's handler (the CLI stops cleanly, as
-        # on Ctrl-C) is put back.
-        sigterm = signal.getsignal(signal.SIGTERM)
-        if address or os.environ.get("RAY_ADDRESS"):
-            # Ray refuses resource arguments when attaching to an existing cluster.
-            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-        else:
-            # "local" starts a new instance even when another `ray start` runs on this machine.
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                     logging_level="ERROR", log_to_driver=False)
-        if threading.current_thread() is threading.main_thread() and sigterm is not None:
-            signal.signal(signal.SIGTERM, sigterm)
-        started = True
-    try:
-        yield
-    finally:
-        if started:
-            ray.shutdown()
 
 
 @dataclass(frozen=True)
@@ -180,14 +148,25 @@ def _stop_and_wait(actors: list, timeout_s: float = 60.0) -> None:
             pass
 
 
-def merge(options: MergeOptions) -> MergeResult:
+def merge(options: MergeOptions, session: RaySession | None = None) -> MergeResult:
     """Merge two parents as ``options`` says and return what was written.
+
+    ``session``: Ray, already starting (the CLI starts it before importing this module);
+    by default the merge starts its own, which comes up while the parents are read and planned.
 
     Example:
         >>> merge(MergeOptions(a="parent-a", b="parent-b", out="child", t=(0.5,)))  # doctest: +SKIP
     """
     started = time.monotonic()
     phases = Phases()
+    session = session or RaySession(options.address).start()
+    try:
+        return _merge(options, session, started, phases)
+    finally:
+        session.stop()
+
+
+def _merge(options: MergeOptions, session: RaySession, started: float, phases: Phases) -> MergeResult:
     a, b = load_parents(options)
     out = OutputDir(options.out, options.output_dirs())
     out.check_target([a.path, b.path])
@@ -198,32 +177,33 @@ def merge(options: MergeOptions) -> MergeResult:
     scoring = (evaluation.prepare(options, a, b, plan), a, b) if options.eval_text else None
     phases.lap("plan")
 
-    with ray_session(options.address):
-        phases.lap("start Ray")
-        shape = actor_shape(options, [n["Resources"] for n in ray.nodes() if n["Alive"]])
-        plan = assign_actors(plan, shape.count)
-        actor_cls = remote_actor_class(shape.num_cpus, shape.num_gpus)
+    session.wait()
+    phases.lap("start Ray")
+    shape = actor_shape(options, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    plan = assign_actors(plan, shape.count)
+    actor_cls = remote_actor_class(shape.num_cpus, shape.num_gpus)
 
-        def start_actors() -> list:
-            return [actor_cls.remote(options.block_bytes, shape.threads, shape.num_gpus > 0)
-                    for _ in range(plan.n_actors)]
+    def start_actors() -> list:
+        return [actor_cls.remote(options.block_bytes, shape.threads, shape.num_gpus > 0)
+                for _ in range(plan.n_actors)]
 
-        actors = start_actors()
-        if scoring is not None:
-            scoring = (*scoring, start_actors)
-        try:
-            written, n_nodes, scores = _drive(options, plan, t_by_name, fingerprint, out, actors, phases, scoring)
-        except KeyboardInterrupt:
-            # Stop the actors, and wait until they are gone, so that nobody writes while the
-            # partial shards go.
-            _stop_and_wait(actors)
-            out.clear_partial(plan, set(range(len(plan.shards))))
-            raise
-        finally:
-            for actor in actors:
-                ray.kill(actor)
-        # With --eval, the tensors were read and reduced before scoring: this is the writing.
-        phases.lap("write" if options.eval_text else "merge")
+    actors = start_actors()
+    if scoring is not None:
+        scoring = (*scoring, start_actors)
+    try:
+        written, n_nodes, scores = _drive(options, plan, t_by_name, fingerprint, out, actors, phases, scoring)
+    except KeyboardInterrupt:
+        # Stop the actors, and wait until they are gone, so that nobody writes while the
+        # partial shards go.
+        _stop_and_wait(actors)
+        out.clear_partial(plan, set(range(len(plan.shards))))
+        raise
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    # With --eval, the tensors were read and reduced before scoring: this is the writing.
+    phases.lap("write" if options.eval_text else "merge")
+    session.stop()
     phases.lap("stop Ray")
 
     outputs = {}

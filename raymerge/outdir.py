@@ -35,7 +35,7 @@ class OutputDir:
     def __init__(self, out: str, subdirs: list[str]):
         self.root = os.path.realpath(out)
         self.subdirs = subdirs
-        self.made = False  # whether this merge created the directory (or emptied it: --overwrite)
+        self.made = False  # whether this merge created the directory (or replaced it: --overwrite)
 
     @property
     def state_dir(self) -> str:
@@ -101,7 +101,7 @@ class OutputDir:
         try:
             if overwrite and os.path.isdir(self.root):
                 shutil.rmtree(self.root)
-            self.made = not os.path.isdir(self.root) or not os.listdir(self.root)
+            self.made = not os.path.isdir(self.root)
             for sub in self.subdirs:
                 os.makedirs(os.path.join(self.state_dir, "partial", sub), exist_ok=True)
                 os.makedirs(self.output_path(sub), exist_ok=True)
@@ -142,6 +142,8 @@ class OutputDir:
     def discard(self, plan: MergePlan) -> None:
         """Remove every model file of this merge (a parent was refused midway): OUT is left
         holding no model, and is gone if this merge created it."""
+        # Finished shards, partial ones and the state: what a directory the user made held before
+        # this merge stays.
         if self.made:
             shutil.rmtree(self.root, ignore_errors=True)
             return

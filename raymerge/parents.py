@@ -5,6 +5,7 @@ Only headers are read here; tensor data is read later, in the actors, slice by s
 
 from __future__ import annotations
 
+import filecmp
 import json
 import os
 import re
@@ -63,6 +64,15 @@ class Parent:
 
     def tokenizer_files(self) -> list[str]:
         return [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(self.path, f))]
+
+    def same_tokenizer_as(self, other: "Parent") -> bool:
+        """Whether both parents ship the same tokenizer files, byte for byte (then their
+        vocabularies are equal without loading either)."""
+        files = self.tokenizer_files()
+        if not files or files != other.tokenizer_files():
+            return False
+        return all(filecmp.cmp(os.path.join(self.path, f), os.path.join(other.path, f), shallow=False)
+                   for f in files)
 
     @cached_property
     def tokenizer(self):

@@ -180,3 +180,31 @@ def test_read_only_output_storage(tiny_parents, ray_head, tiny_fs):
     assert re.fullmatch(rf"raymerge: error: an actor on host \S+ cannot write into {re.escape(fs)}: "
                         r"Read-only file system\n", ro.stderr), ro.stderr
     assert [tree_digest(a), tree_digest(b)] == digests
+
+
+def test_a_nan_found_after_shards_were_finished_leaves_no_model(tiny_parents, ray_head, tmp_path):
+    """Tensor values are checked as each tensor is read, in one pass: a NaN in the last tensor of
+    the last shard is met after the other shards were written and renamed, and they all go."""
+    from raymerge.options import MergeOptions, parse_size
+    from raymerge.parents import load_parent
+    from raymerge.plan import build_plan
+
+    a, b = tiny_parents
+    options = MergeOptions(a=a, b=b, out=str(tmp_path / "x"), max_shard_size=parse_size("100KB"))
+    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), options, 1)
+    assert len(plan.shards) > 2
+    last = [t for t in plan.tensors if t.shard == len(plan.shards) - 1][-1].name
+    w = load_file(os.path.join(b, "model.safetensors"))[last].clone()
+    w.view(-1)[-1] = float("nan")
+    b2 = clone_with(b, str(tmp_path / "b"), {last: w})
+    for out, existed in ((tmp_path / "new", False), (tmp_path / "empty", True)):
+        if existed:
+            out.mkdir()
+        proc = run_cli("merge", a, b2, "-o", str(out), "--max-shard-size", "100KB", "--workers", "1",
+                       "--address", ray_head.address, "--quiet")
+        assert proc.returncode == 1
+        assert proc.stderr.endswith(f"tensor {last!r} holds NaN or inf\n"), proc.stderr
+        if existed:
+            assert os.listdir(out) == [], "a directory the user made is left, empty"
+        else:
+            assert not out.exists(), "a directory this merge made is removed"

@@ -1,0 +1,135 @@
+"""Ray for one merge: attached to a running cluster, or an embedded local Ray, started early and
+stopped fast.
+
+Starting an embedded Ray takes seconds (its GCS, raylet and helper processes), as do the driver's
+own imports (torch, transformers) and the reading of the parents' configs and tokenizers. So
+``start()`` begins Ray on a background thread and returns at once: Ray starts while the driver
+plans, and ``wait()`` joins them. The thread lives until ``stop()``, because a child process that
+asks to die with its parent (as Ray's do) dies with the thread that started it. For an embedded
+Ray:
+
+- the object store gets 256 MiB (tensor bytes never travel through Ray; only plans and records
+  do) instead of 30% of memory, which costs the raylet a second to set up;
+- its idle workers import torch while the driver plans (``RAY_preload_python_modules``), so the
+  merge actors do not wait for it;
+- at the end, the helper processes Ray would stop one by one, each given a second (the autoscaler
+  monitor always takes it), are killed together first; then ``ray.shutdown`` stops the rest.
+
+A process already connected to Ray (``ray.init`` called by the user, as the tests do) keeps its
+connection: the session neither starts nor stops anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+OBJECT_STORE_BYTES = 256 * 2**20
+# Ray's processes that hold no state the merge needs at shutdown: killed together, not waited on one
+# by one.
+HELPERS = ("monitor", "dashboard", "log_monitor")
+
+
+class RaySession:
+    """One merge's Ray; a context manager (start on enter, stop on exit)."""
+
+    def __init__(self, address: str | None = None):
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.started = False  # whether this session started (or attached) Ray, and so stops it
+        self.embedded = False
+        self._ready = threading.Event()
+        self._release = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        self._sigterm = None
+
+    def start(self) -> "RaySession":
+        """Begin connecting (or starting Ray) in the background; returns at once."""
+        import ray
+
+        if ray.is_initialized():
+            self._ready.set()
+            return self
+        # Ray's core worker installs its own SIGTERM handler, which exits at once (status 15) and
+        # leaves the partial shards behind; the caller's handler (the CLI stops cleanly, as on
+        # Ctrl-C) is put back once Ray is up.
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.getsignal(signal.SIGTERM)
+        self.started = True
+        self.embedded = self.address is None
+        self._thread = threading.Thread(target=self._run, name="raymerge-ray", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        import ray
+
+        try:
+            if self.embedded:
+                # Read by the raylet: its prestarted workers import torch while the driver plans.
+                os.environ.setdefault("RAY_preload_python_modules", "torch")
+                # "local" starts a new instance even when another `ray start` runs on this machine.
+                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                         object_store_memory=OBJECT_STORE_BYTES, logging_level="ERROR", log_to_driver=False)
+            else:
+                # Ray refuses resource arguments when attaching to an existing cluster. Actors never
+                # print (errors come back as exceptions), so worker logs are not forwarded.
+                ray.init(address=self.address, logging_level="ERROR", log_to_driver=False)
+        except BaseException as e:  # raised to the driver by wait()
+            self._error = e
+        finally:
+            self._ready.set()
+        self._release.wait()
+
+    def wait(self) -> None:
+        """Block until Ray is up; raise what starting it raised."""
+        self._ready.wait()
+        if self._sigterm is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            self.started = False
+            self._release.set()
+            raise error
+
+    def stop(self) -> None:
+        """Stop what this session started (waiting for a start still under way)."""
+        if not self.started:
+            self._release.set()
+            return
+        import ray
+
+        self._ready.wait()
+        try:
+            if self.embedded and ray.is_initialized():
+                _kill_helpers()
+            ray.shutdown()
+        finally:
+            self.started = False
+            self._release.set()
+            if self._thread is not None:
+                self._thread.join()
+
+    def __enter__(self) -> "RaySession":
+        return self.start()
+
+    def __exit__(self, *_) -> None:
+        self.stop()
+
+
+def _kill_helpers() -> None:
+    """Kill this embedded Ray's helper processes together (ray.shutdown then skips them)."""
+    try:
+        from ray._private import worker
+
+        processes = worker._global_node.all_processes
+    except (ImportError, AttributeError):  # another Ray version: ray.shutdown stops them as usual
+        return
+    helpers = [info.process for kind in HELPERS for info in processes.get(kind, [])]
+    for process in helpers:
+        if process.poll() is None:
+            process.kill()
+    for process in helpers:
+        process.wait()

@@ -1,0 +1,151 @@
+"""Reading ahead (raymerge/readahead.py): the bytes an actor works from are the parents' bytes,
+whether they come from the page cache or from storage (O_DIRECT), at any alignment; and a merge
+reads each parent tensor once."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import raymerge.readahead as readahead
+from raymerge.actors import MergeActor, WriteJob
+from raymerge.options import MergeOptions
+from raymerge.parents import load_parent
+from raymerge.plan import build_plan
+from raymerge.readahead import Buffers, ReadAhead, read_entry, span
+from raymerge.shards import read_header
+
+
+def _evict(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def odd_file(tmp_path):
+    """A safetensors file whose tensors start at offsets that are not multiples of 4096, of
+    several dtypes and sizes (one larger than a read chunk), including a scalar."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.big": torch.randn(3000, 1500, generator=g).to(torch.bfloat16),  # 9 MB, several chunks
+        "b.odd": torch.randn(7, 3, generator=g).to(torch.float16),
+        "c.f32": torch.randn(1001, generator=g),
+        "d.ids": torch.arange(13, dtype=torch.int64),
+        "e.scalar": torch.tensor(3.5),
+    }
+    path = str(tmp_path / "odd.safetensors")
+    save_file(tensors, path)
+    return path, tensors
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["page cache", "storage"])
+def test_read_entry_gives_the_files_bytes(odd_file, cached, monkeypatch):
+    path, tensors = odd_file
+    monkeypatch.setattr(readahead, "READ_CHUNK", 1 << 20)  # many chunks, unaligned tails
+    entries = read_header(path)
+    assert any(e.start % readahead.ALIGN for e in entries.values())
+    plain, direct = os.open(path, os.O_RDONLY), None
+    try:
+        direct = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        pass  # a file system without O_DIRECT (tmpfs): the plain path is what runs there
+    try:
+        if cached:
+            load_file(path)
+        else:
+            _evict(path)
+        buffers = Buffers()
+        for name, e in entries.items():
+            got = read_entry((plain, direct), e, buffers.get(span(e)[1]))
+            assert got.dtype == tensors[name].dtype and got.shape == tensors[name].shape
+            assert torch.equal(got, tensors[name]), name
+    finally:
+        for fd in (plain, direct):
+            if fd is not None:
+                os.close(fd)
+
+
+def test_a_truncated_file_is_an_error_not_zeros(odd_file):
+    path, _ = odd_file
+    entries = read_header(path)
+    last = max(entries.values(), key=lambda e: e.end)
+    os.truncate(path, last.end - 10)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="unexpected end of file"):
+            read_entry((fd, None), last, Buffers().get(span(last)[1]))
+    finally:
+        os.close(fd)
+
+
+def test_the_next_calls_tensors_are_carried_over_not_read_again(tiny_parents, monkeypatch):
+    a, b = tiny_parents
+    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), MergeOptions(a=a, b=b, out="x"), 1)
+    tensors = list(plan.tensors)
+    reads = []
+    real = readahead.read_entry
+    monkeypatch.setattr(readahead, "read_entry", lambda fds, e, buf: reads.append(e.name) or real(fds, e, buf))
+    first, second = tensors[:5], tensors[5:10]
+    with ReadAhead(first + second[:2], keep_from=5) as ahead:
+        for i in range(5):
+            ahead.take(i)
+    leftover = ahead.leftover
+    assert set(leftover) <= {t.name for t in second[:2]}
+    with ReadAhead(second, carried=leftover) as ahead:
+        for i, t in enumerate(second):
+            loaded = ahead.take(i)
+            assert torch.equal(loaded[(t.a.file, t.a.name)], load_file(t.a.file)[t.a.name])
+    per_entry = [n for n in reads]
+    assert sorted(per_entry) == sorted(e.name for t in tensors[:10] for e in (t.a, t.b)), \
+        "every entry of the ten tensors read exactly once"
+
+
+def test_a_merge_reads_every_parent_tensor_once(tiny_parents, tmp_path, monkeypatch):
+    """One actor, several calls (one per shard): each parent tensor is read once, whole, and the
+    shards equal a merge made by the two-pass path (reduce, then write with the coefficients)."""
+    a, b = tiny_parents
+    options = MergeOptions(a=a, b=b, out=str(tmp_path), max_shard_size=200_000)
+    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), options, 1)
+    reads = []
+    real = readahead.read_entry
+    monkeypatch.setattr(readahead, "read_entry", lambda fds, e, buf: reads.append((e.file, e.name)) or real(fds, e, buf))
+    actor = MergeActor(options.block_bytes)
+    mmap_reads = []
+    monkeypatch.setattr(actor, "_handles", _Counting(mmap_reads))
+    one_pass, two_pass = tmp_path / "one", tmp_path / "two"
+    one_pass.mkdir(), two_pass.mkdir()
+    stats = {s.name: s for s in actor.reduce(list(plan.tensors))}
+    reads.clear()
+    from raymerge.slerp import slerp_coefficients
+
+    for i, shard in enumerate(plan.shards):
+        mine = tuple(t for t in plan.tensors if t.shard == i)
+        ts = {t.name: (0.3,) for t in mine if t.op == "slerp"}
+        done = actor.write(WriteJob((str(one_pass / shard.filename),), shard.layout.header, mine, ts=ts))
+        assert done.refused is None and len(done.stats) == len(mine)
+    assert sorted(reads) == sorted((e.file, e.name) for t in plan.tensors for e in (t.a, t.b))
+    assert mmap_reads == [], "nothing read a second time through safetensors"
+    for i, shard in enumerate(plan.shards):
+        mine = tuple(t for t in plan.tensors if t.shard == i)
+        coefs = {t.name: (slerp_coefficients(stats[t.name].reductions, 0.3),) for t in mine if t.op == "slerp"}
+        actor.write(WriteJob((str(two_pass / shard.filename),), shard.layout.header, mine, reduced=True,
+                             coefficients=coefs))
+        assert (one_pass / shard.filename).read_bytes() == (two_pass / shard.filename).read_bytes()
+
+
+class _Counting(dict):
+    """The actor's safetensors handles, counting every lookup (a read outside the read-ahead)."""
+
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+
+    def get(self, key, default=None):
+        self.log.append(key)
+        return super().get(key, default)
