@@ -1,6 +1,7 @@
 """raymerge against its I/O floor and against mergekit, side by side on this machine.
 
-    .venv/bin/python bench/bench.py [--reps 3] [--scale 1] [--scale2] [--out BENCHMARKS.md]
+    .venv/bin/python bench/bench.py [--reps 3] [--scale 1] [--scale2] [--no-7b] [--7b-reps 3]
+                                    [--tiny-reps 5] [--out BENCHMARKS.md]
 
 What it measures, on the two ~0.85B bf16 Llama parents of bench/parents.py (``--scale 2``: twice
 the layers), every contender as its own command, round-robin (rep r starts at contender r), ``--reps``
@@ -23,9 +24,12 @@ cache. Outputs go to a fresh temporary directory under /tmp, deleted after the r
 the memory total includes the head's processes (its actors are where the work happens).
 ``--scale2`` adds one raymerge cold run on the scale-2 parents (built if missing; ~7 GB) to check
 that peak memory per process does not grow with model size. bench/actor_split.py then times one
-actor's two passes in-process, with and without this code's write-behind thread and allocator
-setting. Each raymerge run's own ``time:`` line gives where its time goes. The results go to
-BENCHMARKS.md.
+actor's merge in-process, with and without this code's write-behind thread and allocator
+setting. Each raymerge run's own ``time:`` line gives where its time goes. Last come the two
+sections of bench/realsize.py: tiny parents from prompt to prompt (raymerge as ``pip install .``
+installs it, and with the test extras, against mergekit), and the 7B-shaped pair read from
+storage (parents evicted before every run; skipped with a note when the disk lacks room).
+The results go to BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from mergekit_recipe import (MERGEKIT_FLAGS, compare_outputs, ensure_mergekit,  
 from actor_split import split_table  # noqa: E402
 from parents import bench_parents  # noqa: E402
 from raynodes import RayNode  # noqa: E402
+from realsize import seven_b_section, tiny_section  # noqa: E402
 from tracked import Run, measured, wait_quiet  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
@@ -291,7 +296,8 @@ def phase_table(cs: list[Contender]) -> list[str]:
 
 
 def report(cs: list[Contender], checks: list[str], scale2: Run | None, split: list[str],
-           args: argparse.Namespace, parents: tuple[str, str], mk_note: str) -> str:
+           args: argparse.Namespace, parents: tuple[str, str], mk_note: str,
+           sections: tuple[list[str], list[tuple]] = ([], [])) -> str:
     by = {c.name: c for c in cs}
     floor, mk = by["I/O floor"].median(), by["mergekit 0.1.5"].median()
 
@@ -322,6 +328,7 @@ def report(cs: list[Contender], checks: list[str], scale2: Run | None, split: li
         ("2 actors ≥ 1.5× faster than 1 (t1 / t2)", ratio(w1, w2), lambda v: v >= 1.5, "×"),
         ("9-t sweep ≤ 3.5× single t (warm)", ratio(sweep, warm), lambda v: v <= 3.5, "×"),
         ("no raymerge process > 1.5 GB (1431 MiB)", raymerge_peak and raymerge_peak / MIB, lambda v: v <= 1.5e9 / 2**20, " MiB"),
+        *sections[1],
     ]
     lines = ["# Benchmarks", "", f"Machine: {machine()}.", "",
              f"Command: `{' '.join(['.venv/bin/python bench/bench.py'] + sys.argv[1:])}` "
@@ -347,9 +354,11 @@ def report(cs: list[Contender], checks: list[str], scale2: Run | None, split: li
         lines += [f"Against mergekit with its output synced to disk, as raymerge's is ({mk_sync:.1f} s): "
                   f"raymerge cold {cold / mk_sync:.2f}×, warm {warm / mk_sync:.2f}×.", ""]
     lines += phase_table(cs)
+    lines += sections[0]
     lines += ["## Inside one actor", "",
-              "bench/actor_split.py: one MergeActor driven in-process (no Ray) over the same parents, pass 1 then "
-              "pass 2 (one shard, fsynced); each run a fresh process, variants alternated. *before*: blocks written "
+              "bench/actor_split.py: one MergeActor driven in-process (no Ray) over the same parents, one `write` "
+              "call per shard (each tensor read, reduced, combined and written; fsynced); each run a fresh process, "
+              "variants alternated. *before*: blocks written "
               "inline, all threads to torch, glibc's default allocator; *kept buffers*: the same with freed block "
               "buffers kept for reuse (mallopt); *now*: kept buffers and blocks written on a background thread "
               "while torch computes on the other CPUs. Medians.", "", *split, ""]
@@ -402,6 +411,9 @@ def main() -> None:
     p.add_argument("--scale", type=int, default=1, help="parents' scale (2: twice the layers)")
     p.add_argument("--scale2", action="store_true", help="also one raymerge cold run on scale-2 parents")
     p.add_argument("--no-mergekit", action="store_true")
+    p.add_argument("--no-7b", action="store_true", help="skip the 7B-shaped section (27 GB of parents)")
+    p.add_argument("--7b-reps", dest="reps_7b", type=int, default=3)
+    p.add_argument("--tiny-reps", type=int, default=5)
     p.add_argument("--worktree", action="store_true",
                    help="measure raymerge/ as it is in the working tree (default: git HEAD)")
     p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
@@ -436,8 +448,12 @@ def main() -> None:
         print(f"scale 2: {scale2.wall_s:.1f} s, peak process {scale2.peak_process_kb / MIB:.0f} MiB", flush=True)
     read_fully(weight_files(a) + weight_files(b))
     split = split_table(a, b, args.reps, wait_quiet, rm_env)
+    lines, targets = tiny_section(args.tiny_reps, rm_env, RAYMERGE, mergekit, work)
+    if not args.no_7b:
+        more, more_targets = seven_b_section(args.reps_7b, rm_env, RAYMERGE, mergekit, work)
+        lines, targets = lines + more, targets + more_targets
     shutil.rmtree(work, ignore_errors=True)
-    text = report(cs, checks, scale2, split, args, (a, b), mk_note)
+    text = report(cs, checks, scale2, split, args, (a, b), mk_note, (lines, targets))
     with open(args.out, "w") as f:
         f.write(text)
     print(text)

@@ -76,8 +76,10 @@ def _fmt(x: float | None, spec: str = ".1f", suffix: str = "") -> str:
     return "n/a" if x is None else f"{x:{spec}}{suffix}"
 
 
-def seven_b_section(reps: int, env: dict[str, str], raymerge: str, mergekit: str | None, work: str) -> list[str]:
-    """Markdown lines of the 7B-shaped section (or why it was skipped)."""
+def seven_b_section(reps: int, env: dict[str, str], raymerge: str, mergekit: str | None,
+                    work: str) -> tuple[list[str], list[tuple]]:
+    """Markdown lines of the 7B-shaped section (or why it was skipped), and its targets as
+    (label, value, test, unit)."""
     out_bytes = SEVEN_B_BYTES // 2
     need = out_bytes + 2 * 10**9 + (0 if seven_b_built() else SEVEN_B_BYTES)
     room = free_bytes(CACHE if os.path.isdir(CACHE) else os.path.dirname(CACHE))
@@ -87,7 +89,7 @@ def seven_b_section(reps: int, env: dict[str, str], raymerge: str, mergekit: str
         msg = (f"skipped: it needs {need / 1e9:.0f} GB free for the parents and one output "
                f"({room / 1e9:.0f} GB free in {CACHE}, {tmp_room / 1e9:.0f} GB in /tmp)")
         print(f"7B section {msg}", flush=True)
-        return title + [f"The 7B section was {msg}.", ""]
+        return title + [f"The 7B section was {msg}.", ""], []
     a, b = seven_b_parents()
     files = weight_files(a) + weight_files(b)
     parent_bytes = sum(map(os.path.getsize, files))
@@ -137,6 +139,16 @@ def seven_b_section(reps: int, env: dict[str, str], raymerge: str, mergekit: str
         keys = list(rm[0].phases)
         phases = "raymerge's own phases (medians): " + ", ".join(
             f"{k} {statistics.median(r.phases.get(k, 0.0) for r in rm):.1f} s" for k in keys) + "."
+    rm_runs = runs["raymerge, embedded Ray"]
+    rm_s = med["raymerge, embedded Ray"]
+    rm_read = _median([x for r, x in rm_runs if r.ok])
+    rm_peak = max((r.peak_process_kb / MIB for r, _ in rm_runs if r.ok), default=None)
+    targets = [
+        ("7B: bytes read from storage ≤ 1.05× the parents", rm_read and rm_read / parent_bytes, lambda v: v <= 1.05, "×"),
+        ("7B: raymerge ≤ 1.2× the cold I/O floor", rm_s and floor_s and rm_s / floor_s, lambda v: v <= 1.2, "×"),
+        ("7B: raymerge ≤ 0.6× mergekit + sync", rm_s and mk_s and rm_s / mk_s, lambda v: v <= 0.6, "×"),
+        ("7B: no raymerge process > 1.5 GB (1431 MiB)", rm_peak, lambda v: v <= 1.5e9 / 2**20, " MiB"),
+    ]
     return title + [
         f"Parents: `{a}` and `{b}` (bench/parents.py --7b: hidden 4096, 32 layers, intermediate 11008, "
         f"vocab 32000; {parent_bytes / 1e9:.1f} GB of bf16 together). Before every run: the last output "
@@ -144,7 +156,7 @@ def seven_b_section(reps: int, env: dict[str, str], raymerge: str, mergekit: str
         f"{reps} reps, round-robin; medians. Single t = 0.5.", "",
         "| contender | median wall s | min / max s | ok runs | read from storage GB (× parents) | × cold I/O floor | "
         "× mergekit + sync | peak process MiB |",
-        "|---|---|---|---|---|---|---|---|", *rows, "", phases, ""]
+        "|---|---|---|---|---|---|---|---|", *rows, "", phases, ""], targets
 
 
 def ensure_plain_venv(log: str) -> str | None:
@@ -164,8 +176,9 @@ def ensure_plain_venv(log: str) -> str | None:
     return python
 
 
-def tiny_section(reps: int, env: dict[str, str], raymerge_extras: str, mergekit: str | None, work: str) -> list[str]:
-    """Markdown lines of the tiny-parents section: prompt to prompt, medians."""
+def tiny_section(reps: int, env: dict[str, str], raymerge_extras: str, mergekit: str | None,
+                 work: str) -> tuple[list[str], list[tuple]]:
+    """Markdown lines of the tiny-parents section (prompt to prompt, medians) and its target."""
     from raymerge.synthetic import build_parent, llama_config
 
     root = os.path.join(CACHE, "tiny")
@@ -207,12 +220,15 @@ def tiny_section(reps: int, env: dict[str, str], raymerge_extras: str, mergekit:
         rows.append(f"| {name} | {_fmt(med[name], '.2f')} | {_fmt(min((r.wall_s for r in ok), default=None), '.2f')} / "
                     f"{_fmt(max((r.wall_s for r in ok), default=None), '.2f')} | {len(ok)}/{len(rs)} | "
                     f"{_fmt(med[name] and mk and med[name] / mk, '.2f', '×')} | {phases} |")
+    plain_s = med.get("raymerge, `pip install .` (ray)")
+    targets = [("tiny parents: raymerge (`pip install .`) ≤ 0.6× mergekit", plain_s and mk and plain_s / mk,
+                lambda v: v <= 0.6, "×")]
     return ["## Tiny parents, prompt to prompt", "",
             "The test fixtures' size (two 4-layer Llamas, hidden 64, vocab 1000; 0.6 MB each), in page cache. "
             "Each command timed from its start to its exit: interpreter, imports, Ray start and stop (embedded), "
             f"the merge, exit. {reps} reps, round-robin; medians.", "",
             "| contender | median wall s | min / max s | ok runs | × mergekit | raymerge's phases (s) |",
-            "|---|---|---|---|---|---|", *rows, ""]
+            "|---|---|---|---|---|---|", *rows, ""], targets
 
 
 def main() -> None:
@@ -227,9 +243,9 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
     raymerge = os.path.join(os.path.dirname(sys.executable), "raymerge")
     try:
-        lines = tiny_section(args.tiny_reps, env, raymerge, mergekit, work)
+        lines, _ = tiny_section(args.tiny_reps, env, raymerge, mergekit, work)
         if not args.no_7b:
-            lines += seven_b_section(args.reps, env, raymerge, mergekit, work)
+            lines += seven_b_section(args.reps, env, raymerge, mergekit, work)[0]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n".join(lines))

@@ -165,11 +165,21 @@ def _assign_actors(tensors: list[TensorPlan], n_actors: int) -> dict[str, int]:
     return owner
 
 
+# Float8 checkpoints store each weight with scale tensors (per tensor, row or block) that SLERP
+# of the raw values would ignore: refused, naming the tensor, rather than merged wrong.
+FP8_DTYPES = ("F8_E5M2", "F8_E4M3")
+
+
 def _tensor_plans(aligned: Alignment, out_dtype: str) -> list[TensorPlan]:
     plans = []
     for item in aligned.tensors:
         ea, eb = item.a, item.b
         src = ea or eb
+        for e, label in ((ea, "A"), (eb, "B")):
+            if e is not None and e.dtype in FP8_DTYPES:
+                raise InputError(f"parent {label}: {e.file}: tensor {item.name!r} is {e.dtype} (float8): FP8 "
+                                 "checkpoints, whose weights come with scale tensors, cannot be merged by SLERP; "
+                                 "merge the parents' bf16 or fp16 weights")
         if src.dtype not in FLOAT_DTYPES:
             if ea is None or eb is None:
                 op = "copy_a" if ea else "copy_b"

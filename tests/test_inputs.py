@@ -208,3 +208,18 @@ def test_a_nan_found_after_shards_were_finished_leaves_no_model(tiny_parents, ra
             assert os.listdir(out) == [], "a directory the user made is left, empty"
         else:
             assert not out.exists(), "a directory this merge made is removed"
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_parents_are_refused_in_one_line(tiny_parents, tmp_path, dtype):
+    a, b = tiny_parents
+    name = "model.layers.0.mlp.down_proj.weight"
+    w = load_file(os.path.join(b, "model.safetensors"))[name].to(dtype)
+    b2 = clone_with(b, str(tmp_path / "b"), {name: w})
+    proc = run_cli("merge", a, b2, "-o", str(tmp_path / "out"))
+    assert proc.returncode == 1
+    label = "F8_E4M3" if dtype == torch.float8_e4m3fn else "F8_E5M2"
+    assert proc.stderr == (f"raymerge: error: parent B: {os.path.realpath(b2)}/model.safetensors: tensor {name!r} "
+                           f"is {label} (float8): FP8 checkpoints, whose weights come with scale tensors, cannot be "
+                           "merged by SLERP; merge the parents' bf16 or fp16 weights\n"), proc.stderr
+    assert not (tmp_path / "out").exists()
