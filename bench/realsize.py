@@ -241,6 +241,9 @@ def main() -> None:
     print(note, flush=True)
     work = tempfile.mkdtemp(prefix="raymerge-bench-work-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_"))}
+    # Both raymerge installs run this working tree's code (the plain venv holds a copy from when it
+    # was built).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     raymerge = os.path.join(os.path.dirname(sys.executable), "raymerge")
     try:
         lines, _ = tiny_section(args.tiny_reps, env, raymerge, mergekit, work)
