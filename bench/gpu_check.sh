@@ -1,72 +1,58 @@
 #!/usr/bin/env bash
-# One short GPU check for a session that is lent an accelerator (run through the device tool):
-# set up the project, build the ~0.85B benchmark parents on that machine, merge them with one
-# GPU actor, and print GB/s and the split between reading, maths and writing.
+# One short GPU check for a machine with NVIDIA GPUs (run through the device tool, or by hand):
+# the real driver through an embedded Ray, GPU actors on every GPU, the ~0.85B benchmark parents
+# evicted from the page cache before each merge; then the same merge on CPU actors, compared byte
+# for byte; everything it wrote is removed at the end.
 #
 #   bash bench/gpu_check.sh     (a few minutes: most of it builds the two 1.9 GB parents)
+#
+# Prints each merge's wall time, GB/s of parent bytes read, raymerge's own phases, and whether
+# the GPU and CPU outputs are identical. The machine brings its own CUDA torch, safetensors,
+# transformers, tokenizers and ray (and no network): its python3 runs this checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The device machine brings its own CUDA torch, safetensors, transformers and tokenizers (and no
-# network): use its python3 with this checkout on the path. The check needs no Ray: it drives
-# one MergeActor directly, the same code a GPU actor runs.
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-$PY -c 'import torch; assert torch.cuda.is_available(), "no CUDA device visible"; print("GPU:", torch.cuda.get_device_name(0))'
-export RAYMERGE_BENCH_CACHE=${RAYMERGE_BENCH_CACHE:-/tmp/raymerge-bench}
+WORK=$(mktemp -d /tmp/gpu-check-XXXXXX)
+export RAYMERGE_BENCH_CACHE=${RAYMERGE_BENCH_CACHE:-$WORK/parents}
+trap 'rm -rf "$WORK"' EXIT
+$PY -c 'import torch; assert torch.cuda.is_available(), "no CUDA device visible"; print("GPUs:", torch.cuda.device_count(), "x", torch.cuda.get_device_name(0))'
 read -r A B < <($PY bench/parents.py)
-$PY - "$A" "$B" <<'PY'
-"""Time pass 1 and pass 2 of one GPU actor, split into read / maths / write."""
-import os, sys, tempfile, time
+$PY - "$A" "$B" "$WORK" <<'PY'
+import glob, os, subprocess, sys, time
 
-import torch
+a, b, work = sys.argv[1:4]
+files = sorted(glob.glob(os.path.join(a, "*.safetensors")) + glob.glob(os.path.join(b, "*.safetensors")))
+parent_bytes = sum(map(os.path.getsize, files))
 
-from raymerge.actors import MergeActor, WriteJob
-from raymerge.parents import load_parent
-from raymerge.options import MergeOptions
-from raymerge.plan import build_plan
-from raymerge.shards import ShardFile
-from raymerge.slerp import slerp_coefficients
 
-a_dir, b_dir = sys.argv[1:3]
-out = tempfile.mkdtemp(prefix="gpu-check-")
-options = MergeOptions(a=a_dir, b=b_dir, out=out, t=(0.5,))
-a, b = load_parent(a_dir, "A"), load_parent(b_dir, "B")
-plan = build_plan(a, b, options, 1)
-actor = MergeActor(options.block_bytes, num_threads=os.cpu_count() or 1, use_gpu=True)
-assert actor.device.type == "cuda"
+def evict():
+    os.sync()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
 
-# Instrument the actor's three stages; CUDA is synchronised so each stage is timed honestly.
-spent = {"read": 0.0, "maths": 0.0, "write": 0.0}
-def timed(stage, fn, sync=True):
-    def wrapper(*args, **kw):
-        t0 = time.perf_counter()
-        result = fn(*args, **kw)
-        if sync:
-            torch.cuda.synchronize()
-        spent[stage] += time.perf_counter() - t0
-        return result
-    return wrapper
-actor._rows = timed("read", actor._rows)
-import raymerge.actors as actors_module
-actors_module.reduce_block = timed("maths", actors_module.reduce_block)
-actors_module.combine_block = timed("maths", actors_module.combine_block)
-# Writes run on the actor's background thread, from CPU tensors: no device sync there.
-ShardFile.write_tensor = timed("write", ShardFile.write_tensor, sync=False)
 
-t0 = time.perf_counter()
-stats = actor.reduce(list(plan.tensors))
-t1 = time.perf_counter()
-coefficients = {s.name: (slerp_coefficients(s.reductions, 0.5),) for s in stats}
-total = 0
-for i, shard in enumerate(plan.shards):
-    path = os.path.join(out, shard.filename)
-    tensors = tuple(t for t in plan.tensors if t.shard == i)
-    total += actor.write(WriteJob((path,), shard.layout.header, tensors,
-                                  {t.name: coefficients[t.name] for t in tensors if t.name in coefficients}))
-t2 = time.perf_counter()
-read_bytes = sum(t.read_bytes for t in plan.tensors)
-print(f"pass 1 (reduce): {t1 - t0:.2f} s, {read_bytes / (t1 - t0) / 1e9:.2f} GB/s read")
-print(f"pass 2 (write):  {t2 - t1:.2f} s, {total / (t2 - t1) / 1e9:.2f} GB/s written")
-print(f"split: read {spent['read']:.2f} s, maths {spent['maths']:.2f} s (both on the actor's thread), "
-      f"write {spent['write']:.2f} s (on the background writer, overlapping them)")
+def merge(device):
+    out = os.path.join(work, device)
+    evict()
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "raymerge.cli", "merge", a, b, "-o", out, "-t", "0.5",
+                           "--quiet", "--device", device], capture_output=True, text=True)
+    wall = time.monotonic() - started
+    if proc.returncode:
+        sys.exit(f"{device} merge failed:\n{proc.stderr}")
+    summary = [line.strip() for line in proc.stderr.splitlines() if line.strip().startswith(("merged", "time:"))]
+    print(f"{device}: {wall:.1f} s, {parent_bytes / wall / 1e9:.2f} GB/s of parents read (evicted)")
+    for line in summary:
+        print(f"  {line}")
+    return out
+
+
+gpu, cpu = merge("gpu"), merge("cpu")
+shards = sorted(f for f in os.listdir(cpu) if f.endswith(".safetensors"))
+same = all(subprocess.run(["cmp", "-s", os.path.join(gpu, f), os.path.join(cpu, f)]).returncode == 0 for f in shards)
+print(f"GPU output vs CPU output: {len(shards)} shards {'byte-identical' if same else 'DIFFER'}")
+sys.exit(0 if same else 1)
 PY

@@ -13,6 +13,11 @@ page cache), and another writes the finished blocks.
 in two: ``reduce`` returns the reductions of every tensor, the children are scored, and ``write``
 then takes the coefficients it is given (``WriteJob.reduced``).
 
+On a GPU actor only the combination runs on the GPU (blocks copied from pinned buffers, the result
+copied back): the float64 reductions run on the CPU whatever the device, in one fixed order, and
+an elementwise multiply and add in float32 give the same bits everywhere, so the device never
+changes a byte of the output. Copied and non-float tensors never go to the GPU.
+
 Tensor bytes never travel through Ray: the actor reads the parents and writes the shards on the
 filesystem; Ray carries plans, paths and small records. The class is plain Python so that tests
 and bench/gpu_check.sh can drive it without Ray; ``remote_actor_class`` wraps it for Ray.
@@ -89,10 +94,13 @@ class MergeActor:
         self.block_bytes = block_bytes
         self.num_threads = max(1, num_threads)
         _reuse_freed_memory()
-        self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        self.gpu_error = _cuda_problem() if use_gpu else None
+        self.device = torch.device("cuda") if use_gpu and self.gpu_error is None else torch.device("cpu")
         self._handles: dict[str, object] = {}
         self._loaded: dict[tuple[str, str], torch.Tensor] = {}  # the current tensor's bytes, read ahead
-        self._buffers = Buffers()  # what they are read into, reused from call to call
+        # What they are read into, reused from call to call (pinned for a GPU: its copies then
+        # run without a staging copy).
+        self._buffers = Buffers(pin=self.device.type == "cuda")
         self._carried: dict = {}  # the next call's first tensors, read by this one (readahead.py)
 
     # ---- set-up checks -------------------------------------------------------------------
@@ -118,7 +126,7 @@ class MergeActor:
 
         return {"host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "missing": missing,
-                "write_error": write_error, "device": str(self.device)}
+                "write_error": write_error, "device": str(self.device), "gpu_error": self.gpu_error}
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -140,10 +148,10 @@ class MergeActor:
         """Rows [r0, r1) of a parent's tensor as aligned: padded rows synthesized, mapped rows gathered."""
         entry = t.a if parent == "a" else t.b
         if t.rowmap is not None:
-            return self._mapped_rows(t, parent, r0, r1, means).to(self.device)
+            return self._mapped_rows(t, parent, r0, r1, means)
         pad = t.pad
         if pad is None or pad.short != parent or r1 <= pad.n:
-            return self._slice(entry, r0, r1).to(self.device)
+            return self._slice(entry, r0, r1)
         long_entry = t.b if parent == "a" else t.a
         real = self._slice(entry, r0, pad.n) if r0 < pad.n else None
         new_rows = range(max(r0, pad.n), r1)
@@ -155,7 +163,7 @@ class MergeActor:
             s_mean=(means or {}).get(parent),
         )
         block = synth if real is None else torch.cat([real.to(torch.float32), synth])
-        return block.to(self.device)
+        return block
 
     def _gather(self, entry: TensorEntry, src: torch.Tensor) -> torch.Tensor:
         """The entry's rows ``src`` (all >= 0), read as few contiguous runs."""
@@ -317,14 +325,27 @@ class MergeActor:
     def _out_blocks(self, t: TensorPlan, src: tuple[torch.Tensor, ...], coefs, out_dtype, n_outputs: int):
         """One block of the tensor in every output: one SLERP per t, or the copied rows."""
         if t.op == "slerp":
-            a, b = to_work(*src)
+            a, b = to_work(*(x.to(self.device, non_blocking=True) for x in src))
             for coef in coefs:
                 yield combine_block(a, b, coef, out_dtype).cpu()
         else:
             # A copy, never a view: the read-ahead reuses the rows' buffer once the tensor is done,
             # perhaps before the background writer has written this block.
-            x = src[0].to(out_dtype, copy=True).cpu()
+            x = src[0].to(out_dtype, copy=True)
             yield from [x] * n_outputs
+
+
+def _cuda_problem() -> str | None:
+    """Why this process's torch cannot compute on the GPU Ray gave it, or None when it can."""
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    try:
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001 - the reason is the message (e.g. a driver too old)
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if torch.cuda.device_count() == 0:
+        return "no CUDA device is visible (CUDA_VISIBLE_DEVICES is empty)"
+    return None
 
 
 def _reduce_on_one_thread() -> None:

@@ -10,7 +10,7 @@ import sys
 import click
 
 from raymerge.errors import InputError, RaymergeError
-from raymerge.options import DTYPE_CHOICES, PAD_STRATEGIES, VOCAB_MODES, MergeOptions, parse_size
+from raymerge.options import DEVICE_CHOICES, DTYPE_CHOICES, PAD_STRATEGIES, VOCAB_MODES, MergeOptions, parse_size
 from raymerge.schedule import parse_range, parse_t_for
 from raymerge.session import RaySession
 
@@ -75,8 +75,11 @@ def run_options(f):
                      help="Parent to take tokenizer files from (default: the one with the merged vocabulary)."),
         click.option("--workers", type=int, default=None,
                      help="Number of actors (default: one per CPU, or one per GPU on a GPU cluster)."),
+        click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
+                     help="Where actors compute: auto (GPUs where the cluster has them, else CPUs), cpu "
+                          "(CPU actors even on GPU nodes) or gpu."),
         click.option("--gpus-per-actor", type=float, default=1.0, show_default=True,
-                     help="GPUs each actor asks for on a GPU cluster."),
+                     help="GPUs each GPU actor asks for, at most 1 (0.5: two actors share a GPU)."),
         click.option("--block-size", default="1MiB", show_default=True,
                      help="Row block each actor streams, as float32 bytes: 1MiB keeps temporaries in "
                           "CPU cache; a different size may change the last bit of some values."),
@@ -122,7 +125,7 @@ def t_options(f):
 
 def build_options(*, a: str, b: str, out: str, t_values=(), t_range=None, t_for=(), schedule=None,
                   dtype=None, max_shard_size="5GB", vocab=None, pad=None, tokenizer_from=None, workers=None,
-                  gpus_per_actor=1.0, block_size="1MiB", address=None, resume=False, overwrite=False,
+                  gpus_per_actor=1.0, device="auto", block_size="1MiB", address=None, resume=False, overwrite=False,
                   quiet=False, report=None, eval_text=None, keep=None, eval_bytes="1MB", eval_column="text",
                   context=None, debug=False) -> MergeOptions:
     """MergeOptions from the command line's values (``debug`` is the CLI's own business)."""
@@ -136,7 +139,7 @@ def build_options(*, a: str, b: str, out: str, t_values=(), t_range=None, t_for=
     return MergeOptions(
         a=a, b=b, out=out, t=t, schedule=schedule, dtype=dtype,
         max_shard_size=parse_size(max_shard_size), workers=workers, address=address,
-        gpus_per_actor=gpus_per_actor, block_bytes=parse_size(block_size), pad=pad, vocab=vocab or "auto",
+        gpus_per_actor=gpus_per_actor, device=device, block_bytes=parse_size(block_size), pad=pad, vocab=vocab or "auto",
         tokenizer_from=tokenizer_from, resume=resume, overwrite=overwrite, progress=not quiet, report=report,
         eval_text=eval_text, keep=keep, eval_bytes=parse_size(eval_bytes), eval_column=eval_column, context=context,
         command=" ".join(shlex.quote(x) for x in ["raymerge", *sys.argv[1:]]),

@@ -91,17 +91,24 @@ def _cluster_text(nodes: list[dict]) -> str:
 def actor_shape(options: MergeOptions, nodes: list[dict]) -> ActorShape:
     """How many actors, and what each asks of Ray, given each live node's resources.
 
-    One actor per GPU on a cluster with GPUs (``--gpus-per-actor`` each), else one per CPU. A
-    request that no placement can satisfy fails here, at once, instead of waiting forever.
+    ``--device auto``: one actor per GPU where the cluster has GPUs (``--gpus-per-actor`` each: a
+    fraction puts several actors on one GPU), else one per CPU; ``cpu``: CPU actors even on GPU
+    nodes; ``gpu``: GPU actors or a refusal. A request that no placement can satisfy fails here, at
+    once, instead of waiting forever.
     """
     cpus = sum(n.get("CPU", 0) for n in nodes)
     gpus = sum(n.get("GPU", 0) for n in nodes)
-    if gpus > 0:
+    if options.device == "gpu" and gpus <= 0:
+        raise InputError(f"--device gpu, but {_cluster_text(nodes)}")
+    if gpus > 0 and options.device != "cpu":
         per = options.gpus_per_actor
-        fit = sum(int(n.get("GPU", 0) // per) for n in nodes) if per > 0 else 0
+        if not 0 < per <= 1:
+            raise InputError(f"--gpus-per-actor {per:g}: an actor computes on one GPU; give at most 1 "
+                             "(a fraction, such as 0.5, puts several actors on each GPU)")
+        fit = sum(int(n.get("GPU", 0) // per) for n in nodes)
         count = options.workers or fit
-        if per <= 0 or count > fit or fit == 0:
-            raise InputError(f"{count or 1} actor(s) with {per:g} GPU(s) each can never be scheduled: "
+        if count > fit:
+            raise InputError(f"{count} actor(s) with {per:g} GPU(s) each can never be scheduled: "
                              f"{_cluster_text(nodes)} (largest node: {max(n.get('GPU', 0) for n in nodes):g} GPUs)")
         return ActorShape(count, 0, per, max(1, int(cpus // max(1, count))))
     if cpus <= 0:
@@ -232,6 +239,11 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
         raise InputError(f"the actors were not scheduled within {options.schedule_timeout_s:g} s; "
                          f"{_cluster_text([n['Resources'] for n in ray.nodes() if n['Alive']])}") from None
     for info in placed:
+        if info["gpu_error"]:
+            # Never a silent fallback: an actor holding a GPU it cannot use would compute on the
+            # CPU it did not ask for (num_cpus=0), slowly and unseen.
+            raise InputError(f"actor on node {info['node']} (host {info['host']}) holds a GPU but torch cannot "
+                             f"use CUDA: {info['gpu_error']}; run with --device cpu, or fix the node's torch")
         if info["missing"]:
             raise InputError(f"an actor on host {info['host']} cannot see {info['missing'][0]}: "
                              "parents must sit on storage every node sees, at the same path")

@@ -108,14 +108,15 @@ def load_child(config: dict, state: dict[str, torch.Tensor]):
     return model
 
 
-def _actor_shape(nodes: list[dict], tasks: int, child_bytes: int) -> tuple[int, float, float]:
-    """(actors, CPUs each, GPUs each): one per GPU, else actors of up to 8 CPUs of one node."""
+def _actor_shape(nodes: list[dict], tasks: int, child_bytes: int, device: str = "auto") -> tuple[int, float, float]:
+    """(actors, CPUs each, GPUs each): one per GPU (unless ``--device cpu``), else actors of up to
+    8 CPUs of one node."""
     memory = max(n.get("memory", 0) for n in nodes)
     if memory and memory < 2 * child_bytes:
         raise InputError(f"no node can hold a child in memory to score it: the child is "
                          f"{child_bytes / 1e9:.2f} GB, the largest node offers {memory / 1e9:.2f} GB to Ray "
                          "(twice the child is needed)")
-    gpus = sum(int(n.get("GPU", 0)) for n in nodes)
+    gpus = sum(int(n.get("GPU", 0)) for n in nodes) if device != "cpu" else 0
     if gpus:
         return min(tasks, gpus), 0, 1
     per = min(8.0, max(n.get("CPU", 1) for n in nodes))
@@ -128,7 +129,7 @@ def evaluate(options: MergeOptions, plan: MergePlan, inputs: EvalInputs, a: Pare
     """Score every output (one per label) and both parents on Ray actors; return the table."""
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     tasks = len(labels) + 2
-    count, cpus, gpus = _actor_shape(nodes, tasks, plan.total_size())
+    count, cpus, gpus = _actor_shape(nodes, tasks, plan.total_size(), options.device)
     actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=1, max_task_retries=1)(EvalActor)
     actors = [actor_cls.remote(options.block_bytes, max(1, int(cpus)), gpus > 0) for _ in range(count)]
     plan_ref = ray.put(plan)

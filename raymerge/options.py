@@ -12,6 +12,7 @@ DTYPE_CHOICES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float6
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}  # mergekit's
 PAD_STRATEGIES = ("gradient", "zeros", "copy", "mean")
 VOCAB_MODES = ("auto", "union", "a", "b")
+DEVICE_CHOICES = ("auto", "cpu", "gpu")
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -69,7 +70,10 @@ class MergeOptions:
         vocab: ``auto``, ``union``, ``a`` or ``b``: how the vocabularies are aligned (tokens.py).
         tokenizer_from: "a", "b" or None (the parent whose vocabulary has the merged size).
         resume / overwrite: what to do with a non-empty ``out``.
-        block_bytes: float32 bytes of one row block in the actors' two passes.
+        block_bytes: float32 bytes of one row block an actor computes on.
+        device: ``auto`` (GPU actors where the cluster has GPUs, else CPU actors), ``cpu`` or
+            ``gpu``; a GPU actor whose torch cannot use CUDA stops the merge (never a silent
+            fallback to the CPU). The device never changes a byte of the output.
         report: where to write the per-tensor report (Parquet), or None.
         schedule_timeout_s: how long actors may wait for resources (e.g. an autoscaler) before
             the merge gives up.
@@ -91,6 +95,7 @@ class MergeOptions:
     workers: int | None = None
     address: str | None = None
     gpus_per_actor: float = 1.0
+    device: str = "auto"
     pad: str | None = None
     vocab: str = "auto"
     tokenizer_from: str | None = None

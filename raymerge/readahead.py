@@ -5,11 +5,12 @@ storage, and the maths would wait for the read. ``ReadAhead`` runs a background 
 walks the actor's tensors in order, ahead of the work, keeping at most about ``ahead_bytes`` read
 and not yet used:
 
-- a tensor whose two parents' bytes fit in ``load_bytes`` is read whole, with large sequential
-  reads straight into memory: the actor then slices it there, for its reduction and again for
-  its combination, and storage is read once. What the page cache holds is copied from it; the
-  rest is read with ``O_DIRECT``, from storage into the buffer: copying through the page cache
-  costs the kernel about one CPU second per GB, more than the maths;
+- a tensor whose two parents' bytes fit in ``load_bytes`` is read whole, ahead of its use: the
+  actor slices it in memory, for its reduction and again for its combination, and storage is
+  read once. A parent tensor the page cache holds whole is used where it lies (a read-only view
+  of the file's pages, no copy); any other is read with ``O_DIRECT`` from storage straight into a
+  buffer, in large sequential reads (a copy through the page cache costs this kernel about one
+  CPU second per GB, more than the maths);
 - a larger tensor (a big vocabulary's embedding) is streamed by the actor in row blocks; the
   thread only asks the kernel to start reading its byte ranges (``posix_fadvise(WILLNEED)``,
   where the platform has it), so the blocks come from the page cache, where they stay for the
@@ -29,9 +30,11 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import threading
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -55,8 +58,9 @@ def _entries(tensor) -> list[TensorEntry]:
 class Buffers:
     """Byte buffers reused from one tensor to the next (and from one call to the next)."""
 
-    def __init__(self, limit_bytes: int = AHEAD_BYTES + LOAD_BYTES):
+    def __init__(self, limit_bytes: int = AHEAD_BYTES + LOAD_BYTES, pin: bool = False):
         self.limit_bytes = limit_bytes
+        self.pin = pin
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
 
@@ -67,7 +71,7 @@ class Buffers:
             fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
             if fits:
                 return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
-        raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8)
+        raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=self.pin)
         pad = -raw.data_ptr() % ALIGN
         return raw[pad:pad + nbytes]
 
@@ -99,9 +103,14 @@ def read_entry(fds: tuple[int, int | None], entry: TensorEntry, buf: torch.Tenso
     pos = 0
     while pos < end:
         size = min(READ_CHUNK, length - pos)  # pos stays aligned: chunks are, and so is EOF's read
+        n = None
         if direct is not None and not _cached(plain, lo + pos, min(size, end - pos)):
-            n = os.preadv(direct, [view[pos:pos + size]], lo + pos)
-        else:
+            try:
+                n = os.preadv(direct, [view[pos:pos + size]], lo + pos)
+            except OSError as e:  # a file system that opens O_DIRECT but cannot read so
+                if e.errno != errno.EINVAL:
+                    raise
+        if n is None:
             n = os.preadv(plain, [view[pos:pos + min(size, end - pos)]], lo + pos)
         if n == 0:
             raise OSError(f"{entry.file}: unexpected end of file in tensor {entry.name!r}")
@@ -167,6 +176,7 @@ class ReadAhead:
         self._error: BaseException | None = None
         self._closed = False
         self._fds: dict[str, tuple[int, int | None]] = {}
+        self._maps: dict[str, mmap.mmap] = {}
         self.keep_from = len(tensors) if keep_from is None else keep_from
         self.leftover: dict[str, tuple[dict, list]] = {}
         carried = dict(carried or {})
@@ -220,9 +230,14 @@ class ReadAhead:
                     if i in self._loaded:  # carried over from the last call
                         continue
                 if self.loads(tensor):
-                    bufs = [self.buffers.get(span(e)[1]) for e in _entries(tensor)]
-                    got = {(e.file, e.name): read_entry(self._fds_of(e.file), e, buf)
-                           for e, buf in zip(_entries(tensor), bufs)}
+                    got, bufs = {}, []
+                    for e in _entries(tensor):
+                        fds = self._fds_of(e.file)
+                        if _LIBC is not None and _cached(fds[0], e.start, e.nbytes):
+                            got[(e.file, e.name)] = self._mapped(e)  # in the page cache: no copy
+                        else:
+                            bufs.append(self.buffers.get(span(e)[1]))
+                            got[(e.file, e.name)] = read_entry(fds, e, bufs[-1])
                     with self._cond:
                         self._loaded[i], self._held_buffers[i] = got, bufs
                         self._cond.notify_all()
@@ -246,6 +261,20 @@ class ReadAhead:
             for buf in self._held_buffers.pop(j):
                 self.buffers.put(buf)
 
+    def _mapped(self, entry: TensorEntry) -> torch.Tensor:
+        """The entry's tensor as a read-only view of the file's pages (the mapping lives as long as
+        the views of it)."""
+        m = self._maps.get(entry.file)
+        if m is None:
+            m = self._maps[entry.file] = mmap.mmap(self._fds_of(entry.file)[0], 0, prot=mmap.PROT_READ)
+        with warnings.catch_warnings():  # the view is never written: torch warns of read-only memory
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(m, dtype=torch.uint8, count=entry.nbytes, offset=entry.start)
+        dtype = TORCH_DTYPES[entry.dtype]
+        if entry.start % dtype.itemsize:
+            raw = raw.clone()
+        return raw.view(dtype).reshape(entry.shape)
+
     def _fds_of(self, file: str) -> tuple[int, int | None]:
         """The file opened plainly, and with O_DIRECT where the platform and file system allow."""
         fds = self._fds.get(file)
@@ -265,12 +294,15 @@ class ReadAhead:
             self._closed = True
             self._cond.notify_all()
         self._thread.join()
-        self.leftover = {self.tensors[j].name: (self._loaded[j], self._held_buffers[j])
-                         for j in self._loaded if j >= max(self.keep_from, self._done_until + 1)}
-        for name in self.leftover:
-            j = next(j for j in self._loaded if self.tensors[j].name == name)
-            del self._loaded[j], self._held_buffers[j]
+        unused = [j for j in self._loaded if j >= max(self.keep_from, self._done_until + 1)]
+        self.leftover = {self.tensors[j].name: (self._loaded.pop(j), self._held_buffers.pop(j)) for j in unused}
         self._release(lambda j: True)
+        for m in self._maps.values():
+            try:
+                m.close()  # its descriptor too; a mapping still viewed (carried over) closes when freed
+            except BufferError:
+                pass
+        self._maps.clear()
 
     def __enter__(self) -> "ReadAhead":
         return self

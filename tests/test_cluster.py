@@ -4,6 +4,7 @@ resource checks. Every Ray process a test starts, it stops by process id."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,20 +38,37 @@ def test_actor_shape_cpu_and_gpu_clusters():
     assert actor_shape(_options(gpus_per_actor=0.5), [{"CPU": 8.0, "GPU": 2.0}]).count == 4
 
 
-@pytest.mark.parametrize("kw,expected", [
-    ({"gpus_per_actor": 2.0}, "1 actor(s) with 2 GPU(s) each can never be scheduled"),
-    ({"workers": 3}, "3 actor(s) with 1 GPU(s) each can never be scheduled"),
+def test_actor_shape_chooses_devices():
+    gpu_node = [{"CPU": 224.0, "GPU": 8.0}]
+    auto = actor_shape(_options(), gpu_node)
+    assert (auto.count, auto.num_gpus, auto.num_cpus, auto.threads) == (8, 1.0, 0, 28), "one actor per GPU"
+    cpu = actor_shape(_options(device="cpu", workers=64), gpu_node)
+    assert (cpu.count, cpu.num_gpus, cpu.num_cpus) == (64, 0, 3.0), "CPU actors on a GPU node"
+    assert actor_shape(_options(device="cpu"), gpu_node).count == 224
+    shared = actor_shape(_options(gpus_per_actor=0.25), [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}])
+    assert (shared.count, shared.num_gpus) == (12, 0.25), "four actors on each GPU of both nodes"
+    assert actor_shape(_options(device="gpu"), [{"CPU": 4.0, "GPU": 1.0}]).num_gpus == 1.0
+
+
+@pytest.mark.parametrize("kw,nodes,expected", [
+    ({"gpus_per_actor": 2.0}, 2, "--gpus-per-actor 2: an actor computes on one GPU; give at most 1"),
+    ({"gpus_per_actor": 0.0}, 2, "--gpus-per-actor 0: an actor computes on one GPU"),
+    ({"workers": 3}, 2, "3 actor(s) with 1 GPU(s) each can never be scheduled: the cluster has 8 CPUs and 2 GPUs "
+                        "on 2 node(s)"),
+    ({"device": "gpu"}, 0, "--device gpu, but the cluster has 8 CPUs and 0 GPUs on 2 node(s)"),
+    ({"device": "cpu", "workers": 9}, 2, "9 CPU actors can never be scheduled: the cluster has 8 CPUs"),
 ])
-def test_impossible_gpu_requests_are_refused(kw, expected):
-    with pytest.raises(InputError, match=r"the cluster has 8 CPUs and 2 GPUs on 2 node\(s\)") as e:
-        actor_shape(_options(**kw), [{"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}])
+def test_impossible_requests_are_refused(kw, nodes, expected):
+    with pytest.raises(InputError) as e:
+        actor_shape(_options(**kw), [{"CPU": 4.0, "GPU": 1.0 * (nodes > 0)}, {"CPU": 4.0, "GPU": 1.0 * (nodes > 0)}])
     assert expected in str(e.value)
 
 
-@pytest.fixture
-def fake_gpu_head(tmp_path):
-    """A one-node cluster that declares a GPU (Ray schedules by declared resources)."""
-    node = RayNode(str(tmp_path / "gpu-head.log"), num_cpus=2, extra_args=["--num-gpus=1"])
+@pytest.fixture(scope="module")
+def fake_gpu_head(tmp_path_factory):
+    """A one-node cluster that declares a GPU it does not have (Ray schedules by declared
+    resources); this machine's torch is a CPU build."""
+    node = RayNode(str(tmp_path_factory.mktemp("gpu") / "gpu-head.log"), num_cpus=2, extra_args=["--num-gpus=1"])
     try:
         node.wait_ready()
         yield node
@@ -60,13 +78,42 @@ def fake_gpu_head(tmp_path):
 
 def test_impossible_request_fails_within_seconds(tiny_parents, fake_gpu_head, tmp_path):
     started = time.monotonic()
-    proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(tmp_path / "out"), "--gpus-per-actor", "2",
+    proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(tmp_path / "out"), "--workers", "2",
                            "--address", fake_gpu_head.address], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
-    assert proc.stderr == ("raymerge: error: 1 actor(s) with 2 GPU(s) each can never be scheduled: the cluster "
+    assert proc.stderr == ("raymerge: error: 2 actor(s) with 1 GPU(s) each can never be scheduled: the cluster "
                            "has 2 CPUs and 1 GPUs on 1 node(s) (largest node: 1 GPUs)\n"), proc.stderr
     assert time.monotonic() - started < 60
     assert not (tmp_path / "out").exists()
+
+
+def test_an_actor_holding_a_gpu_it_cannot_use_stops_the_merge(tiny_parents, fake_gpu_head, tmp_path):
+    """No silent CPU fallback: the default (auto) puts an actor on the declared GPU, the actor's
+    torch has no CUDA, and the merge stops in one line before writing anything."""
+    import torch
+
+    proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(tmp_path / "out"),
+                           "--address", fake_gpu_head.address], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert re.fullmatch(r"raymerge: error: actor on node [0-9a-f]+ \(host [^)]+\) holds a GPU but torch cannot use "
+                        rf"CUDA: this torch \({re.escape(torch.__version__)}\) is built without CUDA; run with "
+                        r"--device cpu, or fix the node's torch\n", proc.stderr), proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_cpu_on_a_gpu_node_merges_the_same_bytes(tiny_parents, fake_gpu_head, ray_head, tmp_path):
+    """`--device cpu` runs CPU actors on the GPU node; the output equals a merge on a node without
+    GPUs byte for byte (the session's head)."""
+    outs = {}
+    for name, head, extra in (("gpu-node", fake_gpu_head, ["--device", "cpu"]), ("plain", ray_head, [])):
+        out = tmp_path / name
+        proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(out), "-t", "0.4", "--quiet",
+                               "--address", head.address, *extra], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        outs[name] = out
+    for f in sorted(os.listdir(outs["plain"])):
+        if f.endswith(".safetensors"):
+            assert (outs["gpu-node"] / f).read_bytes() == (outs["plain"] / f).read_bytes(), f
 
 
 def test_two_node_cluster_runs_actors_on_both_nodes(tiny_parents, tmp_path):

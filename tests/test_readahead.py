@@ -20,8 +20,10 @@ from raymerge.shards import read_header
 
 
 def _evict(path: str) -> None:
+    """Drop the file from the page cache (written back first: dirty pages cannot be dropped)."""
     fd = os.open(path, os.O_RDONLY)
     try:
+        os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
@@ -88,9 +90,7 @@ def test_the_next_calls_tensors_are_carried_over_not_read_again(tiny_parents, mo
     a, b = tiny_parents
     plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), MergeOptions(a=a, b=b, out="x"), 1)
     tensors = list(plan.tensors)
-    reads = []
-    real = readahead.read_entry
-    monkeypatch.setattr(readahead, "read_entry", lambda fds, e, buf: reads.append(e.name) or real(fds, e, buf))
+    reads = _count_reads(monkeypatch, lambda e: e.name)
     first, second = tensors[:5], tensors[5:10]
     with ReadAhead(first + second[:2], keep_from=5) as ahead:
         for i in range(5):
@@ -101,8 +101,7 @@ def test_the_next_calls_tensors_are_carried_over_not_read_again(tiny_parents, mo
         for i, t in enumerate(second):
             loaded = ahead.take(i)
             assert torch.equal(loaded[(t.a.file, t.a.name)], load_file(t.a.file)[t.a.name])
-    per_entry = [n for n in reads]
-    assert sorted(per_entry) == sorted(e.name for t in tensors[:10] for e in (t.a, t.b)), \
+    assert sorted(reads) == sorted(e.name for t in tensors[:10] for e in (t.a, t.b)), \
         "every entry of the ten tensors read exactly once"
 
 
@@ -112,9 +111,7 @@ def test_a_merge_reads_every_parent_tensor_once(tiny_parents, tmp_path, monkeypa
     a, b = tiny_parents
     options = MergeOptions(a=a, b=b, out=str(tmp_path), max_shard_size=200_000)
     plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), options, 1)
-    reads = []
-    real = readahead.read_entry
-    monkeypatch.setattr(readahead, "read_entry", lambda fds, e, buf: reads.append((e.file, e.name)) or real(fds, e, buf))
+    reads = _count_reads(monkeypatch, lambda e: (e.file, e.name))
     actor = MergeActor(options.block_bytes)
     mmap_reads = []
     monkeypatch.setattr(actor, "_handles", _Counting(mmap_reads))
@@ -137,6 +134,38 @@ def test_a_merge_reads_every_parent_tensor_once(tiny_parents, tmp_path, monkeypa
         actor.write(WriteJob((str(two_pass / shard.filename),), shard.layout.header, mine, reduced=True,
                              coefficients=coefs))
         assert (one_pass / shard.filename).read_bytes() == (two_pass / shard.filename).read_bytes()
+
+
+def _count_reads(monkeypatch, key) -> list:
+    """Log every parent tensor the read-ahead gets: read from storage, or viewed in the page cache."""
+    log = []
+    read, mapped = readahead.read_entry, ReadAhead._mapped
+    monkeypatch.setattr(readahead, "read_entry", lambda fds, e, buf: log.append(key(e)) or read(fds, e, buf))
+    monkeypatch.setattr(ReadAhead, "_mapped", lambda self, e: log.append(key(e)) or mapped(self, e))
+    return log
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["page cache", "storage"])
+def test_read_ahead_views_cached_tensors_and_reads_the_others(odd_file, cached, monkeypatch):
+    """A tensor the page cache holds is a view of the file's pages; one it lacks is read (O_DIRECT
+    where the file system allows it); both give the file's values."""
+    path, tensors = odd_file
+    entries = read_header(path)
+    load_file(path) if cached else _evict(path)
+
+    class T:  # a planned tensor of one parent
+        def __init__(self, e):
+            self.name, self.a, self.b = e.name, e, None
+
+    how = []
+    monkeypatch.setattr(readahead, "read_entry", lambda fds, e, buf, real=readahead.read_entry:
+                        how.append("read") or real(fds, e, buf))
+    plan = [T(e) for e in entries.values()]
+    with ReadAhead(plan) as ahead:
+        for i, t in enumerate(plan):
+            got = ahead.take(i)[(path, t.name)]
+            assert torch.equal(got, tensors[t.name]), t.name
+    assert how == ([] if cached else ["read"] * len(plan))
 
 
 class _Counting(dict):
