@@ -35,8 +35,8 @@ from raymerge.report import tensor_report
 from raymerge.session import RaySession
 from raymerge.slerp import Coefficients, slerp_coefficients
 
-# Each actor call reads (pass 1) or writes (pass 2) about this many bytes: progress moves, and
-# no call runs for long.
+# Each actor call reads and writes about this many bytes together: progress moves, a lost actor
+# costs one call, and no call runs for long.
 CALL_BYTES = 256 * 2**20
 
 
@@ -174,6 +174,7 @@ def merge(options: MergeOptions, session: RaySession | None = None) -> MergeResu
 
 
 def _merge(options: MergeOptions, session: RaySession, started: float, phases: Phases) -> MergeResult:
+    """The merge, with Ray coming up in ``session`` while the parents are read and planned."""
     a, b = load_parents(options)
     out = OutputDir(options.out, options.output_dirs())
     out.check_target([a.path, b.path])
