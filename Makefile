@@ -21,7 +21,7 @@ test: install
 	$(BIN)/python -m pytest -q --doctest-modules raymerge tests
 
 bench: install
-	$(BIN)/python bench/bench.py --reps 5 --scale2
+	$(BIN)/python bench/bench.py --reps 3 --scale2
 
 clean:
 	rm -rf $(VENV) build *.egg-info
