@@ -297,11 +297,8 @@ class ReadAhead:
         unused = [j for j in self._loaded if j >= max(self.keep_from, self._done_until + 1)]
         self.leftover = {self.tensors[j].name: (self._loaded.pop(j), self._held_buffers.pop(j)) for j in unused}
         self._release(lambda j: True)
-        for m in self._maps.values():
-            try:
-                m.close()  # its descriptor too; a mapping still viewed (carried over) closes when freed
-            except BufferError:
-                pass
+        # Never m.close(): views of a mapping (carried over to the next call) do not pin it, and
+        # would dangle. Each mapping (and its descriptor) goes when its last view does.
         self._maps.clear()
 
     def __enter__(self) -> "ReadAhead":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -51,4 +52,8 @@ def test_a_failure_is_not_hidden_by_a_sync(tiny_parents, tmp_path, monkeypatch):
         actor.write(job)
     assert info.value.errno == 28, "the real error, not the sync's"
     assert synced == [], "a failing pass syncs nothing"
+    # The exception's frames still hold views of the parents' mapped pages (and so the mappings'
+    # descriptors); once it is gone, nothing may remain open.
+    del info
+    gc.collect()
     assert _open_fds() == before

@@ -178,3 +178,29 @@ class _Counting(dict):
     def get(self, key, default=None):
         self.log.append(key)
         return super().get(key, default)
+
+
+def test_tensors_carried_over_stay_valid_after_their_read_ahead_closes(odd_file, tmp_path):
+    """Views of the page cache handed to the next call must outlive the ReadAhead that made them
+    (an unmapped view would read whatever is mapped there next: here, another file)."""
+    path, tensors = odd_file
+    load_file(path)  # in the page cache: the read-ahead hands out views of the file's pages
+    entries = list(read_header(path).values())
+
+    class T:
+        def __init__(self, e):
+            self.name, self.a, self.b = e.name, e, None
+
+    with ReadAhead([T(e) for e in entries], keep_from=1) as ahead:
+        ahead.take(0)
+        ahead._thread.join(timeout=30)  # the rest read ahead: the thread ends after the last one
+    leftover = ahead.leftover
+    assert leftover, "every tensor was read ahead for the next call"
+    other = str(tmp_path / "other.safetensors")
+    save_file({n: torch.zeros_like(t) for n, t in tensors.items()}, other)
+    import mmap as mmap_module
+    maps = [mmap_module.mmap(os.open(other, os.O_RDONLY), 0, prot=mmap_module.PROT_READ) for _ in range(4)]
+    for name, (got, _) in leftover.items():
+        assert torch.equal(got[(path, name)], tensors[name]), name
+    for m in maps:
+        m.close()
