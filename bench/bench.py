@@ -56,7 +56,7 @@ from mergekit_recipe import (MERGEKIT_FLAGS, compare_outputs, ensure_mergekit,  
 from actor_split import split_table  # noqa: E402
 from parents import bench_parents  # noqa: E402
 from raynodes import RayNode  # noqa: E402
-from realsize import seven_b_section, tiny_section  # noqa: E402
+from realsize import fmt, seven_b_section, tiny_section, weight_files  # noqa: E402
 from tracked import Run, measured, wait_quiet  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
@@ -82,10 +82,6 @@ class Contender:
 
     def median(self) -> float | None:
         return statistics.median(self.good()) if self.good() else None
-
-
-def weight_files(model_dir: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
 
 
 def read_fully(files: list[str]) -> None:
@@ -253,10 +249,6 @@ def correctness(kept: dict[str, str]) -> list[str]:
                    for f in glob.glob(os.path.join(sweep, "*.safetensors")))
         lines.append(f"sweep t-0.5 vs single-t 0.5: shards {'byte-identical' if same else 'DIFFER'}")
     return lines
-
-
-def fmt(x: float | None, spec: str = ".1f", suffix: str = "") -> str:
-    return "n/a" if x is None else f"{x:{spec}}{suffix}"
 
 
 def machine() -> str:

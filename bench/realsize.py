@@ -72,7 +72,7 @@ def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def _fmt(x: float | None, spec: str = ".1f", suffix: str = "") -> str:
+def fmt(x: float | None, spec: str = ".1f", suffix: str = "") -> str:
     return "n/a" if x is None else f"{x:{spec}}{suffix}"
 
 
@@ -128,11 +128,11 @@ def seven_b_section(reps: int, env: dict[str, str], raymerge: str, mergekit: str
         ok = [r for r, _ in rs if r.ok]
         read = _median([x for r, x in rs if r.ok])
         peak = max((r.peak_process_kb / MIB for r in ok), default=None)
-        rows.append(f"| {name} | {_fmt(med[name])} | {_fmt(min((r.wall_s for r in ok), default=None))} / "
-                    f"{_fmt(max((r.wall_s for r in ok), default=None))} | {len(ok)}/{len(rs)} | "
-                    f"{_fmt(read and read / 1e9, '.1f')} ({_fmt(read and read / parent_bytes, '.2f', '×')}) | "
-                    f"{_fmt(med[name] and floor_s and med[name] / floor_s, '.2f', '×')} | "
-                    f"{_fmt(med[name] and mk_s and med[name] / mk_s, '.2f', '×')} | {_fmt(peak, '.0f')} |")
+        rows.append(f"| {name} | {fmt(med[name])} | {fmt(min((r.wall_s for r in ok), default=None))} / "
+                    f"{fmt(max((r.wall_s for r in ok), default=None))} | {len(ok)}/{len(rs)} | "
+                    f"{fmt(read and read / 1e9, '.1f')} ({fmt(read and read / parent_bytes, '.2f', '×')}) | "
+                    f"{fmt(med[name] and floor_s and med[name] / floor_s, '.2f', '×')} | "
+                    f"{fmt(med[name] and mk_s and med[name] / mk_s, '.2f', '×')} | {fmt(peak, '.0f')} |")
     rm = [r for r, _ in runs["raymerge, embedded Ray"] if r.ok and r.phases]
     phases = ""
     if rm:
@@ -217,9 +217,9 @@ def tiny_section(reps: int, env: dict[str, str], raymerge_extras: str, mergekit:
         if ok and ok[0].phases:
             phases = ", ".join(f"{k} {statistics.median(r.phases.get(k, 0.0) for r in ok):.2f}" for k in ok[0].phases)
             phases += f", outside {statistics.median(r.wall_s - sum(r.phases.values()) for r in ok):.2f}"
-        rows.append(f"| {name} | {_fmt(med[name], '.2f')} | {_fmt(min((r.wall_s for r in ok), default=None), '.2f')} / "
-                    f"{_fmt(max((r.wall_s for r in ok), default=None), '.2f')} | {len(ok)}/{len(rs)} | "
-                    f"{_fmt(med[name] and mk and med[name] / mk, '.2f', '×')} | {phases} |")
+        rows.append(f"| {name} | {fmt(med[name], '.2f')} | {fmt(min((r.wall_s for r in ok), default=None), '.2f')} / "
+                    f"{fmt(max((r.wall_s for r in ok), default=None), '.2f')} | {len(ok)}/{len(rs)} | "
+                    f"{fmt(med[name] and mk and med[name] / mk, '.2f', '×')} | {phases} |")
     plain_s = med.get("raymerge, `pip install .` (ray)")
     targets = [("tiny parents: raymerge (`pip install .`) ≤ 0.6× mergekit", plain_s and mk and plain_s / mk,
                 lambda v: v <= 0.6, "×")]

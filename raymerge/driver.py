@@ -33,7 +33,7 @@ from raymerge.plan import MergePlan, TensorPlan, assign_actors, build_plan, chun
 from raymerge.progress import Progress
 from raymerge.report import tensor_report
 from raymerge.session import RaySession
-from raymerge.slerp import Coefficients, slerp_coefficients
+from raymerge.slerp import slerp_coefficients
 
 # Each actor call reads and writes about this many bytes together: progress moves, a lost actor
 # costs one call, and no call runs for long.
@@ -251,7 +251,7 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
         _check_writable(info, probe_dir)
     phases.lap("start actors")
 
-    scores, stats, coefficients = None, {}, None
+    scores, stats, coefficients, means = None, {}, None, {}
     if scoring is not None:
         # Scoring needs every tensor's coefficients before anything is written: a first pass
         # reduces them all, and the write pass takes the chosen children's coefficients.
@@ -259,8 +259,7 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
         stats = _reduce_pass(options, plan, actors, plan.tensors)
         _check_stats(plan, stats)
         phases.lap("read + reduce")
-        coefficients = {name: tuple(slerp_coefficients(stats[name].reductions, x) for x in ts)
-                        for name, ts in t_by_name.items()}
+        coefficients = _coefficients(stats, t_by_name)
         labels = options.t_labels()
         means = {n: s.means for n, s in stats.items() if s.means}
         # The scoring actors need the CPUs (or GPUs) the merge actors hold: stop those, and start
@@ -278,18 +277,22 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
     out.create(fingerprint, options.overwrite)
     for info in ray.get([actor.where.remote([], out.state_dir) for actor in actors]):
         _check_writable(info, out.root)
-    written, merged = _write_pass(options, plan, t_by_name, stats, out, actors)
+    written, merged = _write_pass(options, plan, t_by_name, coefficients, means, out, actors)
     stats = stats or merged
     if options.report:
         missing = [t for t in plan.tensors if t.name not in stats]  # in shards a resume kept
         if missing:
             stats.update(_reduce_pass(options, plan, actors, missing))
         os.makedirs(os.path.dirname(os.path.abspath(options.report)), exist_ok=True)
-        coefficients = {name: tuple(slerp_coefficients(stats[name].reductions, x) for x in ts)
-                        for name, ts in t_by_name.items()}
-        pq.write_table(tensor_report(plan, {n: s.reductions for n, s in stats.items()}, coefficients, t_by_name),
+        pq.write_table(tensor_report(plan, {n: s.reductions for n, s in stats.items()},
+                                     _coefficients(stats, t_by_name), t_by_name),
                        options.report)
     return written, len({info["node"] for info in placed}), scores
+
+
+def _coefficients(stats: dict[str, TensorStats], t_by_name: dict[str, tuple[float, ...]]) -> dict:
+    """Every SLERP tensor's coefficients, one per t, from its reductions."""
+    return {name: tuple(slerp_coefficients(stats[name].reductions, x) for x in ts) for name, ts in t_by_name.items()}
 
 
 def _check_writable(info: dict, path: str) -> None:
@@ -329,19 +332,20 @@ def _reduce_pass(options: MergeOptions, plan: MergePlan, actors: list, tensors) 
 
 
 def _write_pass(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[float, ...]],
-                reduced: dict[str, TensorStats], out: OutputDir,
+                coefficients: dict | None, means: dict, out: OutputDir,
                 actors: list) -> tuple[int, dict[str, TensorStats]]:
     """Make and write every shard not already finished, renaming each when complete; returns the
     bytes written and the reductions of the tensors made.
 
-    Each tensor is reduced, checked and written in one read of its bytes, unless ``reduced``
-    holds pass 1's results (``--eval``). A tensor that fails its checks stops the merge: the
-    actors are stopped and every model file of this merge removed before the refusal is raised.
+    Each tensor is reduced, checked and written in one read of its bytes, unless ``coefficients``
+    (and ``means``) come from a first pass (``--eval``). A tensor that fails its checks stops the
+    merge: the actors are stopped and every model file of this merge removed before the refusal
+    is raised.
     """
+    reduced = coefficients is not None
     done = out.finished_shards(plan)
     todo = [i for i in range(len(plan.shards)) if i not in done]
     out.clear_partial(plan, set(todo))
-    means = {n: s.means for n, s in reduced.items() if s.means}
     per_actor: dict[int, list[tuple[WriteJob, int]]] = defaultdict(list)  # actor -> (job, shard), in order
     remaining: dict[int, int] = defaultdict(int)
     for i in todo:
@@ -352,11 +356,9 @@ def _write_pass(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tup
             for chunk in chunk_by_size(mine, CALL_BYTES, lambda t: t.read_bytes + t.nbytes * len(paths)):
                 names = [t.name for t in chunk if t.name in t_by_name]
                 job = WriteJob(shard_paths=paths, header=shard.layout.header, tensors=tuple(chunk),
-                               ts={n: t_by_name[n] for n in names}, reduced=bool(reduced))
-                if reduced:
-                    job = replace(job, coefficients={n: tuple(slerp_coefficients(reduced[n].reductions, x)
-                                                              for x in t_by_name[n]) for n in names},
-                                  means={t.name: means[t.name] for t in chunk if t.name in means})
+                               ts={n: t_by_name[n] for n in names}, reduced=reduced,
+                               coefficients={n: coefficients[n] for n in names} if reduced else {},
+                               means={t.name: means[t.name] for t in chunk if t.name in means})
                 per_actor[actor_id].append((job, i))
                 remaining[i] += 1
     shard_of = {}

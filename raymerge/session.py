@@ -36,7 +36,7 @@ class RaySession:
 
     def __init__(self, address: str | None = None):
         self.address = address or os.environ.get("RAY_ADDRESS") or None
-        self.started = False  # whether this session started (or attached) Ray, and so stops it
+        self.owns_ray = False  # True while this session holds the Ray connection stop() ends
         self.embedded = False
         self._ready = threading.Event()
         self._release = threading.Event()
@@ -56,7 +56,7 @@ class RaySession:
         # Ctrl-C) is put back once Ray is up.
         if threading.current_thread() is threading.main_thread():
             self._sigterm = signal.getsignal(signal.SIGTERM)
-        self.started = True
+        self.owns_ray = True
         self.embedded = self.address is None
         self._thread = threading.Thread(target=self._run, name="raymerge-ray", daemon=True)
         self._thread.start()
@@ -90,13 +90,14 @@ class RaySession:
             self._sigterm = None
         if self._error is not None:
             error, self._error = self._error, None
-            self.started = False
+            self.owns_ray = False
             self._release.set()
             raise error
 
     def stop(self) -> None:
-        """Stop what this session started (waiting for a start still under way)."""
-        if not self.started:
+        """End this session's Ray: an embedded one is shut down, an attached one disconnected; a
+        start under way is waited for first."""
+        if not self.owns_ray:
             self._release.set()
             return
         import ray
@@ -107,7 +108,7 @@ class RaySession:
                 _kill_helpers()
             ray.shutdown()
         finally:
-            self.started = False
+            self.owns_ray = False
             self._release.set()
             if self._thread is not None:
                 self._thread.join()
