@@ -86,6 +86,9 @@ def run_options(f):
         click.option("--address", default=None,
                      help="Ray cluster to attach to ('auto', 'ray://host:10001', host:port). "
                           "Default: RAY_ADDRESS if set, else an embedded local Ray."),
+        click.option("--schedule-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0,
+                     show_default=True, help="Seconds the actors may wait for resources (an autoscaler "
+                                             "adding nodes) before the merge stops."),
         click.option("--resume", is_flag=True, help="Continue an interrupted merge into OUT."),
         click.option("--overwrite", is_flag=True, help="Replace an earlier raymerge output in OUT."),
         click.option("--quiet", is_flag=True, help="No progress output."),
@@ -125,7 +128,7 @@ def t_options(f):
 
 def build_options(*, a: str, b: str, out: str, t_values=(), t_range=None, t_for=(), schedule=None,
                   dtype=None, max_shard_size="5GB", vocab=None, pad=None, tokenizer_from=None, workers=None,
-                  gpus_per_actor=1.0, device="auto", block_size="1MiB", address=None, resume=False, overwrite=False,
+                  gpus_per_actor=1.0, device="auto", block_size="1MiB", address=None, schedule_timeout=300.0, resume=False, overwrite=False,
                   quiet=False, report=None, eval_text=None, keep=None, eval_bytes="1MB", eval_column="text",
                   context=None, debug=False) -> MergeOptions:
     """MergeOptions from the command line's values (``debug`` is the CLI's own business)."""
@@ -140,7 +143,7 @@ def build_options(*, a: str, b: str, out: str, t_values=(), t_range=None, t_for=
         a=a, b=b, out=out, t=t, schedule=schedule, dtype=dtype,
         max_shard_size=parse_size(max_shard_size), workers=workers, address=address,
         gpus_per_actor=gpus_per_actor, device=device, block_bytes=parse_size(block_size), pad=pad, vocab=vocab or "auto",
-        tokenizer_from=tokenizer_from, resume=resume, overwrite=overwrite, progress=not quiet, report=report,
+        schedule_timeout_s=schedule_timeout, tokenizer_from=tokenizer_from, resume=resume, overwrite=overwrite, progress=not quiet, report=report,
         eval_text=eval_text, keep=keep, eval_bytes=parse_size(eval_bytes), eval_column=eval_column, context=context,
         command=" ".join(shlex.quote(x) for x in ["raymerge", *sys.argv[1:]]),
     )

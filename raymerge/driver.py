@@ -29,6 +29,7 @@ from raymerge.errors import InputError
 from raymerge.options import MergeOptions
 from raymerge.outdir import OutputDir
 from raymerge.parents import Parent, load_parent
+from raymerge.placement import actor_shape, cluster_autoscales, wait_placed
 from raymerge.plan import MergePlan, TensorPlan, assign_actors, build_plan, chunk_by_size
 from raymerge.progress import Progress
 from raymerge.report import tensor_report
@@ -74,53 +75,19 @@ def load_parents(options: MergeOptions) -> tuple[Parent, Parent]:
     return load_parent(options.a, "A"), load_parent(options.b, "B")
 
 
-@dataclass(frozen=True)
-class ActorShape:
-    count: int
-    num_cpus: float
-    num_gpus: float
-    threads: int
+def _live_nodes() -> list[dict]:
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
 
 
-def _cluster_text(nodes: list[dict]) -> str:
-    cpus = sum(n.get("CPU", 0) for n in nodes)
-    gpus = sum(n.get("GPU", 0) for n in nodes)
-    return f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs on {len(nodes)} node(s)"
-
-
-def actor_shape(options: MergeOptions, nodes: list[dict]) -> ActorShape:
-    """How many actors, and what each asks of Ray, given each live node's resources.
-
-    ``--device auto``: one actor per GPU where the cluster has GPUs (``--gpus-per-actor`` each: a
-    fraction puts several actors on one GPU), else one per CPU; ``cpu``: CPU actors even on GPU
-    nodes; ``gpu``: GPU actors or a refusal. A request that no placement can satisfy fails here, at
-    once, instead of waiting forever.
-    """
-    cpus = sum(n.get("CPU", 0) for n in nodes)
-    gpus = sum(n.get("GPU", 0) for n in nodes)
-    if options.device == "gpu" and gpus <= 0:
-        raise InputError(f"--device gpu, but {_cluster_text(nodes)}")
-    if gpus > 0 and options.device != "cpu":
-        per = options.gpus_per_actor
-        if not 0 < per <= 1:
-            raise InputError(f"--gpus-per-actor {per:g}: an actor computes on one GPU; give at most 1 "
-                             "(a fraction, such as 0.5, puts several actors on each GPU)")
-        fit = sum(int(n.get("GPU", 0) // per) for n in nodes)
-        count = options.workers or fit
-        if count > fit:
-            raise InputError(f"{count} actor(s) with {per:g} GPU(s) each can never be scheduled: "
-                             f"{_cluster_text(nodes)} (largest node: {max(n.get('GPU', 0) for n in nodes):g} GPUs)")
-        return ActorShape(count, 0, per, max(1, int(cpus // max(1, count))))
-    if cpus <= 0:
-        raise InputError(f"no actor can be scheduled: {_cluster_text(nodes)}")
-    count = options.workers or int(cpus)
-    largest = max(n.get("CPU", 0) for n in nodes)
-    # More actors than CPUs share them (fractions); fewer get several each, within one node.
-    per = min(largest, cpus // count) if count <= cpus else int(100 * cpus / count) / 100
-    fit = sum(int(n.get("CPU", 0) // per) for n in nodes) if per > 0 else 0
-    if per <= 0 or fit < count:
-        raise InputError(f"{count} CPU actors can never be scheduled: {_cluster_text(nodes)}")
-    return ActorShape(count, per, 0, max(1, int(per)))
+def _shape(options: MergeOptions):
+    """The actors' shape from the live nodes; a request they cannot hold waits for an autoscaler
+    if one watches the cluster (placement.py), else is refused at once."""
+    try:
+        return actor_shape(options, _live_nodes())
+    except InputError:
+        if not cluster_autoscales():
+            raise
+        return actor_shape(options, _live_nodes(), autoscales=True)
 
 
 def _check_stats(plan: MergePlan, stats: dict[str, TensorStats]) -> None:
@@ -187,7 +154,7 @@ def _merge(options: MergeOptions, session: RaySession, started: float, phases: P
 
     session.wait()
     phases.lap("start Ray")
-    shape = actor_shape(options, [n["Resources"] for n in ray.nodes() if n["Alive"]])
+    shape = _shape(options)
     plan = assign_actors(plan, shape.count)
     actor_cls = remote_actor_class(shape.num_cpus, shape.num_gpus)
 
@@ -199,7 +166,8 @@ def _merge(options: MergeOptions, session: RaySession, started: float, phases: P
     if scoring is not None:
         scoring = (*scoring, start_actors)
     try:
-        written, n_nodes, scores = _drive(options, plan, t_by_name, fingerprint, out, actors, phases, scoring)
+        written, n_nodes, scores = _drive(options, plan, t_by_name, fingerprint, out, actors, phases, scoring,
+                                          waits=shape.waits)
     except KeyboardInterrupt:
         # Stop the actors, and wait until they are gone, so that nobody writes while the
         # partial shards go.
@@ -228,17 +196,13 @@ def _merge(options: MergeOptions, session: RaySession, started: float, phases: P
 
 def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[float, ...]],
            fingerprint: str, out: OutputDir, actors: list, phases: Phases,
-           scoring: tuple | None) -> tuple[int, int, pa.Table | None]:
+           scoring: tuple | None, waits: bool = False) -> tuple[int, int, pa.Table | None]:
     """The merge, and with ``--eval`` first the reductions and scores; returns (bytes written,
-    number of nodes the actors ran on, the scores)."""
+    number of nodes the actors ran on, the scores). ``waits``: the actors wait for an autoscaler."""
     read_paths = sorted({e.file for t in plan.tensors for e in (t.a, t.b) if e is not None})
     probe_dir = out.probe_dir()
-    try:
-        placed = ray.get([actor.where.remote(read_paths, probe_dir) for actor in actors],
-                         timeout=options.schedule_timeout_s)
-    except ray.exceptions.GetTimeoutError:
-        raise InputError(f"the actors were not scheduled within {options.schedule_timeout_s:g} s; "
-                         f"{_cluster_text([n['Resources'] for n in ray.nodes() if n['Alive']])}") from None
+    placed = wait_placed([actor.where.remote(read_paths, probe_dir) for actor in actors],
+                         options.schedule_timeout_s, _live_nodes, show=options.progress, waits=waits)
     for info in placed:
         if info["gpu_error"]:
             # Never a silent fallback: an actor holding a GPU it cannot use would compute on the

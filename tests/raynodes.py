@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -55,9 +56,20 @@ class RayNode:
     """``ray start --block`` in its own session; ``stop()`` kills exactly the processes it spawned."""
 
     def __init__(self, log_path: str, head: bool = True, address: str | None = None, num_cpus: int = 2,
-                 resources: str | None = None, env: dict | None = None, extra_args: list[str] | None = None):
+                 resources: str | None = None, env: dict | None = None, extra_args: list[str] | None = None,
+                 autoscaled: dict | None = None):
+        """``autoscaled``: worker node types (``available_node_types``) for Ray's own autoscaler,
+        which then starts them as processes of this machine (its fake multi-node provider)."""
         ray = os.path.join(os.path.dirname(sys.executable), "ray")
         self.port = free_port()
+        env = dict(env or {})
+        extra_args = list(extra_args or [])
+        if autoscaled is not None:
+            config_path = log_path + ".autoscaling.json"
+            with open(config_path, "w") as f:
+                json.dump(_autoscaling_config(autoscaled, num_cpus, f"127.0.0.1:{self.port}"), f)
+            extra_args.append(f"--autoscaling-config={config_path}")
+            env.update(AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1")
         cmd = [ray, "start", "--block", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
         if head:
             self.dashboard_port = free_port()
@@ -72,10 +84,10 @@ class RayNode:
         # Ports from free_port() are ephemeral (32768+); Ray's worker ports (10002-19999) never clash.
         if resources:
             cmd.append(f"--resources={resources}")
-        cmd += extra_args or []
+        cmd += extra_args
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, env={**os.environ, **(env or {})})
+                                     start_new_session=True, env={**os.environ, **env})
         self.address = f"127.0.0.1:{self.port}" if head else address
         self._spawned: dict[int, int] = {}  # pid -> its start time
 
@@ -111,3 +123,21 @@ class RayNode:
                 pass
         self.proc.wait(timeout=30)
         self.log.close()
+
+
+def _autoscaling_config(worker_types: dict, head_cpus: int, gcs_address: str) -> dict:
+    """A cluster launcher config for Ray's fake multi-node provider: the autoscaler "launches" a
+    node by starting a raylet with the node type's resources on this machine."""
+    types = {name: {"node_config": {}, "min_workers": 0, **spec} for name, spec in worker_types.items()}
+    types["ray.head.default"] = {"resources": {"CPU": head_cpus}, "node_config": {}, "max_workers": 0}
+    return {
+        "cluster_name": "raymerge-test", "max_workers": sum(t.get("max_workers", 0) for t in types.values()),
+        "provider": {"type": "fake_multinode", "gcs_address": gcs_address, "use_node_id_as_ip": True,
+                     "disable_node_updaters": True, "disable_launch_config_check": True},
+        "available_node_types": types, "head_node_type": "ray.head.default",
+        "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 5, "docker": {},
+        **{key: [] for key in ("initialization_commands", "setup_commands", "head_setup_commands",
+                               "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+                               "cluster_synced_files", "rsync_exclude", "rsync_filter")},
+        "file_mounts": {}, "file_mounts_sync_continuously": False,
+    }

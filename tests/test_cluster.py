@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from raymerge.driver import actor_shape
+from raymerge.placement import actor_shape
 from raymerge.errors import InputError
 from raymerge.options import MergeOptions
 from raynodes import RayNode, descendants
@@ -62,6 +62,55 @@ def test_impossible_requests_are_refused(kw, nodes, expected):
     with pytest.raises(InputError) as e:
         actor_shape(_options(**kw), [{"CPU": 4.0, "GPU": 1.0 * (nodes > 0)}, {"CPU": 4.0, "GPU": 1.0 * (nodes > 0)}])
     assert expected in str(e.value)
+
+
+def test_actor_shape_waits_for_an_autoscaler():
+    """On an autoscaling cluster a request the live nodes cannot hold waits (the pending actors
+    make the autoscaler add nodes); one they can hold never waits; a shape no node type could ever
+    take is still refused."""
+    cpu_head = [{"CPU": 4.0}]
+    gpu = actor_shape(_options(device="gpu"), cpu_head, autoscales=True)
+    assert (gpu.count, gpu.num_gpus, gpu.waits) == (1, 1.0, True), "--device gpu: one GPU actor by default"
+    assert actor_shape(_options(device="gpu", workers=4), cpu_head, autoscales=True).count == 4
+    more = actor_shape(_options(workers=3), [{"CPU": 4.0, "GPU": 1.0}] * 2, autoscales=True)
+    assert (more.count, more.num_gpus, more.waits) == (3, 1.0, True)
+    cpus = actor_shape(_options(device="cpu", workers=9), [{"CPU": 4.0}] * 2, autoscales=True)
+    assert (cpus.count, cpus.waits) == (9, True) and cpus.num_cpus > 0
+    assert not actor_shape(_options(), [{"CPU": 4.0, "GPU": 1.0}] * 2, autoscales=True).waits
+    assert not actor_shape(_options(), cpu_head, autoscales=True).waits, "auto uses the live CPUs"
+    with pytest.raises(InputError, match="give at most 1"):
+        actor_shape(_options(device="gpu", gpus_per_actor=2.0), cpu_head, autoscales=True)
+    with pytest.raises(InputError, match="--device gpu, but the cluster has 4 CPUs and 0 GPUs on 1 node.s. and no "
+                                         "autoscaler can add GPU nodes"):
+        actor_shape(_options(device="gpu"), cpu_head)
+
+
+@pytest.fixture(scope="module")
+def autoscaling_head(tmp_path_factory):
+    """A CPU head whose Ray autoscaler can add one node with a GPU (Ray's fake multi-node provider
+    starts it as processes of this machine; the GPU is declared, and this torch is a CPU build)."""
+    node = RayNode(str(tmp_path_factory.mktemp("autoscale") / "head.log"), num_cpus=1,
+                   autoscaled={"gpu_workers": {"resources": {"CPU": 1, "GPU": 1}, "max_workers": 1}})
+    try:
+        node.wait_ready()
+        yield node
+    finally:
+        node.stop()
+
+
+def test_a_gpu_request_waits_for_the_autoscaler(tiny_parents, autoscaling_head, tmp_path):
+    """`--device gpu` on a cluster with no live GPU: the merge waits, saying so, the autoscaler
+    adds a GPU node, and the actor placed there reports its device (here: unusable, so the merge
+    stops in one line, before writing anything). Without the autoscaler it is refused at once."""
+    proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(tmp_path / "out"), "--device", "gpu",
+                           "--schedule-timeout", "120", "--address", autoscaling_head.address],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("waiting for resources: 0 of 1 actor(s) placed; the cluster has 1 CPUs and 0 GPUs"), lines
+    assert re.fullmatch(r"raymerge: error: actor on node [0-9a-f]+ \(host [^)]+\) holds a GPU but torch cannot use "
+                        r"CUDA: .*", lines[-1]), lines
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,152 @@
+"""Where the actors go: how many, what each asks of Ray, and waiting for them to be placed.
+
+The shape comes from the live nodes' resources. A request the live nodes cannot hold is refused at
+once on a fixed cluster; on an autoscaling one (Ray's autoscaler watches it, with node types it
+can launch) the actors are created anyway, and their pending demand is what makes the autoscaler
+add nodes: the merge waits, saying so, until every actor is placed or the schedule timeout ends.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+
+from raymerge.errors import InputError
+from raymerge.options import MergeOptions
+
+# How often a merge waiting for resources says so.
+WAIT_REPORT_S = 5.0
+
+
+@dataclass(frozen=True)
+class ActorShape:
+    count: int
+    num_cpus: float
+    num_gpus: float
+    threads: int
+    waits: bool = False  # the live nodes cannot hold every actor: an autoscaler must add nodes
+
+
+def cluster_text(nodes: list[dict]) -> str:
+    cpus = sum(n.get("CPU", 0) for n in nodes)
+    gpus = sum(n.get("GPU", 0) for n in nodes)
+    return f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs on {len(nodes)} node(s)"
+
+
+def actor_shape(options: MergeOptions, nodes: list[dict], autoscales: bool = False) -> ActorShape:
+    """How many actors, and what each asks of Ray, given each live node's resources.
+
+    ``--device auto``: one actor per GPU where the live nodes have GPUs (``--gpus-per-actor`` each:
+    a fraction puts several actors on one GPU), else one per CPU; ``cpu``: CPU actors even on GPU
+    nodes; ``gpu``: GPU actors. A request the live nodes cannot hold fails here, at once, unless
+    ``autoscales`` (then ``waits``: ``--device gpu`` with no live GPU asks for ``--workers`` GPU
+    actors, one by default, and the autoscaler adds the nodes).
+
+    Example:
+        >>> actor_shape(MergeOptions(a="a", b="b", out="o"), [{"CPU": 16.0, "GPU": 2.0}])
+        ActorShape(count=2, num_cpus=0, num_gpus=1.0, threads=8, waits=False)
+    """
+    cpus = sum(n.get("CPU", 0) for n in nodes)
+    gpus = sum(n.get("GPU", 0) for n in nodes)
+    if options.device == "gpu" or (gpus > 0 and options.device != "cpu"):
+        per = options.gpus_per_actor
+        if not 0 < per <= 1:
+            raise InputError(f"--gpus-per-actor {per:g}: an actor computes on one GPU; give at most 1 "
+                             "(a fraction, such as 0.5, puts several actors on each GPU)")
+        fit = sum(int(n.get("GPU", 0) // per) for n in nodes)
+        count = options.workers or fit or 1
+        if count > fit and not autoscales:
+            if gpus <= 0:
+                raise InputError(f"--device gpu, but {cluster_text(nodes)} and no autoscaler can add GPU nodes")
+            raise InputError(f"{count} actor(s) with {per:g} GPU(s) each can never be scheduled: "
+                             f"{cluster_text(nodes)} (largest node: {max(n.get('GPU', 0) for n in nodes):g} GPUs)")
+        return ActorShape(count, 0, per, max(1, int(cpus // max(1, count))), waits=count > fit)
+    if cpus <= 0 and not autoscales:
+        raise InputError(f"no actor can be scheduled: {cluster_text(nodes)}")
+    count = options.workers or int(cpus) or 1
+    largest = max([n.get("CPU", 0) for n in nodes] + [0])
+    # More actors than CPUs share them (fractions); fewer get several each, within one node.
+    per = min(largest, cpus // count) if count <= cpus else int(100 * cpus / count) / 100
+    fit = sum(int(n.get("CPU", 0) // per) for n in nodes) if per > 0 else 0
+    if per <= 0 or fit < count:
+        if not autoscales:
+            raise InputError(f"{count} CPU actors can never be scheduled: {cluster_text(nodes)}")
+        return ActorShape(count, max(per, 1), 0, max(1, int(per)), waits=True)
+    return ActorShape(count, per, 0, max(1, int(per)))
+
+
+def cluster_autoscales() -> bool:
+    """Whether Ray's autoscaler watches this cluster with node types it can launch.
+
+    Ray's monitor publishes its report in the GCS. On a fixed cluster (``ray start`` without an
+    autoscaling config) its node provider is read-only and names each node's type after the node
+    itself (``node_<id>``); an autoscaler names them after its config's node types
+    (``gpu_workers``, ``ray.head.default``). The v2 autoscaler (KubeRay) reports the same through
+    its status API.
+    """
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    if raw:
+        mapping = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+        if any(not _read_only(node, kind) for node, kind in mapping.items()):
+            return True
+    try:
+        import ray
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    except Exception:  # noqa: BLE001 - no v2 autoscaler state: nothing more to learn
+        return False
+    nodes = status.active_nodes + status.idle_nodes
+    return any(not _read_only(n.node_id, n.ray_node_type_name) for n in nodes) or bool(status.pending_launches)
+
+
+def _read_only(node_id: str, node_type: str) -> bool:
+    """Whether a node's type is the one a read-only provider gives a node it did not launch."""
+    return not node_type or node_type in (node_id, f"node_{node_id}")
+
+
+def wait_placed(refs: list, timeout_s: float, nodes, show: bool, waits: bool = False, stream=None) -> list:
+    """The values of the actors' first calls (``where``), waiting until every actor is placed.
+
+    While some are not, a line every few seconds says how many are and what the autoscaler is
+    adding (at once when the shape ``waits`` for an autoscaler); after ``timeout_s`` the merge
+    stops, naming what the cluster has (``nodes()``).
+    """
+    import ray
+
+    stream = stream or sys.stderr
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    first = 0.0 if waits else WAIT_REPORT_S
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise InputError(f"{len(pending)} of {len(refs)} actor(s) were not scheduled within {timeout_s:g} s; "
+                             f"{cluster_text(nodes())}")
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(first, left))
+        first = WAIT_REPORT_S
+        if pending and show:
+            stream.write(f"waiting for resources: {len(refs) - len(pending)} of {len(refs)} actor(s) placed; "
+                         f"{cluster_text(nodes())}{_launching()}\n")
+            stream.flush()
+    return ray.get(list(refs))
+
+
+def _launching() -> str:
+    """What the autoscaler says it is adding, as the end of a progress line."""
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    report = (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
+    launching = dict(report.get("pending_launches") or {})
+    for _node, kind, *_ in report.get("pending_nodes") or []:
+        launching[kind] = launching.get(kind, 0) + 1
+    if not launching:
+        return ""
+    return "; the autoscaler is adding " + ", ".join(f"{n} {kind}" for kind, n in sorted(launching.items()))
