@@ -25,7 +25,8 @@ the memory total includes the head's processes (its actors are where the work ha
 ``--scale2`` adds one raymerge cold run on the scale-2 parents (built if missing; ~7 GB) to check
 that peak memory per process does not grow with model size. bench/actor_split.py then times one
 actor's merge in-process, with and without this code's write-behind thread and allocator
-setting. Each raymerge run's own ``time:`` line gives where its time goes. Last come the two
+setting, and bench/reductions.py times the float64 reductions of one block, fixed-order chunks
+against the float64 dots they replaced. Each raymerge run's own ``time:`` line gives where its time goes. Last come the two
 sections of bench/realsize.py: tiny parents from prompt to prompt (raymerge as ``pip install .``
 installs it, and with the test extras, against mergekit), and the 7B-shaped pair read from
 storage (parents evicted before every run; skipped with a note when the disk lacks room).
@@ -54,6 +55,7 @@ sys.path[:0] = [HERE, os.path.join(ROOT, "tests")]
 from mergekit_recipe import (MERGEKIT_FLAGS, compare_outputs, ensure_mergekit,  # noqa: E402
                              mergekit_view, write_recipe)
 from actor_split import split_table  # noqa: E402
+from reductions import reduction_table  # noqa: E402
 from parents import bench_parents  # noqa: E402
 from raynodes import RayNode  # noqa: E402
 from realsize import fmt, seven_b_section, tiny_section, weight_files  # noqa: E402
@@ -439,7 +441,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         print(f"scale 2: {scale2.wall_s:.1f} s, peak process {scale2.peak_process_kb / MIB:.0f} MiB", flush=True)
     read_fully(weight_files(a) + weight_files(b))
-    split = split_table(a, b, args.reps, wait_quiet, rm_env)
+    split = split_table(a, b, args.reps, wait_quiet, rm_env) + [""] + reduction_table()
     lines, targets = tiny_section(args.tiny_reps, rm_env, RAYMERGE, mergekit, work)
     if not args.no_7b:
         more, more_targets = seven_b_section(args.reps_7b, rm_env, RAYMERGE, mergekit, work)

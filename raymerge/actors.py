@@ -13,10 +13,12 @@ page cache), and another writes the finished blocks.
 in two: ``reduce`` returns the reductions of every tensor, the children are scored, and ``write``
 then takes the coefficients it is given (``WriteJob.reduced``).
 
-On a GPU actor only the combination runs on the GPU (blocks copied from pinned buffers, the result
-copied back): the float64 reductions run on the CPU whatever the device, in one fixed order, and
-an elementwise multiply and add in float32 give the same bits everywhere, so the device never
-changes a byte of the output. Copied and non-float tensors never go to the GPU.
+On a GPU actor a SLERP tensor's blocks are copied to the GPU once (from pinned read-ahead
+buffers, without blocking), reduced there with one host sync per tensor, kept there and combined
+there; each output block is copied back for the writer. The reductions follow slerp.py's fixed
+order of elementwise float64 steps and the combination is an elementwise float32 multiply and
+add, so the device, like the block size and the thread count, never changes a byte of the output.
+Copied and non-float tensors never go to the GPU; ``--pad mean`` rows are summed on the CPU.
 
 Tensor bytes never travel through Ray: the actor reads the parents and writes the shards on the
 filesystem; Ray carries plans, paths and small records. The class is plain Python so that tests
@@ -40,7 +42,11 @@ from raymerge.align import pad_rows
 from raymerge.plan import TensorPlan
 from raymerge.readahead import Buffers, ReadAhead
 from raymerge.shards import TORCH_DTYPES, ShardFile, TensorEntry, WriteBehind, close_all, numel
-from raymerge.slerp import Coefficients, Reductions, combine_block, reduce_block, slerp_coefficients, to_work
+from raymerge.slerp import (Coefficients, Reductions, chunk_elems, chunk_rows, chunk_sums, combine_block,
+                            slerp_coefficients, to_work, total)
+
+# Row blocks of a GPU actor, as float32 bytes (the block size never changes an output byte).
+GPU_BLOCK_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -96,12 +102,16 @@ class MergeActor:
         _reuse_freed_memory()
         self.gpu_error = _cuda_problem() if use_gpu else None
         self.device = torch.device("cuda") if use_gpu and self.gpu_error is None else torch.device("cpu")
+        if self.device.type == "cuda":
+            # A 1 MiB block suits a CPU's cache; a GPU wants few, large kernels and copies.
+            self.block_bytes = max(block_bytes, GPU_BLOCK_BYTES)
         self._handles: dict[str, object] = {}
         self._loaded: dict[tuple[str, str], torch.Tensor] = {}  # the current tensor's bytes, read ahead
         # What they are read into, reused from call to call (pinned for a GPU: its copies then
         # run without a staging copy).
         self._buffers = Buffers(pin=self.device.type == "cuda")
         self._carried: dict = {}  # the next call's first tensors, read by this one (readahead.py)
+        self._on_device: dict[int, tuple] = {}  # a GPU's copy of the current tensor's blocks, by first row
 
     # ---- set-up checks -------------------------------------------------------------------
 
@@ -203,21 +213,28 @@ class MergeActor:
         return self._rows(t, "a", r0, r1, means), self._rows(t, "b", r0, r1, means)
 
     def _blocks(self, shape: tuple[int, ...]):
-        """Row ranges of one tensor, sized so a float32 block holds about block_bytes."""
+        """Row ranges of one tensor, sized so a float32 block holds about block_bytes, in whole
+        reduction chunks (slerp.py): the block size never changes a reduction's bits."""
         if not shape:
             yield 0, 1
             return
         row_elems = max(1, numel(shape[1:]))
-        step = max(1, self.block_bytes // (4 * row_elems))
+        chunk = chunk_rows(shape)
+        step = max(chunk, self.block_bytes // (4 * row_elems) // chunk * chunk)
         for r0 in range(0, shape[0], step):
             yield r0, min(shape[0], r0 + step)
 
     def _mean_row(self, entry: TensorEntry) -> torch.Tensor:
-        """The mean of all of a parent tensor's rows (``--pad mean``), summed in float64."""
-        total = torch.zeros(entry.shape[1:], dtype=torch.float64)
-        for r0, r1 in self._blocks(entry.shape):
-            total += self._slice(entry, r0, r1).to(torch.float64).sum(dim=0)
-        return (total / entry.shape[0]).to(torch.float32)
+        """The mean of all of a parent tensor's rows (``--pad mean``), summed in float64 on the
+        CPU with one thread, chunk by chunk: the same bits whatever the block size or device."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        sums = torch.zeros(entry.shape[1:], dtype=torch.float64)
+        step = chunk_rows(entry.shape)
+        for r0 in range(0, entry.shape[0], step):
+            sums += self._slice(entry, r0, min(entry.shape[0], r0 + step)).to(torch.float64).sum(dim=0)
+        torch.set_num_threads(threads)
+        return (sums / entry.shape[0]).to(torch.float32)
 
     def _means(self, t: TensorPlan) -> dict[str, torch.Tensor]:
         """The mean rows ``--pad mean`` fills with: the short parent's, or each parent's by token string."""
@@ -231,7 +248,7 @@ class MergeActor:
 
     def reduce(self, tensors: list[TensorPlan]) -> list[TensorStats]:
         """The float64 reductions of each tensor, and its checks (``--eval``'s first pass)."""
-        _reduce_on_one_thread()
+        torch.set_num_threads(self.num_threads)
         stats = []
         with ReadAhead(tensors, self._buffers) as ahead:
             for i, t in enumerate(tensors):
@@ -240,15 +257,23 @@ class MergeActor:
         self._loaded = {}
         return stats
 
-    def _reduce_one(self, t: TensorPlan, means: dict) -> TensorStats:
-        """One tensor's reductions and checks."""
-        red, equal = Reductions(), True
+    def _reduce_one(self, t: TensorPlan, means: dict, keep: bool = False) -> TensorStats:
+        """One tensor's reductions and checks. A SLERP on a GPU reduces there, with one host sync
+        for the tensor, and with ``keep`` holds its blocks there for the combination."""
+        partials, equal = [], True
+        device = self.device if t.op == "slerp" else torch.device("cpu")
+        per_chunk = chunk_elems(t.shape)
         for r0, r1 in self._blocks(t.shape):
             src = self._sources(t, r0, r1, means)
             if t.op == "equal":
                 equal = equal and torch.equal(*src)
             elif src[0].is_floating_point():
-                red = red + reduce_block(src[0], src[-1])
+                if device.type != "cpu":
+                    src = tuple(x.to(device, non_blocking=True) for x in src)
+                    if keep:
+                        self._on_device[r0] = src
+                partials.append(chunk_sums(src[0], src[-1], per_chunk))
+        red = total(partials)
         if t.op in ("copy_a", "copy_b"):
             ok = math.isfinite(red.aa)
             return TensorStats(t.name, red, ok, ok, means=means)
@@ -274,21 +299,22 @@ class MergeActor:
             with ahead, WriteBehind() as writer:
                 for i, t in enumerate(job.tensors):
                     self._loaded = ahead.take(i)
+                    # One of the actor's CPUs goes to the background writer; torch gets the rest
+                    # (elementwise maths: the thread count never changes a bit).
+                    torch.set_num_threads(max(1, self.num_threads - 1))
                     if job.reduced:
                         coefs, means = job.coefficients.get(t.name), job.means.get(t.name)
                     else:
-                        _reduce_on_one_thread()
                         means = self._means(t)
-                        s = self._reduce_one(t, means)
+                        s = self._reduce_one(t, means, keep=True)
                         stats.append(s)
                         if not s.ok:
                             refused = s
                             break
                         coefs = (tuple(slerp_coefficients(s.reductions, x) for x in job.ts[t.name])
                                  if t.op == "slerp" else None)
-                    # One of the actor's CPUs goes to the background writer; torch gets the rest.
-                    torch.set_num_threads(max(1, self.num_threads - 1))
                     written += self._write_tensor(t, coefs, means, files, writer)
+                    self._on_device.clear()
         except BaseException:
             # Already failing: close without syncing, so that a sync error cannot hide the real
             # one (a full disk), and leak no descriptor.
@@ -297,6 +323,7 @@ class MergeActor:
             raise
         finally:
             self._loaded = {}
+            self._on_device.clear()
         self._carried = ahead.leftover
         close_all(files, sync=refused is None)
         return Written(written, tuple(stats), refused)
@@ -307,7 +334,7 @@ class MergeActor:
         row_bytes = numel(t.shape[1:]) * out_dtype.itemsize
         written = 0
         for r0, r1 in self._blocks(t.shape):
-            src = self._sources(t, r0, r1, means)
+            src = self._on_device.pop(r0, None) or self._sources(t, r0, r1, means)
             for f, block in zip(files, self._out_blocks(t, src, coefs, out_dtype, len(files))):
                 writer.submit(f, t.offset + r0 * row_bytes, block)
                 written += block.numel() * block.element_size()
@@ -346,13 +373,6 @@ def _cuda_problem() -> str | None:
     if torch.cuda.device_count() == 0:
         return "no CUDA device is visible (CUDA_VISIBLE_DEVICES is empty)"
     return None
-
-
-def _reduce_on_one_thread() -> None:
-    # torch's float64 dot splits its sum across threads, so its last bits depend on the thread
-    # count, which follows the number of actors: one thread gives every actor count the same
-    # reductions, hence the same output bytes (tests/test_determinism.py).
-    torch.set_num_threads(1)
 
 
 def _reuse_freed_memory() -> None:

@@ -115,7 +115,7 @@ class MergePlan:
         data = {
             "files_a": stat("a"), "files_b": stat("b"), "t": list(options.t),
             "schedule": options.schedule.describe() if options.schedule else None,
-            "block_bytes": options.block_bytes, "dtype": self.out_dtype, "pad": self.pad,
+            "dtype": self.out_dtype, "pad": self.pad,
             "token_map": self.token_map.digest() if self.token_map else None,
             "shards": [(s.filename, hashlib.sha256(s.layout.header).hexdigest()) for s in self.shards],
             "tokenizer_from": self.tokenizer_from,

@@ -3,8 +3,13 @@
 Each tensor is treated as one flat vector (whole-tensor SLERP, as in mergekit). A merge streams a
 tensor in row blocks and makes two passes: first it accumulates the three reductions ``|a|^2``,
 ``|b|^2`` and ``a.b`` in float64, then it turns them into two scalar coefficients and combines
-each block as ``ca * a + cb * b``. Because the reductions are float64 sums, the block size does not
-change the coefficients beyond float64 rounding.
+each block as ``ca * a + cb * b``.
+
+The reductions are summed in one fixed order that no device, thread count or block size changes:
+a tensor's rows are cut into chunks of whole rows (about ``REDUCTION_CHUNK`` elements, from the
+shape alone), each chunk's float64 products are summed by pairwise halving, and the chunks' sums
+by pairwise halving again. Every step is an elementwise float64 multiply or add, which IEEE 754
+rounds the same way on a CPU and on a GPU, so the coefficients, and every output byte, are too.
 """
 
 from __future__ import annotations
@@ -44,23 +49,80 @@ class Coefficients:
     theta: float  # the angle between a and b in radians (0.0 when a norm is ~0)
 
 
-def reduce_block(a: torch.Tensor, b: torch.Tensor) -> Reductions:
-    """Accumulate ``|a|^2``, ``|b|^2`` and ``a.b`` of one block in float64.
+# Elements per reduction chunk (whole rows, so a chunk never straddles a row block).
+REDUCTION_CHUNK = 2**16
 
-    The sums' last bits depend on torch's thread count (a float64 dot is split across threads):
-    callers that need the same bits everywhere, as the actors do, reduce with one thread.
+
+def chunk_rows(shape: tuple[int, ...]) -> int:
+    """Rows per reduction chunk of a tensor of this shape: row blocks come in multiples of it."""
+    return max(1, REDUCTION_CHUNK // max(1, _row_elems(shape)))
+
+
+def chunk_elems(shape: tuple[int, ...]) -> int:
+    """Elements per reduction chunk of a tensor of this shape."""
+    return chunk_rows(shape) * _row_elems(shape)
+
+
+def _row_elems(shape: tuple[int, ...]) -> int:
+    return math.prod(shape[1:]) if len(shape) > 1 else 1
+
+
+def chunk_sums(a: torch.Tensor, b: torch.Tensor, chunk_elems: int) -> torch.Tensor:
+    """The ``[|a|^2, |b|^2, a.b]`` of each chunk of ``chunk_elems`` consecutive elements (the last
+    chunk may be shorter), as a float64 tensor of shape (3, chunks) on the blocks' device.
 
     Example:
-        >>> reduce_block(torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0]))
-        Reductions(aa=9.0, bb=16.0, ab=0.0)
+        >>> chunk_sums(torch.tensor([3.0, 0.0, 1.0]), torch.tensor([0.0, 4.0, 1.0]), 2)
+        tensor([[ 9.,  1.],
+                [16.,  1.],
+                [ 0.,  1.]], dtype=torch.float64)
     """
     a64 = a.reshape(-1).to(torch.float64)
     b64 = b.reshape(-1).to(torch.float64)
-    return Reductions(
-        aa=float(torch.dot(a64, a64)),
-        bb=float(torch.dot(b64, b64)),
-        ab=float(torch.dot(a64, b64)),
-    )
+    n = a64.numel()
+    full = n // chunk_elems * chunk_elems
+    sums = []
+    for lo, hi, width in ((0, full, chunk_elems), (full, n, n - full)):  # whole chunks, then the tail
+        if hi > lo:
+            x, y = a64[lo:hi].view(-1, width), b64[lo:hi].view(-1, width)
+            products = torch.empty((3, *x.shape), dtype=torch.float64, device=x.device)
+            torch.mul(x, x, out=products[0])
+            torch.mul(y, y, out=products[1])
+            torch.mul(x, y, out=products[2])
+            sums.append(_halve(products))
+    return torch.cat(sums, dim=1)
+
+
+def _halve(x: torch.Tensor) -> torch.Tensor:
+    """Sum the last dimension by pairwise halving, in place: element i plus element i + n/2, an
+    odd last element added to the first, until one is left. Elementwise adds only, so every
+    device agrees."""
+    n = x.shape[-1]
+    while n > 1:
+        h = n // 2
+        x[..., :h] += x[..., h:2 * h]
+        if n % 2:
+            x[..., 0] += x[..., 2 * h]
+        x, n = x[..., :h], h
+    return x[..., 0]
+
+
+def total(partials: list[torch.Tensor]) -> Reductions:
+    """A tensor's reductions from its chunks' sums, in order: one host sync for a GPU's."""
+    if not partials:
+        return Reductions()
+    aa, bb, ab = _halve(torch.cat(partials, dim=1)).tolist()
+    return Reductions(aa, bb, ab)
+
+
+def reduce_tensor(a: torch.Tensor, b: torch.Tensor) -> Reductions:
+    """``|a|^2``, ``|b|^2`` and ``a.b`` of a whole tensor in float64, in the fixed order.
+
+    Example:
+        >>> reduce_tensor(torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0]))
+        Reductions(aa=9.0, bb=16.0, ab=0.0)
+    """
+    return total([chunk_sums(a, b, chunk_elems(tuple(a.shape)))])
 
 
 def slerp_coefficients(red: Reductions, t: float) -> Coefficients:
@@ -125,5 +187,5 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float, out_dtype: torch.dtype | N
         >>> slerp(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.5)
         tensor([0.7071, 0.7071])
     """
-    coef = slerp_coefficients(reduce_block(a, b), t)
+    coef = slerp_coefficients(reduce_tensor(a, b), t)
     return combine_block(a, b, coef, out_dtype or a.dtype)

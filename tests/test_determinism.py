@@ -1,4 +1,5 @@
-"""Byte-identical output whatever the number of actors (and so of torch threads per actor)."""
+"""Byte-identical output whatever the number of actors (and so of torch threads per actor) and
+whatever the block size."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from raymerge.actors import MergeActor
 from raymerge.options import MergeOptions
 from raymerge.parents import load_parent
 from raymerge.plan import build_plan
+from raymerge.slerp import reduce_tensor
 from raymerge.synthetic import build_parent, llama_config
 
 
@@ -43,3 +45,29 @@ def test_one_two_and_three_actors_write_the_same_bytes(float32_parents, ray_head
                         if n.endswith(".safetensors") or n.endswith(".index.json")})
     assert len(outputs[0]) > 2, "several shards"
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+def test_block_sizes_give_the_fixed_order_reductions(float32_parents, tmp_path):
+    """Blocks are cut in whole reduction chunks: 64 KiB, 1 MiB and 64 MiB blocks (a GPU actor's
+    size) give the bits of the whole tensor reduced at once, as the contract orders it."""
+    a, b = float32_parents
+    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), MergeOptions(a=a, b=b, out=str(tmp_path)), 1)
+    results = [{s.name: s.reductions for s in MergeActor(block).reduce(list(plan.tensors))}
+               for block in (2**16, 2**20, 2**26)]
+    assert results[0] == results[1] == results[2]
+    whole = MergeActor(2**26)
+    for t in plan.tensors:
+        if t.op == "slerp":
+            rows = whole._sources(t, 0, t.shape[0] if t.shape else 1, {})
+            assert reduce_tensor(*rows) == results[0][t.name], t.name
+
+
+def test_block_size_never_changes_a_byte(float32_parents, ray_head, tmp_path):
+    a, b = float32_parents
+    outputs = []
+    for block in (2**16, 2**20):
+        out = str(tmp_path / f"b{block}")
+        raymerge.merge(a, b, out, t=0.37, workers=2, block_bytes=block)
+        outputs.append({n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))
+                        if n.endswith(".safetensors")})
+    assert outputs[0] == outputs[1]

@@ -196,7 +196,6 @@ OTHER_MERGES = {
     "t": lambda a, b, c: ((a, b), {"t": 0.7}),
     "dtype": lambda a, b, c: ((a, b), {"dtype": "float32"}),
     "max-shard-size": lambda a, b, c: ((a, b), {"max_shard_size": "100KB"}),
-    "block-size": lambda a, b, c: ((a, b), {"block_bytes": 65536}),
     "pad": lambda a, b, c: ((a, b), {"pad": "zeros"}),
     "tokenizer-from": lambda a, b, c: ((a, b), {"tokenizer_from": "b"}),
     "schedule": lambda a, b, c: ((a, b), {"t": (), "schedule": Schedule(default=(0.5,), filters=(("mlp", (0.3,)),))}),

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from raymerge.slerp import (Coefficients, Reductions, combine_block, reduce_block, slerp, slerp_coefficients)
+from raymerge.slerp import (REDUCTION_CHUNK, Coefficients, Reductions, chunk_elems, chunk_rows, chunk_sums, combine_block,
+                            reduce_tensor, slerp, slerp_coefficients, total)
 
 
 def test_endpoints_reproduce_the_parents_exactly():
@@ -20,7 +21,7 @@ def test_known_angle_gives_known_coefficients():
     # 60 degrees apart, |a| = 2, |b| = 3.
     a = torch.tensor([2.0, 0.0], dtype=torch.float64)
     b = torch.tensor([3 * math.cos(math.pi / 3), 3 * math.sin(math.pi / 3)], dtype=torch.float64)
-    c = slerp_coefficients(reduce_block(a, b), 0.25)
+    c = slerp_coefficients(reduce_tensor(a, b), 0.25)
     theta = math.pi / 3
     assert not c.linear
     assert c.theta == pytest.approx(theta, abs=1e-12)
@@ -39,7 +40,7 @@ def test_orthogonal_unit_vectors_at_half():
 def test_collinear_falls_back_to_linear(b_scale):
     a = torch.tensor([1.0, 2.0, 3.0])
     b = b_scale * a
-    c = slerp_coefficients(reduce_block(a, b), 0.3)
+    c = slerp_coefficients(reduce_tensor(a, b), 0.3)
     assert c.linear and (c.ca, c.cb) == (pytest.approx(0.7), pytest.approx(0.3))
     assert torch.allclose(slerp(a, b, 0.3), 0.7 * a + 0.3 * b)
 
@@ -47,7 +48,7 @@ def test_collinear_falls_back_to_linear(b_scale):
 def test_zero_norm_falls_back_to_linear():
     a = torch.zeros(5)
     b = torch.arange(5.0)
-    c = slerp_coefficients(reduce_block(a, b), 0.4)
+    c = slerp_coefficients(reduce_tensor(a, b), 0.4)
     assert c.linear
     assert torch.allclose(slerp(a, b, 0.4), 0.4 * b)
 
@@ -56,9 +57,9 @@ def test_row_blocks_equal_whole_tensor_float64_maths():
     g = torch.Generator().manual_seed(1)
     a = torch.randn(1000, 24, generator=g, dtype=torch.float64)
     b = a + 0.7 * torch.randn(1000, 24, generator=g, dtype=torch.float64)
-    red = Reductions()
-    for r0 in range(0, 1000, 37):
-        red = red + reduce_block(a[r0:r0 + 37], b[r0:r0 + 37])
+    step = chunk_rows(a.shape) * 3  # blocks of whole reduction chunks, as the actors cut them
+    red = total([chunk_sums(a[r0:r0 + step], b[r0:r0 + step], chunk_elems(a.shape)) for r0 in range(0, 1000, step)])
+    assert red == reduce_tensor(a, b), "blocks of whole chunks give the whole tensor's bits"
     # Plain whole-tensor float64 maths, written out independently.
     aa, bb, ab = float((a * a).sum()), float((b * b).sum()), float((a * b).sum())
     assert red.aa == pytest.approx(aa, rel=1e-13)
@@ -68,6 +69,47 @@ def test_row_blocks_equal_whole_tensor_float64_maths():
     c = slerp_coefficients(red, 0.4)
     got = torch.cat([combine_block(a[r0:r0 + 37], b[r0:r0 + 37], c, torch.float64) for r0 in range(0, 1000, 37)])
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+def _halved(values: list[float]) -> float:
+    """Pairwise halving on Python floats (IEEE doubles), written out from the contract: element i
+    plus element i + n/2, an odd last element added to the first, until one is left."""
+    while len(values) > 1:
+        h = len(values) // 2
+        folded = [values[i] + values[i + h] for i in range(h)]
+        if len(values) % 2:
+            folded[0] += values[2 * h]
+        values = folded
+    return values[0]
+
+
+@pytest.mark.parametrize("shape", [(7,), (300, 1000), (3, 5, 4099), (2 * REDUCTION_CHUNK + 5,), ()])
+def test_reductions_follow_the_fixed_order_exactly(shape):
+    """The documented order, computed independently with Python floats, gives the same bits: any
+    device that makes the same elementwise float64 steps (a GPU's do) agrees with the CPU."""
+    g = torch.Generator().manual_seed(sum(shape) + 1)
+    a = torch.randn(shape, generator=g).to(torch.bfloat16)
+    b = torch.randn(shape, generator=g).to(torch.bfloat16)
+    fa, fb = a.double().reshape(-1).tolist(), b.double().reshape(-1).tolist()
+    m = chunk_elems(tuple(shape))
+    chunks = [range(i, min(len(fa), i + m)) for i in range(0, len(fa), m)]
+    want = [_halved([_halved([x[i] * y[i] for i in c]) for c in chunks]) for x, y in ((fa, fa), (fb, fb), (fa, fb))]
+    got = reduce_tensor(a, b)
+    assert [got.aa, got.bb, got.ab] == want
+
+
+def test_reductions_do_not_depend_on_torch_threads():
+    a = torch.randn(512, 1024)
+    b = torch.randn(512, 1024)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            results.append(reduce_tensor(a, b))
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0] == results[1] == results[2]
 
 
 # bfloat16 keeps 7 fraction bits: between 1 and 2 its values are 1 + k/128. Each case is
