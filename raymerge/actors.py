@@ -229,11 +229,13 @@ class MergeActor:
         CPU with one thread, chunk by chunk: the same bits whatever the block size or device."""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        sums = torch.zeros(entry.shape[1:], dtype=torch.float64)
-        step = chunk_rows(entry.shape)
-        for r0 in range(0, entry.shape[0], step):
-            sums += self._slice(entry, r0, min(entry.shape[0], r0 + step)).to(torch.float64).sum(dim=0)
-        torch.set_num_threads(threads)
+        try:
+            sums = torch.zeros(entry.shape[1:], dtype=torch.float64)
+            step = chunk_rows(entry.shape)
+            for r0 in range(0, entry.shape[0], step):
+                sums += self._slice(entry, r0, min(entry.shape[0], r0 + step)).to(torch.float64).sum(dim=0)
+        finally:
+            torch.set_num_threads(threads)
         return (sums / entry.shape[0]).to(torch.float32)
 
     def _means(self, t: TensorPlan) -> dict[str, torch.Tensor]:
