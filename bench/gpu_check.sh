@@ -6,8 +6,9 @@
 #
 #   bash bench/gpu_check.sh     (a few minutes: most of it builds the two 1.9 GB parents)
 #
-# Prints each merge's wall time, GB/s of parent bytes read, raymerge's own phases, and whether
-# the GPU and CPU outputs are identical. The machine brings its own CUDA torch, safetensors,
+# Prints each merge's wall time, GB/s of parent bytes read, raymerge's own phases, the actors'
+# split (read, reduce, combine, write; on GPUs also the device's copy, maths and copy-back time
+# from CUDA events), and whether the GPU and CPU outputs are identical. The machine brings its own CUDA torch, safetensors,
 # transformers, tokenizers and ray (and no network): its python3 runs this checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +44,7 @@ def merge(device):
     wall = time.monotonic() - started
     if proc.returncode:
         sys.exit(f"{device} merge failed:\n{proc.stderr}")
-    summary = [line.strip() for line in proc.stderr.splitlines() if line.strip().startswith(("merged", "time:"))]
+    summary = [line.strip() for line in proc.stderr.splitlines() if line.strip().startswith(("merged", "time:", "actors:"))]
     print(f"{device}: {wall:.1f} s, {parent_bytes / wall / 1e9:.2f} GB/s of parents read (evicted)")
     for line in summary:
         print(f"  {line}")

@@ -42,6 +42,7 @@ from raymerge.align import pad_rows
 from raymerge.plan import TensorPlan
 from raymerge.readahead import Buffers, ReadAhead
 from raymerge.shards import TORCH_DTYPES, ShardFile, TensorEntry, WriteBehind, close_all, numel
+from raymerge.split import Split
 from raymerge.slerp import (Coefficients, Reductions, chunk_elems, chunk_rows, chunk_sums, combine_block,
                             slerp_coefficients, to_work, total)
 
@@ -91,6 +92,7 @@ class Written:
     nbytes: int
     stats: tuple[TensorStats, ...]
     refused: TensorStats | None = None  # a tensor that failed its checks: the call stopped there
+    seconds: dict[str, float] = field(default_factory=dict)  # where the call's time went (split.py)
 
 
 class MergeActor:
@@ -112,6 +114,7 @@ class MergeActor:
         self._buffers = Buffers(pin=self.device.type == "cuda")
         self._carried: dict = {}  # the next call's first tensors, read by this one (readahead.py)
         self._on_device: dict[int, tuple] = {}  # a GPU's copy of the current tensor's blocks, by first row
+        self._clock = Split(self.device)  # the current call's time per phase
 
     # ---- set-up checks -------------------------------------------------------------------
 
@@ -251,6 +254,7 @@ class MergeActor:
     def reduce(self, tensors: list[TensorPlan]) -> list[TensorStats]:
         """The float64 reductions of each tensor, and its checks (``--eval``'s first pass)."""
         torch.set_num_threads(self.num_threads)
+        self._clock = Split(self.device)
         stats = []
         with ReadAhead(tensors, self._buffers) as ahead:
             for i, t in enumerate(tensors):
@@ -271,10 +275,12 @@ class MergeActor:
                 equal = equal and torch.equal(*src)
             elif src[0].is_floating_point():
                 if device.type != "cpu":
-                    src = tuple(x.to(device, non_blocking=True) for x in src)
+                    with self._clock.gpu("gpu copy"):
+                        src = tuple(x.to(device, non_blocking=True) for x in src)
                     if keep:
                         self._on_device[r0] = src
-                partials.append(chunk_sums(src[0], src[-1], per_chunk))
+                with self._clock.gpu("gpu maths"):
+                    partials.append(chunk_sums(src[0], src[-1], per_chunk))
         red = total(partials)
         if t.op in ("copy_a", "copy_b"):
             ok = math.isfinite(red.aa)
@@ -291,6 +297,7 @@ class MergeActor:
         """
         files: list[ShardFile] = []
         written, stats, refused = 0, [], None
+        clock = self._clock = Split(self.device)
         try:
             for path in job.shard_paths:
                 files.append(ShardFile(path, job.header))
@@ -300,23 +307,28 @@ class MergeActor:
             self._carried = {}
             with ahead, WriteBehind() as writer:
                 for i, t in enumerate(job.tensors):
-                    self._loaded = ahead.take(i)
+                    with clock.phase("read"):
+                        self._loaded = ahead.take(i)
                     # One of the actor's CPUs goes to the background writer; torch gets the rest
                     # (elementwise maths: the thread count never changes a bit).
                     torch.set_num_threads(max(1, self.num_threads - 1))
                     if job.reduced:
                         coefs, means = job.coefficients.get(t.name), job.means.get(t.name)
                     else:
-                        means = self._means(t)
-                        s = self._reduce_one(t, means, keep=True)
+                        with clock.phase("reduce"):
+                            means = self._means(t)
+                            s = self._reduce_one(t, means, keep=True)
                         stats.append(s)
                         if not s.ok:
                             refused = s
                             break
                         coefs = (tuple(slerp_coefficients(s.reductions, x) for x in job.ts[t.name])
                                  if t.op == "slerp" else None)
-                    written += self._write_tensor(t, coefs, means, files, writer)
+                    with clock.phase("combine"):
+                        written += self._write_tensor(t, coefs, means, files, writer)
                     self._on_device.clear()
+                with clock.phase("write"):
+                    writer.drain()
         except BaseException:
             # Already failing: close without syncing, so that a sync error cannot hide the real
             # one (a full disk), and leak no descriptor.
@@ -327,8 +339,9 @@ class MergeActor:
             self._loaded = {}
             self._on_device.clear()
         self._carried = ahead.leftover
-        close_all(files, sync=refused is None)
-        return Written(written, tuple(stats), refused)
+        with clock.phase("write"):
+            close_all(files, sync=refused is None)
+        return Written(written, tuple(stats), refused, clock.seconds())
 
     def _write_tensor(self, t: TensorPlan, coefs, means, files: list[ShardFile], writer: WriteBehind) -> int:
         """Combine one tensor's blocks and queue them for every output."""
@@ -338,7 +351,8 @@ class MergeActor:
         for r0, r1 in self._blocks(t.shape):
             src = self._on_device.pop(r0, None) or self._sources(t, r0, r1, means)
             for f, block in zip(files, self._out_blocks(t, src, coefs, out_dtype, len(files))):
-                writer.submit(f, t.offset + r0 * row_bytes, block)
+                with self._clock.phase("write"):  # waits while the writer's queue is full
+                    writer.submit(f, t.offset + r0 * row_bytes, block)
                 written += block.numel() * block.element_size()
         return written
 
@@ -354,9 +368,16 @@ class MergeActor:
     def _out_blocks(self, t: TensorPlan, src: tuple[torch.Tensor, ...], coefs, out_dtype, n_outputs: int):
         """One block of the tensor in every output: one SLERP per t, or the copied rows."""
         if t.op == "slerp":
-            a, b = to_work(*(x.to(self.device, non_blocking=True) for x in src))
+            with self._clock.gpu("gpu copy"):
+                src = tuple(x.to(self.device, non_blocking=True) for x in src)
+            with self._clock.gpu("gpu maths"):
+                a, b = to_work(*src)  # once for every t of a sweep
             for coef in coefs:
-                yield combine_block(a, b, coef, out_dtype).cpu()
+                with self._clock.gpu("gpu maths"):
+                    block = combine_block(a, b, coef, out_dtype)
+                with self._clock.gpu("gpu copy back"):
+                    block = block.cpu()
+                yield block
         else:
             # A copy, never a view: the read-ahead reuses the rows' buffer once the tensor is done,
             # perhaps before the background writer has written this block.

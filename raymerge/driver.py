@@ -16,13 +16,13 @@ import os
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from raymerge import evaluation
+from raymerge import evaluation, split
 from raymerge.actors import TensorStats, WriteJob, remote_actor_class
 from raymerge.assemble import assemble
 from raymerge.errors import InputError
@@ -55,6 +55,7 @@ class MergeResult:
     phases: tuple[tuple[str, float], ...] = ()  # (phase, wall seconds), in order
     scores: pa.Table | None = None  # --eval: one row per child and parent (evaluation.py)
     score_files: tuple[str, ...] = ()  # OUT/sweep.parquet, OUT/sweep.png
+    actor_seconds: dict[str, float] = field(default_factory=dict)  # summed over the actors' calls (split.py)
 
 
 class Phases:
@@ -166,8 +167,8 @@ def _merge(options: MergeOptions, session: RaySession, started: float, phases: P
     if scoring is not None:
         scoring = (*scoring, start_actors)
     try:
-        written, n_nodes, scores = _drive(options, plan, t_by_name, fingerprint, out, actors, phases, scoring,
-                                          waits=shape.waits)
+        written, n_nodes, scores, actor_seconds = _drive(options, plan, t_by_name, fingerprint, out, actors,
+                                                         phases, scoring, waits=shape.waits)
     except KeyboardInterrupt:
         # Stop the actors, and wait until they are gone, so that nobody writes while the
         # partial shards go.
@@ -191,14 +192,16 @@ def _merge(options: MergeOptions, session: RaySession, started: float, phases: P
     out.cleanup()
     phases.lap("assemble")
     return MergeResult(outputs, len(plan.tensors), written, time.monotonic() - started,
-                       plan.n_actors, n_nodes, plan.notes, tuple(phases.seconds.items()), scores, score_files)
+                       plan.n_actors, n_nodes, plan.notes, tuple(phases.seconds.items()), scores, score_files,
+                       actor_seconds=actor_seconds)
 
 
 def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[float, ...]],
            fingerprint: str, out: OutputDir, actors: list, phases: Phases,
-           scoring: tuple | None, waits: bool = False) -> tuple[int, int, pa.Table | None]:
+           scoring: tuple | None, waits: bool = False) -> tuple[int, int, pa.Table | None, dict]:
     """The merge, and with ``--eval`` first the reductions and scores; returns (bytes written,
-    number of nodes the actors ran on, the scores). ``waits``: the actors wait for an autoscaler."""
+    number of nodes the actors ran on, the scores, the actors' seconds per phase). ``waits``: the
+    actors wait for an autoscaler."""
     read_paths = sorted({e.file for t in plan.tensors for e in (t.a, t.b) if e is not None})
     probe_dir = out.probe_dir()
     placed = wait_placed([actor.where.remote(read_paths, probe_dir) for actor in actors],
@@ -241,7 +244,7 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
     out.create(fingerprint, options.overwrite)
     for info in ray.get([actor.where.remote([], out.state_dir) for actor in actors]):
         _check_writable(info, out.root)
-    written, merged = _write_pass(options, plan, t_by_name, coefficients, means, out, actors)
+    written, merged, actor_seconds = _write_pass(options, plan, t_by_name, coefficients, means, out, actors)
     stats = stats or merged
     if options.report:
         missing = [t for t in plan.tensors if t.name not in stats]  # in shards a resume kept
@@ -251,7 +254,7 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
         pq.write_table(tensor_report(plan, {n: s.reductions for n, s in stats.items()},
                                      _coefficients(stats, t_by_name), t_by_name),
                        options.report)
-    return written, len({info["node"] for info in placed}), scores
+    return written, len({info["node"] for info in placed}), scores, actor_seconds
 
 
 def _coefficients(stats: dict[str, TensorStats], t_by_name: dict[str, tuple[float, ...]]) -> dict:
@@ -297,9 +300,9 @@ def _reduce_pass(options: MergeOptions, plan: MergePlan, actors: list, tensors) 
 
 def _write_pass(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[float, ...]],
                 coefficients: dict | None, means: dict, out: OutputDir,
-                actors: list) -> tuple[int, dict[str, TensorStats]]:
+                actors: list) -> tuple[int, dict[str, TensorStats], dict[str, float]]:
     """Make and write every shard not already finished, renaming each when complete; returns the
-    bytes written and the reductions of the tensors made.
+    bytes written, the reductions of the tensors made and the actors' seconds per phase.
 
     Each tensor is reduced, checked and written in one read of its bytes, unless ``coefficients``
     (and ``means``) come from a first pass (``--eval``). A tensor that fails its checks stops the
@@ -334,12 +337,14 @@ def _write_pass(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tup
     write_total = sum(plan.shards[i].layout.size for i in todo) * len(out.subdirs)
     progress = Progress("merge" if not reduced else "write", write_total, len(plan.shards), enabled=options.progress)
     progress.update(shards=len(done))
-    written, stats = 0, {}
+    written, stats, seconds = 0, {}, defaultdict(float)
 
     def wrote(ref, result):
         nonlocal written
         for s in result.stats:
             stats[s.name] = s
+        for phase, s in result.seconds.items():
+            seconds[phase] += s
         if result.refused is not None:
             _stop_and_wait(actors)
             out.discard(plan)
@@ -354,7 +359,7 @@ def _write_pass(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tup
 
     _run(list(shard_of), wrote)
     progress.close()
-    return written, stats
+    return written, stats, dict(seconds)
 
 
 def print_summary(result: MergeResult, stream=sys.stderr) -> None:
@@ -371,4 +376,6 @@ def print_summary(result: MergeResult, stream=sys.stderr) -> None:
               f"{', '.join(result.score_files)}", file=stream)
     if result.phases:
         print("  time: " + ", ".join(f"{name} {s:.1f} s" for name, s in result.phases), file=stream)
+    if result.actor_seconds:
+        print(f"  actors: {split.describe(result.actor_seconds)} (summed over {result.actors} actors)", file=stream)
 

@@ -94,7 +94,8 @@ def test_cli_merges_into_a_single_shard(tiny_parents, ray_head, tmp_path):
         rf"merged 39 tensors with 2 actors on 1 node\(s\) in {seconds} \(0\.00 GB written\)\n"
         rf"  t=0\.7: {re.escape(os.path.realpath(out))}\n"
         rf"  time: plan {seconds}, start Ray {seconds}, start actors {seconds}, merge {seconds}, "
-        rf"stop Ray {seconds}, assemble {seconds}\n",
+        rf"stop Ray {seconds}, assemble {seconds}\n"
+        rf"  actors: read {seconds}, reduce {seconds}, combine {seconds}, write {seconds} \(summed over 2 actors\)\n",
         proc.stderr)
     assert summary, proc.stderr
     assert all(float(x) >= 0 for x in summary.groups())

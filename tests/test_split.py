@@ -1,0 +1,40 @@
+"""split.py: where an actor call's time goes, phases nested, on a clock the test drives."""
+
+import torch
+
+from raymerge.actors import MergeActor, WriteJob
+from raymerge.options import MergeOptions
+from raymerge.parents import load_parent
+from raymerge.plan import build_plan
+from raymerge.split import Split, describe
+
+
+def test_an_inner_phase_counts_for_itself_only():
+    now = [0.0]
+    split = Split(torch.device("cpu"), clock=lambda: now[0])
+    with split.phase("combine"):
+        now[0] += 2.0
+        with split.phase("write"):
+            now[0] += 3.0
+        now[0] += 1.0
+        with split.phase("write"):
+            now[0] += 0.5
+    with split.phase("read"):
+        now[0] += 4.0
+    with split.gpu("gpu maths"):  # nothing on a CPU actor
+        now[0] += 1.0
+    assert split.seconds() == {"combine": 3.0, "write": 3.5, "read": 4.0}
+    assert describe(split.seconds()) == "read 4.0 s, combine 3.0 s, write 3.5 s"
+
+
+def test_a_write_call_reports_every_phase(tiny_parents, tmp_path):
+    a, b = tiny_parents
+    options = MergeOptions(a=a, b=b, out=str(tmp_path), t=(0.5,))
+    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), options, 1)
+    shard = plan.shards[0]
+    tensors = tuple(t for t in plan.tensors if t.shard == 0)
+    result = MergeActor(options.block_bytes).write(WriteJob(
+        (str(tmp_path / shard.filename),), shard.layout.header, tensors,
+        ts={t.name: (0.5,) for t in tensors if t.op == "slerp"}))
+    assert set(result.seconds) == {"read", "reduce", "combine", "write"}
+    assert all(s >= 0 for s in result.seconds.values())
