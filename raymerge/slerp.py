@@ -84,26 +84,35 @@ def chunk_sums(a: torch.Tensor, b: torch.Tensor, chunk_elems: int) -> torch.Tens
     sums = []
     for lo, hi, width in ((0, full, chunk_elems), (full, n, n - full)):  # whole chunks, then the tail
         if hi > lo:
-            x, y = a64[lo:hi].view(-1, width), b64[lo:hi].view(-1, width)
-            products = torch.empty((3, *x.shape), dtype=torch.float64, device=x.device)
-            torch.mul(x, x, out=products[0])
-            torch.mul(y, y, out=products[1])
-            torch.mul(x, y, out=products[2])
-            sums.append(_halve(products))
+            sums.append(_halve(_first_level(a64[lo:hi].view(-1, width), b64[lo:hi].view(-1, width))))
     return torch.cat(sums, dim=1)
 
 
+def _first_level(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The three products of (chunks, m) float64 rows, halved once as they are made (the halving's
+    first level, without writing every product first): shape (3, chunks, max(1, m // 2))."""
+    m = a.shape[1]
+    h = max(1, m // 2)
+    out = torch.empty((3, a.shape[0], h), dtype=torch.float64, device=a.device)
+    for i, (x, y) in enumerate(((a, a), (b, b), (a, b))):
+        torch.mul(x[:, :h], y[:, :h], out=out[i])
+        if m > 1:
+            out[i] += x[:, h:2 * h] * y[:, h:2 * h]
+        if m > 2 and m % 2:
+            out[i, :, 0] += x[:, 2 * h] * y[:, 2 * h]
+    return out
+
+
 def _halve(x: torch.Tensor) -> torch.Tensor:
-    """Sum the last dimension by pairwise halving, in place: element i plus element i + n/2, an
-    odd last element added to the first, until one is left. Elementwise adds only, so every
-    device agrees."""
-    n = x.shape[-1]
-    while n > 1:
+    """Sum the last dimension by pairwise halving: element i plus element i + n/2, an odd last
+    element added to the first, until one is left. Elementwise adds only, so every device agrees."""
+    while x.shape[-1] > 1:
+        n = x.shape[-1]
         h = n // 2
-        x[..., :h] += x[..., h:2 * h]
+        y = x[..., :h] + x[..., h:2 * h]
         if n % 2:
-            x[..., 0] += x[..., 2 * h]
-        x, n = x[..., :h], h
+            y[..., 0] += x[..., 2 * h]
+        x = y
     return x[..., 0]
 
 
