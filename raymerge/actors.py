@@ -18,7 +18,9 @@ buffers, without blocking), reduced there with one host sync per tensor, kept th
 there; each output block is copied back for the writer. The reductions follow slerp.py's fixed
 order of elementwise float64 steps and the combination is an elementwise float32 multiply and
 add, so the device, like the block size and the thread count, never changes a byte of the output.
-Copied and non-float tensors never go to the GPU; ``--pad mean`` rows are summed on the CPU.
+Copied and non-float tensors never go to the GPU; padded rows are built on the CPU (``torch.lerp``
+is one kernel, which a GPU may compute with a fused multiply-add) and ``--pad mean`` rows summed
+there.
 
 Tensor bytes never travel through Ray: the actor reads the parents and writes the shards on the
 filesystem; Ray carries plans, paths and small records. The class is plain Python so that tests
