@@ -29,14 +29,12 @@ DOT_THRESHOLD = 0.9995
 
 @dataclass(frozen=True)
 class Reductions:
-    """The three float64 sums SLERP needs: ``aa = |a|^2``, ``bb = |b|^2``, ``ab = a.b``."""
+    """The three float64 sums SLERP needs: ``aa = |a|^2``, ``bb = |b|^2``, ``ab = a.b``, each in
+    the fixed order (blocks' sums are never added up any other way: see ``total``)."""
 
     aa: float = 0.0
     bb: float = 0.0
     ab: float = 0.0
-
-    def __add__(self, other: "Reductions") -> "Reductions":
-        return Reductions(self.aa + other.aa, self.bb + other.bb, self.ab + other.ab)
 
 
 @dataclass(frozen=True)
