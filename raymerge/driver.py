@@ -83,12 +83,13 @@ def _live_nodes() -> list[dict]:
 def _shape(options: MergeOptions):
     """The actors' shape from the live nodes; a request they cannot hold waits for an autoscaler
     if one watches the cluster (placement.py), else is refused at once."""
+    nodes = _live_nodes()
     try:
-        return actor_shape(options, _live_nodes())
+        return actor_shape(options, nodes)
     except InputError:
         if not cluster_autoscales():
             raise
-        return actor_shape(options, _live_nodes(), autoscales=True)
+        return actor_shape(options, nodes, autoscales=True)
 
 
 def _check_stats(plan: MergePlan, stats: dict[str, TensorStats]) -> None:

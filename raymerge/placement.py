@@ -86,14 +86,9 @@ def cluster_autoscales() -> bool:
     (``gpu_workers``, ``ray.head.default``). The v2 autoscaler (KubeRay) reports the same through
     its status API.
     """
-    from ray._private import ray_constants
-    from ray.experimental.internal_kv import _internal_kv_get
-
-    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-    if raw:
-        mapping = (json.loads(raw).get("autoscaler_report") or {}).get("node_type_mapping") or {}
-        if any(not _read_only(node, kind) for node, kind in mapping.items()):
-            return True
+    mapping = _autoscaler_report().get("node_type_mapping") or {}
+    if any(not _read_only(node, kind) for node, kind in mapping.items()):
+        return True
     try:
         import ray
         from ray.autoscaler.v2.sdk import get_cluster_status
@@ -137,13 +132,18 @@ def wait_placed(refs: list, timeout_s: float, nodes, show: bool, waits: bool = F
     return ray.get(list(refs))
 
 
-def _launching() -> str:
-    """What the autoscaler says it is adding, as the end of a progress line."""
+def _autoscaler_report() -> dict:
+    """The autoscaler part of the report Ray's monitor publishes in the GCS ({} before its first)."""
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get
 
     raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-    report = (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
+    return (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
+
+
+def _launching() -> str:
+    """What the autoscaler says it is adding, as the end of a progress line."""
+    report = _autoscaler_report()
     launching = dict(report.get("pending_launches") or {})
     for _node, kind, *_ in report.get("pending_nodes") or []:
         launching[kind] = launching.get(kind, 0) + 1

@@ -36,7 +36,7 @@ class RaySession:
 
     def __init__(self, address: str | None = None):
         self.address = address or os.environ.get("RAY_ADDRESS") or None
-        self.owns_ray = False  # True while this session holds the Ray connection stop() ends
+        self.owns_ray = False  # True while this object holds a Ray connection that stop() must end
         self.embedded = False
         self._ready = threading.Event()
         self._release = threading.Event()
@@ -95,7 +95,7 @@ class RaySession:
             raise error
 
     def stop(self) -> None:
-        """End this session's Ray: an embedded one is shut down, an attached one disconnected; a
+        """End the merge's Ray: an embedded one is shut down, an attached one disconnected; a
         start under way is waited for first."""
         if not self.owns_ray:
             self._release.set()
