@@ -8,7 +8,8 @@ the layers), every contender as its own command, round-robin (rep r starts at co
 times each; medians, min and max of wall time, and the peak own memory (RssAnon + RssShmem, as in
 bench/measure.py) of the largest process and of all processes together:
 
-- I/O floor (bench/iofloor.py): read both parents' weight files, write one model-sized file, fsync;
+- I/O floor (bench/iofloor.py --cached): read both parents' weight files (from the page cache),
+  write one model-sized file (O_DIRECT), fsync;
   and the same writing nine model-sized files (a 9-value sweep's floor);
 - raymerge cold: ``raymerge merge A B -o OUT -t 0.5 --quiet``, starting its own embedded Ray;
 - raymerge warm: the same with ``--address`` to a Ray head (token auth) started for each rep's
@@ -129,7 +130,7 @@ def contenders(a: str, b: str, work: str, plain_env: dict[str, str], rm_env: dic
     files = weight_files(a) + weight_files(b)
     merge = [RAYMERGE, "merge", a, b, "--quiet"]
     single = ["-t", "0.5"]
-    floor = [sys.executable, os.path.join(HERE, "iofloor.py")]
+    floor = [sys.executable, os.path.join(HERE, "iofloor.py"), "--cached"]  # the parents are in page cache
     cs = [Contender("I/O floor", lambda o, _: floor + [o, str(out_bytes), *files], plain_env),
           Contender("I/O floor, 9 models", lambda o, _: floor + ["--copies", "9", o, str(out_bytes), *files],
                     plain_env),

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from raymerge import shards
 from raymerge.errors import InputError
 from raymerge.shards import DTYPE_NAMES, ShardFile, WriteBehind, layout_shard, read_header
 
@@ -49,6 +50,61 @@ def test_streamed_shard_is_byte_identical_to_save_file(tmp_path, reverse, behind
     assert layout.size == len(ours)
     loaded = load_file(str(tmp_path / "ours.safetensors"))
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+def _large_tensors():
+    # Big enough for whole pages to go around the page cache; odd sizes, so tensors start and end
+    # inside pages that two of them share.
+    g = torch.Generator().manual_seed(1)
+    return {"emb": torch.randn(1001, 67, generator=g).to(torch.bfloat16),
+            "up": torch.randn(517, 129, generator=g),
+            "odd": torch.randn(3, generator=g).half(),
+            "down": torch.randn(97, 1023, generator=g).to(torch.bfloat16)}
+
+
+def test_direct_writes_by_several_writers_are_byte_identical_to_save_file(tmp_path):
+    (tmp_path / "probe").touch()
+    probe = shards._open_direct(str(tmp_path / "probe"))
+    if probe is None:
+        pytest.skip("this file system refuses O_DIRECT")
+    os.close(probe)
+    tensors = _large_tensors()
+    save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    layout = layout_shard([(n, DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in tensors.items()])
+    path = str(tmp_path / "ours.safetensors")
+    # Two writers of one shard (as two actors), each writing its tensors in row blocks, interleaved.
+    writers = [ShardFile(path, layout.header), ShardFile(path, layout.header)]
+    assert all(w.direct_fd is not None for w in writers)
+    jobs = []
+    for i, name in enumerate(sorted(tensors)):
+        t = tensors[name]
+        row = t[0].numel() * t.element_size() if t.dim() > 1 else t.element_size()
+        step = max(1, 300_000 // row)
+        for r0 in range(0, t.shape[0], step):
+            jobs.append((writers[i % 2], layout.offsets[name][0] + r0 * row, t[r0:r0 + step]))
+    for w, offset, block in jobs[::2] + jobs[1::2]:
+        w.write_tensor(offset, block)
+    assert all(w.direct_fd is not None for w in writers)
+    for w in writers:
+        w.close()
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_a_direct_write_the_kernel_refuses_is_written_plainly(tmp_path):
+    # O_DIRECT refuses a misaligned offset with EINVAL (as some file systems refuse any O_DIRECT
+    # write): that write, and the file's later ones, go through the page cache.
+    path = tmp_path / "s.bin"
+    f = ShardFile(str(path), b"")
+    if f.direct_fd is None:
+        pytest.skip("this file system refuses O_DIRECT")
+    data = torch.arange(50_000, dtype=torch.int32).view(torch.uint8)
+    f._write_direct(4096 + 8, data)
+    assert f.direct_fd is None
+    f.write_tensor(300_000, data)
+    f.close()
+    raw = path.read_bytes()
+    assert raw[4096 + 8:4096 + 8 + data.numel()] == data.numpy().tobytes()
+    assert raw[300_000:] == data.numpy().tobytes()
 
 
 def test_background_write_failure_is_raised_naming_the_file(tmp_path):
