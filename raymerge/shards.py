@@ -14,7 +14,6 @@ import json
 import mmap
 import os
 import struct
-import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -141,17 +140,20 @@ class ShardFile:
     Several writers may hold the same shard at once; each writes the (identical) header and its
     own tensors, so the order in which they run does not matter.
 
-    Tensor bytes go to storage with ``O_DIRECT`` where the file system allows it: the whole 4 KiB
-    pages of a write, through an aligned staging buffer, skip the page cache (copying a model into
-    the cache costs this kernel more than a CPU second per GB, and writers of one file contend
-    for it). The partial pages at a write's two ends, which other writers may share, and every
-    write on a file system that refuses ``O_DIRECT``, go through the page cache as usual.
+    Tensor bytes go to storage with ``O_DIRECT`` where the file system allows it (copying a model
+    into the page cache costs this kernel more than a CPU second per GB, and writers of one file
+    contend for it there). Consecutive writes are gathered in an aligned staging buffer and go
+    out as large writes of whole 4 KiB pages; the partial pages at a run's two ends, which other
+    writers may share, go through the page cache, as does everything on a file system that
+    refuses ``O_DIRECT``. Staged bytes reach the file by ``flush``, ``close`` at the latest.
     """
 
     def __init__(self, path: str, layout_header: bytes):
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         self.direct_fd = _open_direct(path)
+        self._stage: torch.Tensor | None = None
+        self._run = (0, 0)  # the staged run [start, end) of the file; start is page-aligned
         try:
             self.write_at(0, layout_header)
         except BaseException:
@@ -159,6 +161,7 @@ class ShardFile:
             raise
 
     def write_at(self, offset: int, data) -> None:
+        """Write bytes through the page cache."""
         view = memoryview(data).cast("B")
         try:
             while view:
@@ -169,40 +172,64 @@ class ShardFile:
 
     def write_tensor(self, offset: int, tensor: torch.Tensor) -> None:
         raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        lo = -(-offset // DIRECT_ALIGN) * DIRECT_ALIGN  # the whole pages the write covers
-        hi = (offset + raw.numel()) // DIRECT_ALIGN * DIRECT_ALIGN
-        if self.direct_fd is None or hi - lo < DIRECT_MIN_BYTES:
+        if self.direct_fd is None:
             self.write_at(offset, raw.numpy())
             return
-        self._write_direct(lo, raw[lo - offset:hi - offset])
-        self.write_at(offset, raw[:lo - offset].numpy())
-        self.write_at(hi, raw[hi - offset:].numpy())
-
-    def _write_direct(self, offset: int, raw: torch.Tensor) -> None:
-        """Write whole aligned pages with O_DIRECT, from this thread's aligned staging buffer; a
-        file system that opened O_DIRECT but refuses such a write gets a plain one, from then on."""
-        stage = _staging(min(raw.numel(), STAGING_BYTES))
+        start, end = self._run
+        if offset != end or start == end:  # not a continuation of the staged run: a new run
+            self.flush()
+            page = min(-(-offset // DIRECT_ALIGN) * DIRECT_ALIGN, offset + raw.numel())
+            self.write_at(offset, raw[:page - offset].numpy())  # the first page's share, if partial
+            raw, offset = raw[page - offset:], page
+            self._run = (offset, offset)
+        if self._stage is None:
+            self._stage = _aligned_buffer(STAGING_BYTES)
         pos = 0
         while pos < raw.numel():
-            n = min(stage.numel(), raw.numel() - pos)
-            stage[:n].copy_(raw[pos:pos + n])
-            chunk = memoryview(stage[:n].numpy())
+            start, end = self._run
+            n = min(self._stage.numel() - (end - start), raw.numel() - pos)
+            self._stage[end - start:end - start + n].copy_(raw[pos:pos + n])
+            self._run = (start, end + n)
+            pos += n
+            if end + n - start == self._stage.numel():
+                self._write_run(last=False)
+
+    def flush(self) -> None:
+        """Write out the staged run (its last page, if partial, through the page cache)."""
+        start, end = self._run
+        if end > start:
+            self._write_run(last=True)
+        self._run = (0, 0)
+
+    def _write_run(self, last: bool) -> None:
+        start, end = self._run
+        whole = (end - start) // DIRECT_ALIGN * DIRECT_ALIGN
+        if whole and self.direct_fd is not None:
+            view = memoryview(self._stage[:whole].numpy())
             try:
-                while chunk:
-                    k = os.pwrite(self.direct_fd, chunk, offset + pos)
-                    chunk, pos = chunk[k:], pos + k
+                done = 0
+                while done < whole:
+                    done += os.pwrite(self.direct_fd, view[done:], start + done)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise OSError(e.errno, e.strerror, self.path) from None
+                # A file system that opened O_DIRECT but refuses the write: the page cache from now on.
                 os.close(self.direct_fd)
                 self.direct_fd = None
-                self.write_at(offset + pos, raw[pos:].numpy())
-                return
+                whole = done
+        if last or self.direct_fd is None:
+            self.write_at(start + whole, self._stage[whole:end - start].numpy())
+            self._run = (end, end)
+        else:  # keep the partial last page staged: the next write continues it
+            rest = self._stage[whole:end - start].clone()
+            self._stage[:rest.numel()].copy_(rest)
+            self._run = (start + whole, end)
 
     def close(self, sync: bool = True) -> None:
-        """Close the file, after making its bytes durable when ``sync`` (the descriptors are
-        closed even when the sync fails)."""
+        """Write out what is staged and close the file, after making its bytes durable when
+        ``sync`` (the descriptors are closed even when that fails)."""
         try:
+            self.flush()
             if sync:
                 try:
                     os.fsync(self.fd)
@@ -220,15 +247,12 @@ class ShardFile:
 
 # O_DIRECT's alignment of offsets, lengths and memory (the largest logical block size in use).
 DIRECT_ALIGN = 4096
-# Writes with fewer whole pages than this go through the page cache (not worth a staging copy).
-DIRECT_MIN_BYTES = 64 * 2**10
-STAGING_BYTES = 64 * 2**20  # the most one writer thread stages at once
-_thread_state = threading.local()
+STAGING_BYTES = 8 * 2**20  # per open shard: the size of its O_DIRECT writes
 
 
 def _open_direct(path: str) -> int | None:
     """A second descriptor of the file, for O_DIRECT writes; None where the platform or the file
-    system refuses them (tmpfs, some network file systems)."""
+    system refuses them."""
     if not hasattr(os, "O_DIRECT"):
         return None
     try:
@@ -237,14 +261,9 @@ def _open_direct(path: str) -> int | None:
         return None
 
 
-def _staging(nbytes: int) -> torch.Tensor:
-    """This thread's page-aligned staging buffer of at least ``nbytes`` bytes (kept for reuse)."""
-    stage = getattr(_thread_state, "stage", None)
-    if stage is None or stage.numel() < nbytes:
-        size = -(-nbytes // DIRECT_ALIGN) * DIRECT_ALIGN
-        stage = torch.frombuffer(mmap.mmap(-1, size), dtype=torch.uint8)  # anonymous: page-aligned
-        _thread_state.stage = stage
-    return stage
+def _aligned_buffer(nbytes: int) -> torch.Tensor:
+    """A page-aligned uint8 buffer (an anonymous mapping, which the tensor keeps alive)."""
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
 
 
 def close_all(files: list[ShardFile], sync: bool) -> None:

@@ -62,7 +62,9 @@ def _large_tensors():
             "down": torch.randn(97, 1023, generator=g).to(torch.bfloat16)}
 
 
-def test_direct_writes_by_several_writers_are_byte_identical_to_save_file(tmp_path):
+@pytest.mark.parametrize("staging", [shards.STAGING_BYTES, 3 * shards.DIRECT_ALIGN])
+def test_direct_writes_by_several_writers_are_byte_identical_to_save_file(tmp_path, monkeypatch, staging):
+    monkeypatch.setattr(shards, "STAGING_BYTES", staging)  # small: runs fill the stage many times
     (tmp_path / "probe").touch()
     probe = shards._open_direct(str(tmp_path / "probe"))
     if probe is None:
@@ -85,6 +87,8 @@ def test_direct_writes_by_several_writers_are_byte_identical_to_save_file(tmp_pa
     for w, offset, block in jobs[::2] + jobs[1::2]:
         w.write_tensor(offset, block)
     assert all(w.direct_fd is not None for w in writers)
+    for w, offset, block in jobs[::3]:  # written twice, as a retried call does
+        w.write_tensor(offset, block)
     for w in writers:
         w.close()
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
@@ -98,12 +102,14 @@ def test_a_direct_write_the_kernel_refuses_is_written_plainly(tmp_path):
     if f.direct_fd is None:
         pytest.skip("this file system refuses O_DIRECT")
     data = torch.arange(50_000, dtype=torch.int32).view(torch.uint8)
-    f._write_direct(4096 + 8, data)
+    f.write_tensor(8192, data)
+    f._run = (f._run[0] + 8, f._run[1] + 8)  # the staged run moved off its page boundary
+    f.flush()
     assert f.direct_fd is None
     f.write_tensor(300_000, data)
     f.close()
     raw = path.read_bytes()
-    assert raw[4096 + 8:4096 + 8 + data.numel()] == data.numpy().tobytes()
+    assert raw[8192 + 8:8192 + 8 + data.numel()] == data.numpy().tobytes()
     assert raw[300_000:] == data.numpy().tobytes()
 
 
