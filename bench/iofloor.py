@@ -36,7 +36,7 @@ def io_floor(inputs: list[str], out_paths: list[str], out_bytes: int, chunk: int
         fd = _open(path, os.O_RDONLY, direct_reads)
         try:
             offset = 0
-            while n := os.preadv(fd, [buf], offset):
+            while (n := os.preadv(fd, [buf], offset)) == chunk:  # a short read is the file's end
                 offset += n
         finally:
             os.close(fd)

@@ -105,7 +105,9 @@ def test_a_direct_write_the_kernel_refuses_is_written_plainly(tmp_path):
     f.write_tensor(8192, data)
     f._run = (f._run[0] + 8, f._run[1] + 8)  # the staged run moved off its page boundary
     f.flush()
-    assert f.direct_fd is None
+    if f.direct_fd is not None:
+        f.close()
+        pytest.skip("this file system accepts misaligned O_DIRECT writes")
     f.write_tensor(300_000, data)
     f.close()
     raw = path.read_bytes()
