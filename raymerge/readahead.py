@@ -39,7 +39,7 @@ from collections.abc import Sequence
 
 import torch
 
-from raymerge.shards import TORCH_DTYPES, TensorEntry
+from raymerge.shards import DIRECT_ALIGN, TORCH_DTYPES, TensorEntry, open_direct
 
 # What the thread may hold read and unused. Two of a 7B model's largest tensors (both parents)
 # fit; memory stays well under the 1.5 GB an actor may use.
@@ -47,7 +47,7 @@ AHEAD_BYTES = 512 * 2**20
 # A tensor is read whole when both parents' bytes fit in this; a larger one is streamed.
 LOAD_BYTES = 256 * 2**20
 READ_CHUNK = 16 * 2**20  # bytes per read call
-ALIGN = 4096  # O_DIRECT's alignment of buffers, offsets and lengths (the largest logical block size)
+ALIGN = DIRECT_ALIGN  # O_DIRECT's alignment of buffers, offsets and lengths
 
 
 def _entries(tensor) -> list[TensorEntry]:
@@ -280,12 +280,8 @@ class ReadAhead:
         fds = self._fds.get(file)
         if fds is None:
             plain = os.open(file, os.O_RDONLY)
-            direct = None
-            if hasattr(os, "O_DIRECT") and _LIBC is not None:
-                try:
-                    direct = os.open(file, os.O_RDONLY | os.O_DIRECT)
-                except OSError:  # tmpfs and some network file systems refuse it
-                    direct = None
+            # Without mincore (not Linux) the page cache cannot be asked, so no O_DIRECT either.
+            direct = open_direct(file, os.O_RDONLY) if _LIBC is not None else None
             fds = self._fds[file] = (plain, direct)
         return fds
 

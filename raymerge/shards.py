@@ -38,6 +38,8 @@ DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 SHARD_METADATA = {"format": "pt"}
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+# O_DIRECT's alignment of offsets, lengths and memory (the largest logical block size in use).
+DIRECT_ALIGN = 4096
 
 
 def itemsize(dtype: str) -> int:
@@ -151,7 +153,7 @@ class ShardFile:
     def __init__(self, path: str, layout_header: bytes):
         self.path = path
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        self.direct_fd = _open_direct(path)
+        self.direct_fd = open_direct(path, os.O_WRONLY)
         self._stage: torch.Tensor | None = None
         self._run = (0, 0)  # the staged run [start, end) of the file; start is page-aligned
         try:
@@ -198,8 +200,7 @@ class ShardFile:
         """Write out the staged run (its last page, if partial, through the page cache)."""
         start, end = self._run
         if end > start:
-            self._write_run(last=True)
-        self._run = (0, 0)
+            self._write_run(last=True)  # leaves the run empty
 
     def _write_run(self, last: bool) -> None:
         start, end = self._run
@@ -245,18 +246,16 @@ class ShardFile:
         self.direct_fd = None
 
 
-# O_DIRECT's alignment of offsets, lengths and memory (the largest logical block size in use).
-DIRECT_ALIGN = 4096
 STAGING_BYTES = 8 * 2**20  # per open shard: the size of its O_DIRECT writes
 
 
-def _open_direct(path: str) -> int | None:
-    """A second descriptor of the file, for O_DIRECT writes; None where the platform or the file
-    system refuses them."""
+def open_direct(path: str, flags: int) -> int | None:
+    """The file opened with ``flags | O_DIRECT`` (shards write so, read-ahead reads so); None
+    where the platform or the file system refuses it."""
     if not hasattr(os, "O_DIRECT"):
         return None
     try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+        return os.open(path, flags | os.O_DIRECT)
     except OSError:
         return None
 

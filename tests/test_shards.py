@@ -66,7 +66,7 @@ def _large_tensors():
 def test_direct_writes_by_several_writers_are_byte_identical_to_save_file(tmp_path, monkeypatch, staging):
     monkeypatch.setattr(shards, "STAGING_BYTES", staging)  # small: runs fill the stage many times
     (tmp_path / "probe").touch()
-    probe = shards._open_direct(str(tmp_path / "probe"))
+    probe = shards.open_direct(str(tmp_path / "probe"), os.O_WRONLY)
     if probe is None:
         pytest.skip("this file system refuses O_DIRECT")
     os.close(probe)
