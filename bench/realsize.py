@@ -18,7 +18,9 @@ largest process. Before anything is written the disk's free space is checked.
 1000). raymerge as users install it (``pip install .``: plain ``ray``, in a virtualenv of its own
 kept in the bench cache) and, for comparison, with the test extras (``ray[default]``, this
 checkout's .venv), against mergekit; each from the shell's point of view: interpreter start,
-imports, Ray start and stop, the merge, exit.
+imports, Ray start and stop, the merge, exit. One more row starts and stops raymerge's embedded
+Ray the way a merge does (``RaySession``, in the plain virtualenv) and does nothing else: no
+merge with an embedded Ray can take less than that on this machine.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from tracked import Run, measured, wait_quiet  # noqa: E402
 
 MIB = 1024
 PLAIN_VENV = os.path.join(CACHE, "plain-venv")  # raymerge as `pip install .` installs it
+# An embedded Ray started and stopped as a merge does it, and nothing else.
+RAY_ALONE = "from raymerge.session import RaySession; s = RaySession().start(); s.wait(); s.stop()"
+RAY_ALONE_ROW = "embedded Ray alone (start, stop; no merge)"
 
 
 def weight_files(model_dir: str) -> list[str]:
@@ -192,6 +197,7 @@ def tiny_section(reps: int, env: dict[str, str], raymerge_extras: str, mergekit:
     if plain_python:
         plain = os.path.join(os.path.dirname(plain_python), "raymerge")
         contenders["raymerge, `pip install .` (ray)"] = lambda o: [plain, "merge", a, b, "-o", o, "-t", "0.5", "--quiet"]
+        contenders[RAY_ALONE_ROW] = lambda o: [plain_python, "-c", RAY_ALONE]
     contenders["raymerge, test extras (ray[default])"] = lambda o: [raymerge_extras, "merge", a, b, "-o", o,
                                                                      "-t", "0.5", "--quiet"]
     if mergekit:
@@ -226,7 +232,8 @@ def tiny_section(reps: int, env: dict[str, str], raymerge_extras: str, mergekit:
     return ["## Tiny parents, prompt to prompt", "",
             "The test fixtures' size (two 4-layer Llamas, hidden 64, vocab 1000; 0.6 MB each), in page cache. "
             "Each command timed from its start to its exit: interpreter, imports, Ray start and stop (embedded), "
-            f"the merge, exit. {reps} reps, round-robin; medians.", "",
+            f"the merge, exit. {reps} reps, round-robin; medians. \"{RAY_ALONE_ROW}\" starts and stops raymerge's "
+            "embedded Ray as a merge does and does nothing else: a lower bound for any embedded-Ray merge here.", "",
             "| contender | median wall s | min / max s | ok runs | × mergekit | raymerge's phases (s) |",
             "|---|---|---|---|---|---|", *rows, ""], targets
 
