@@ -100,6 +100,23 @@ def test_reductions_follow_the_fixed_order_exactly(shape, dtype):
     assert [got.aa, got.bb, got.ab] == want
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_reductions_are_exact_at_the_dtype_extremes(dtype):
+    """Products of the largest and smallest values a dtype holds (subnormals too) still follow the
+    transcription bit for bit: they are exact in float64, however they are added."""
+    info = torch.finfo(dtype)
+    g = torch.Generator().manual_seed(7)
+    scale = torch.tensor([info.max / 4, info.tiny, info.tiny / 8, 1.0], dtype=torch.float64)
+    a = (torch.rand(4099, generator=g, dtype=torch.float64) * scale.repeat(1025)[:4099]).to(dtype)
+    b = (-torch.rand(4099, generator=g, dtype=torch.float64) * scale.flip(0).repeat(1025)[:4099]).to(dtype)
+    fa, fb = a.double().tolist(), b.double().tolist()
+    m = chunk_elems((4099,))
+    chunks = [range(i, min(len(fa), i + m)) for i in range(0, len(fa), m)]
+    want = [_halved([_halved([x[i] * y[i] for i in c]) for c in chunks]) for x, y in ((fa, fa), (fb, fb), (fa, fb))]
+    got = reduce_tensor(a, b)
+    assert [got.aa, got.bb, got.ab] == want
+
+
 def test_reductions_do_not_depend_on_torch_threads():
     a = torch.randn(512, 1024)
     b = torch.randn(512, 1024)
