@@ -75,10 +75,6 @@ def chunk_sums(a: torch.Tensor, b: torch.Tensor, chunk_elems: int) -> torch.Tens
                 [16.,  1.],
                 [ 0.,  1.]], dtype=torch.float64)
     """
-    # A product of two values of at most 24 significant bits (float32 and narrower) is exact in
-    # float64, so adding it fused (addcmul, which may use an FMA) gives the bits of adding it
-    # rounded; a float64 parent's products are not exact, and are rounded before they are added.
-    fused = torch.float64 not in (a.dtype, b.dtype)
     a64 = a.reshape(-1).to(torch.float64)
     b64 = b.reshape(-1).to(torch.float64)
     n = a64.numel()
@@ -86,42 +82,32 @@ def chunk_sums(a: torch.Tensor, b: torch.Tensor, chunk_elems: int) -> torch.Tens
     sums = []
     for lo, hi, width in ((0, full, chunk_elems), (full, n, n - full)):  # whole chunks, then the tail
         if hi > lo:
-            sums.append(_halve_(_first_level(a64[lo:hi].view(-1, width), b64[lo:hi].view(-1, width), fused)))
+            sums.append(_halve(_first_level(a64[lo:hi].view(-1, width), b64[lo:hi].view(-1, width))))
     return torch.cat(sums, dim=1)
 
 
-def _first_level(a: torch.Tensor, b: torch.Tensor, fused: bool) -> torch.Tensor:
+def _first_level(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The three products of (chunks, m) float64 rows, halved once as they are made (the halving's
-    first level, without writing every product first): shape (3, chunks, max(1, m // 2)).
-    ``fused``: the products are exact, and are added without being written first."""
+    first level, without writing every product first): shape (3, chunks, max(1, m // 2))."""
     m = a.shape[1]
     h = max(1, m // 2)
     out = torch.empty((3, a.shape[0], h), dtype=torch.float64, device=a.device)
-
-    def add_products(acc: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
-        if fused:
-            acc.addcmul_(x, y)
-        else:
-            acc += x * y
-
     for i, (x, y) in enumerate(((a, a), (b, b), (a, b))):
         torch.mul(x[:, :h], y[:, :h], out=out[i])
         if m > 1:
-            add_products(out[i], x[:, h:2 * h], y[:, h:2 * h])
+            out[i] += x[:, h:2 * h] * y[:, h:2 * h]
         if m > 2 and m % 2:
-            add_products(out[i, :, 0], x[:, 2 * h], y[:, 2 * h])
+            out[i, :, 0] += x[:, 2 * h] * y[:, 2 * h]
     return out
 
 
-def _halve_(x: torch.Tensor) -> torch.Tensor:
-    """Sum the last dimension by pairwise halving, in place (``x`` is overwritten): element i plus
-    element i + n/2, an odd last element added to the first, until one is left. Elementwise adds
-    only, so every device agrees."""
+def _halve(x: torch.Tensor) -> torch.Tensor:
+    """Sum the last dimension by pairwise halving: element i plus element i + n/2, an odd last
+    element added to the first, until one is left. Elementwise adds only, so every device agrees."""
     while x.shape[-1] > 1:
         n = x.shape[-1]
         h = n // 2
-        y = x[..., :h]
-        y += x[..., h:2 * h]
+        y = x[..., :h] + x[..., h:2 * h]
         if n % 2:
             y[..., 0] += x[..., 2 * h]
         x = y
@@ -132,7 +118,7 @@ def total(partials: list[torch.Tensor]) -> Reductions:
     """A tensor's reductions from its chunks' sums, in order: one host sync for a GPU's."""
     if not partials:
         return Reductions()
-    aa, bb, ab = _halve_(torch.cat(partials, dim=1)).tolist()
+    aa, bb, ab = _halve(torch.cat(partials, dim=1)).tolist()
     return Reductions(aa, bb, ab)
 
 

@@ -83,15 +83,13 @@ def _halved(values: list[float]) -> float:
     return values[0]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(7,), (300, 1000), (3, 5, 4099), (2 * REDUCTION_CHUNK + 5,), ()])
-def test_reductions_follow_the_fixed_order_exactly(shape, dtype):
-    """The documented order, computed independently with Python floats (each product rounded, then
-    added), gives the same bits for every dtype: any device that makes the same elementwise
-    float64 steps (a GPU's do) agrees with the CPU."""
+def test_reductions_follow_the_fixed_order_exactly(shape):
+    """The documented order, computed independently with Python floats, gives the same bits: any
+    device that makes the same elementwise float64 steps (a GPU's do) agrees with the CPU."""
     g = torch.Generator().manual_seed(sum(shape) + 1)
-    a = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-    b = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    a = torch.randn(shape, generator=g).to(torch.bfloat16)
+    b = torch.randn(shape, generator=g).to(torch.bfloat16)
     fa, fb = a.double().reshape(-1).tolist(), b.double().reshape(-1).tolist()
     m = chunk_elems(tuple(shape))
     chunks = [range(i, min(len(fa), i + m)) for i in range(0, len(fa), m)]
