@@ -56,12 +56,18 @@ def _entries(tensor) -> list[TensorEntry]:
 
 
 class Buffers:
-    """Byte buffers reused from one tensor to the next (and from one call to the next)."""
+    """Byte buffers reused from one tensor to the next (and from one call to the next).
+
+    The buffers lent out and those kept for reuse together stay within ``limit_bytes`` (what the
+    read-ahead can hold at once): a returned buffer is kept only while they fit, so memory is
+    bounded by the read-ahead, however its tensors' sizes come and go.
+    """
 
     def __init__(self, limit_bytes: int = AHEAD_BYTES + LOAD_BYTES, pin: bool = False):
         self.limit_bytes = limit_bytes
         self.pin = pin
         self._free: list[torch.Tensor] = []
+        self.lent_bytes = 0  # bytes of the buffers handed out and not yet returned
         self._lock = threading.Lock()
 
     def get(self, nbytes: int) -> torch.Tensor:
@@ -70,17 +76,27 @@ class Buffers:
         with self._lock:
             fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
             if fits:
-                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+                buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+                self.lent_bytes += buf.numel()
+                return buf
         raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=self.pin)
         pad = -raw.data_ptr() % ALIGN
+        with self._lock:
+            self.lent_bytes += nbytes
         return raw[pad:pad + nbytes]
 
     def put(self, buf: torch.Tensor) -> None:
         with self._lock:
+            self.lent_bytes -= buf.numel()
             self._free.append(buf)
-            # Keep what the read-ahead can hold at once; let the largest others go.
-            while sum(b.numel() for b in self._free) > self.limit_bytes:
+            # Keep, with what is lent out, what the read-ahead can hold at once; let the largest
+            # others go.
+            while self._free and self.free_bytes() + self.lent_bytes > self.limit_bytes:
                 self._free.pop(max(range(len(self._free)), key=lambda i: self._free[i].numel()))
+
+    def free_bytes(self) -> int:
+        """Bytes of the buffers kept for reuse."""
+        return sum(b.numel() for b in self._free)
 
 
 def span(entry: TensorEntry) -> tuple[int, int]:

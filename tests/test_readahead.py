@@ -73,6 +73,26 @@ def test_read_entry_gives_the_files_bytes(odd_file, cached, monkeypatch):
                 os.close(fd)
 
 
+def test_buffers_lent_and_kept_stay_within_the_limit():
+    """Whatever sizes come and go, the buffers kept for reuse and those lent out never hold more
+    than the limit together (beyond what is lent out at once), and a kept buffer is reused."""
+    page = readahead.ALIGN
+    buffers = Buffers(limit_bytes=4 * page)
+    lent = [buffers.get(page) for _ in range(3)]
+    buffers.put(lent.pop())  # 2 lent + 1 kept: within the limit, kept
+    assert buffers.free_bytes() == page and buffers.lent_bytes == 2 * page
+    big = buffers.get(3 * page)  # nothing kept fits: a new one; 5 pages lent, 1 kept
+    for buf in lent:
+        buffers.put(buf)
+        assert buffers.free_bytes() + buffers.lent_bytes <= max(buffers.limit_bytes, 5 * page)
+    assert buffers.free_bytes() + buffers.lent_bytes <= buffers.limit_bytes
+    buffers.put(big)
+    assert buffers.lent_bytes == 0 and buffers.free_bytes() <= buffers.limit_bytes
+    again = buffers.get(page)
+    assert buffers.free_bytes() + again.numel() <= buffers.limit_bytes
+    assert again.data_ptr() % page == 0
+
+
 def test_a_truncated_file_is_an_error_not_zeros(odd_file):
     path, _ = odd_file
     entries = read_header(path)
