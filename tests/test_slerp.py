@@ -83,6 +83,15 @@ def _halved(values: list[float]) -> float:
     return values[0]
 
 
+def _transcribed(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """``[|a|^2, |b|^2, a.b]`` in the documented order, on Python floats: each chunk's products
+    halved, then the chunks' sums."""
+    fa, fb = a.double().reshape(-1).tolist(), b.double().reshape(-1).tolist()
+    m = chunk_elems(tuple(a.shape))
+    chunks = [range(i, min(len(fa), i + m)) for i in range(0, len(fa), m)]
+    return [_halved([_halved([x[i] * y[i] for i in c]) for c in chunks]) for x, y in ((fa, fa), (fb, fb), (fa, fb))]
+
+
 @pytest.mark.parametrize("shape", [(7,), (300, 1000), (3, 5, 4099), (2 * REDUCTION_CHUNK + 5,), ()])
 def test_reductions_follow_the_fixed_order_exactly(shape):
     """The documented order, computed independently with Python floats, gives the same bits: any
@@ -90,12 +99,8 @@ def test_reductions_follow_the_fixed_order_exactly(shape):
     g = torch.Generator().manual_seed(sum(shape) + 1)
     a = torch.randn(shape, generator=g).to(torch.bfloat16)
     b = torch.randn(shape, generator=g).to(torch.bfloat16)
-    fa, fb = a.double().reshape(-1).tolist(), b.double().reshape(-1).tolist()
-    m = chunk_elems(tuple(shape))
-    chunks = [range(i, min(len(fa), i + m)) for i in range(0, len(fa), m)]
-    want = [_halved([_halved([x[i] * y[i] for i in c]) for c in chunks]) for x, y in ((fa, fa), (fb, fb), (fa, fb))]
     got = reduce_tensor(a, b)
-    assert [got.aa, got.bb, got.ab] == want
+    assert [got.aa, got.bb, got.ab] == _transcribed(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -107,12 +112,8 @@ def test_reductions_are_exact_at_the_dtype_extremes(dtype):
     scale = torch.tensor([info.max / 4, info.tiny, info.tiny / 8, 1.0], dtype=torch.float64)
     a = (torch.rand(4099, generator=g, dtype=torch.float64) * scale.repeat(1025)[:4099]).to(dtype)
     b = (-torch.rand(4099, generator=g, dtype=torch.float64) * scale.flip(0).repeat(1025)[:4099]).to(dtype)
-    fa, fb = a.double().tolist(), b.double().tolist()
-    m = chunk_elems((4099,))
-    chunks = [range(i, min(len(fa), i + m)) for i in range(0, len(fa), m)]
-    want = [_halved([_halved([x[i] * y[i] for i in c]) for c in chunks]) for x, y in ((fa, fa), (fb, fb), (fa, fb))]
     got = reduce_tensor(a, b)
-    assert [got.aa, got.bb, got.ab] == want
+    assert [got.aa, got.bb, got.ab] == _transcribed(a, b)
 
 
 def test_reductions_do_not_depend_on_torch_threads():
