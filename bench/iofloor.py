@@ -21,6 +21,8 @@ CHUNK = 16 << 20
 
 
 def _open(path: str, flags: int, direct: bool) -> int:
+    """With O_DIRECT where allowed, else plainly (raymerge.shards.open_direct does the same, but
+    importing raymerge would import torch and put its start-up into the floor's time)."""
     if direct and hasattr(os, "O_DIRECT"):
         try:
             return os.open(path, flags | os.O_DIRECT, 0o644)
