@@ -71,9 +71,8 @@ def one_run(a_dir: str, b_dir: str, threads: int, variant: str) -> dict:
         actor = actors.MergeActor(options.block_bytes, num_threads=threads)
         f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         for i, shard in enumerate(plan.shards):
-            tensors = tuple(t for t in plan.tensors if t.shard == i)
-            actor.write(actors.WriteJob((os.path.join(out, shard.filename),), shard.layout.header, tensors,
-                                        ts={t.name: (0.5,) for t in tensors if t.op == "slerp"}))
+            actor.write(actors.WriteJob.for_shard(plan, i, (os.path.join(out, shard.filename),),
+                                                  ts={t.name: (0.5,) for t in plan.tensors if t.op == "slerp"}))
         f1, t1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         return {"merge_s": t1 - t0, "faults": f1 - f0}
     finally:

@@ -4,7 +4,8 @@ A merge is one pass over the actor's share of the plan, tensor by tensor (``writ
 tensor in row blocks and accumulate its float64 reductions (and finiteness, equality of non-float
 tensors, the short parent's mean for ``--pad mean``); refuse it, writing nothing more, if a check
 fails; else turn the reductions into coefficients (one set per t), combine the same blocks and
-write the bytes at the tensor's planned offset in its shard, for every output. Every parent byte
+append the bytes to the shard, for every output. A call is one shard: its only writer, which
+writes it once, front to back, in file order. Every parent byte
 is read from storage once: a background thread reads the next tensors whole while this one is
 worked on (readahead.py; a tensor too large for that is streamed twice, the second time from the
 page cache), and another writes the finished blocks.
@@ -35,13 +36,15 @@ import errno
 import math
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
 
+from raymerge import storage
 from raymerge.align import pad_rows
-from raymerge.plan import TensorPlan
+from raymerge.plan import MergePlan, TensorPlan
 from raymerge.readahead import Buffers, ReadAhead
 from raymerge.shards import TORCH_DTYPES, ShardFile, TensorEntry, WriteBehind, close_all, numel
 from raymerge.split import Split
@@ -70,15 +73,16 @@ class TensorStats:
 
 @dataclass(frozen=True)
 class WriteJob:
-    """One actor's tensors of one shard: what to make and where to write it.
+    """One shard, made and written whole by one actor: its tensors, in file order.
 
     Unless ``reduced``, each tensor is reduced and checked here, and its SLERP coefficients come
     from its own reductions and ``ts`` (one t per output). With ``reduced`` (``--eval``), pass 1
     ran already: ``coefficients`` and ``means`` are given.
     """
 
-    shard_paths: tuple[str, ...]  # one partial file per output (per t)
+    shard_paths: tuple[str, ...]  # the shard's file in every output (one per t)
     header: bytes
+    size: int  # the planned bytes of each file
     tensors: tuple[TensorPlan, ...]
     ts: dict[str, tuple[float, ...]] = field(default_factory=dict)  # slerp tensor -> one t per output
     reduced: bool = False
@@ -86,15 +90,25 @@ class WriteJob:
     means: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # name -> parent -> mean row
     then: tuple[TensorPlan, ...] = ()  # this actor's next tensors after this job: read ahead
 
+    @classmethod
+    def for_shard(cls, plan: MergePlan, i: int, paths: tuple[str, ...], **kw) -> "WriteJob":
+        """The job that writes shard ``i`` of ``plan`` into ``paths`` (one per output)."""
+        layout = plan.shards[i].layout
+        return cls(shard_paths=tuple(paths), header=layout.header, size=layout.size,
+                   tensors=plan.shard_tensors(i), **kw)
+
 
 @dataclass(frozen=True)
 class Written:
-    """What one ``write`` call did: bytes written, and each tensor's reductions (unless reduced)."""
+    """What one ``write`` call did: bytes written, each tensor's reductions (unless reduced), and
+    each file's (size, CRC-32) with the process that wrote it: the shard's completion record."""
 
     nbytes: int
     stats: tuple[TensorStats, ...]
     refused: TensorStats | None = None  # a tensor that failed its checks: the call stopped there
     seconds: dict[str, float] = field(default_factory=dict)  # where the call's time went (split.py)
+    files: tuple[tuple[int, int], ...] = ()  # per shard path: (size, CRC-32), once closed
+    writer: dict = field(default_factory=dict)  # host, pid and Ray node of the writing process
 
 
 class MergeActor:
@@ -123,25 +137,33 @@ class MergeActor:
     def where(self, read_paths: list[str], write_dir: str | None = None) -> dict:
         """Report this actor's host, the parents it cannot see, and why it cannot write into
         ``write_dir`` (None when it can: a probe file is created, written, synced and removed)."""
-        missing = [p for p in read_paths if not os.path.exists(p)]
+        missing, read_error = [], None
+        for path in read_paths:
+            try:
+                if not storage.isfile(path):
+                    missing.append(path)
+            except OSError as e:  # an object store that refuses (credentials, no such bucket)
+                missing.append(path)
+                read_error = read_error or storage.describe(e)
         write_error = None
         if write_dir is not None:
-            probe = os.path.join(write_dir, f".raymerge-probe-{socket.gethostname()}-{os.getpid()}")
+            probe = storage.join(write_dir, f".raymerge-probe-{socket.gethostname()}-{os.getpid()}")
             try:
-                with open(probe, "w") as f:
-                    f.write("ok")
-                    f.flush()
-                    os.fsync(f.fileno())
+                if storage.is_uri(probe):
+                    storage.write_bytes(probe, b"ok")
+                else:
+                    with open(probe, "w") as f:
+                        f.write("ok")
+                        f.flush()
+                        os.fsync(f.fileno())
+                storage.remove(probe)
             except OSError as e:
-                write_error = "not visible on this node" if e.errno == errno.ENOENT else e.strerror
-            finally:
-                if os.path.exists(probe):
-                    os.remove(probe)
-        import ray
-
-        return {"host": socket.gethostname(), "node": ray.get_runtime_context().get_node_id(),
-                "pid": os.getpid(), "missing": missing,
-                "write_error": write_error, "device": str(self.device), "gpu_error": self.gpu_error}
+                write_error = ("not visible on this node" if e.errno == errno.ENOENT and not storage.is_uri(probe)
+                               else storage.describe(e))
+                with contextlib.suppress(OSError):
+                    storage.remove(probe)
+        return {**_process(), "missing": missing, "read_error": read_error, "write_error": write_error, "device": str(self.device),
+                "gpu_error": self.gpu_error}
 
     # ---- reading -------------------------------------------------------------------------
 
@@ -149,6 +171,12 @@ class MergeActor:
         loaded = self._loaded.get((entry.file, entry.name))
         if loaded is not None:
             return loaded[r0:r1] if entry.shape else loaded
+        if storage.is_uri(entry.file):  # not read ahead (a model scored in memory): the rows' bytes
+            row = entry.nbytes // entry.shape[0] if entry.shape else entry.nbytes
+            r0, r1 = (r0, r1) if entry.shape else (0, 1)
+            raw = bytearray(storage.read_range(entry.file, entry.start + r0 * row, (r1 - r0) * row))
+            x = torch.frombuffer(raw, dtype=TORCH_DTYPES[entry.dtype]) if raw else torch.empty(0, dtype=TORCH_DTYPES[entry.dtype])
+            return x.reshape((r1 - r0, *entry.shape[1:]) if entry.shape else ())
         handle = self._handles.get(entry.file)
         if handle is None:
             handle = self._handles[entry.file] = _open(entry.file)
@@ -292,7 +320,8 @@ class MergeActor:
     # ---- writing -------------------------------------------------------------------------
 
     def write(self, job: WriteJob) -> Written:
-        """Make this job's tensors and write them into every output's partial shard.
+        """Make this shard's tensors and write them, in file order, into the shard's file in
+        every output (created here, written front to back, closed once).
 
         Stops at the first tensor that fails its checks (NaN or inf, differing non-float
         tensors) and reports it, having written nothing of it.
@@ -302,7 +331,7 @@ class MergeActor:
         clock = self._clock = Split(self.device)
         try:
             for path in job.shard_paths:
-                files.append(ShardFile(path, job.header))
+                files.append(ShardFile(path, job.header, job.size))
             # The next tensors are read while this one is worked on; blocks go to disk on a
             # background thread while the next ones are combined.
             ahead = ReadAhead(job.tensors + job.then, self._buffers, self._carried, keep_from=len(job.tensors))
@@ -342,8 +371,9 @@ class MergeActor:
             self._on_device.clear()
         self._carried = ahead.leftover
         with clock.phase("write"):
-            close_all(files, sync=refused is None)
-        return Written(written, tuple(stats), refused, clock.seconds())
+            closed = close_all(files, sync=refused is None)
+        return Written(written, tuple(stats), refused, clock.seconds(),
+                       files=tuple(closed) if refused is None else (), writer=_process())
 
     def _write_tensor(self, t: TensorPlan, coefs, means, files: list[ShardFile], writer: WriteBehind) -> int:
         """Combine one tensor's blocks and queue them for every output."""
@@ -387,6 +417,13 @@ class MergeActor:
             yield from [x] * n_outputs
 
 
+def _process() -> dict:
+    """This process: its host, pid and Ray node (None outside Ray)."""
+    ray = sys.modules.get("ray")
+    node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
+    return {"host": socket.gethostname(), "pid": os.getpid(), "node": node}
+
+
 def _cuda_problem() -> str | None:
     """Why this process's torch cannot compute on the GPU Ray gave it, or None when it can."""
     if torch.version.cuda is None:
@@ -426,8 +463,10 @@ def _open(file: str):
 
 
 def remote_actor_class(num_cpus: float, num_gpus: float, max_restarts: int = 3):
-    """The Ray actor class for MergeActor with its resource request."""
+    """The Ray actor class for MergeActor with its resource request. The driver's object-store
+    configuration (AWS_*, GOOGLE_*, GCS_* variables) goes with it to every node."""
     import ray  # here, so that MergeActor itself runs (and is tested, and GPU-checked) without Ray
 
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
-                      max_task_retries=max_restarts)(MergeActor)
+                      max_task_retries=max_restarts,
+                      runtime_env=storage.actor_runtime_env())(MergeActor)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
 
-from raymerge import __version__
+from raymerge import __version__, storage
 from raymerge.align import tied
 from raymerge.options import MergeOptions, config_dtype
 from raymerge.parents import Parent
@@ -106,10 +107,12 @@ def model_card(a: Parent, b: Parent, t_label: str, options: MergeOptions) -> str
 
 
 def provenance(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t_label: str,
-               fingerprint: str) -> dict:
+               fingerprint: str, shards: dict[str, dict] | None = None) -> dict:
+    """``raymerge.json``: parents, options, t, version, and each shard's size, CRC-32 and the one
+    process that wrote it (``shards``, from the completion records)."""
     def parent_record(p: Parent) -> dict:
-        return {"source": p.source, "path": p.path, "revision": p.revision,
-                "files": {os.path.basename(f): os.path.getsize(f) for f in p.weight_files}}
+        return {"source": p.source, "path": p.where, "revision": p.revision,
+                "files": {posixpath.basename(f): storage.size(f) for f in p.weight_files}}
 
     return {
         "raymerge_version": __version__,
@@ -126,11 +129,12 @@ def provenance(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t_l
                     "sweep": list(options.t)},
         "notes": list(plan.notes),
         "plan_fingerprint": fingerprint,
+        "shards": shards or {},
     }
 
 
 def assemble(out_dir: str, a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t_label: str,
-             fingerprint: str) -> None:
+             fingerprint: str, shards: dict[str, dict] | None = None) -> None:
     """Write every non-shard file of one output; ``config.json`` goes last."""
     if plan.token_map is not None and plan.token_map.mode == "union":
         write_union_tokenizer(out_dir, a.path, b.vocab, plan.token_map)
@@ -145,7 +149,7 @@ def assemble(out_dir: str, a: Parent, b: Parent, plan: MergePlan, options: Merge
         with open(gen) as f:
             write_atomic(os.path.join(out_dir, "generation_config.json"), f.read())
     write_atomic(os.path.join(out_dir, "README.md"), model_card(a, b, t_label, options))
-    write_json(os.path.join(out_dir, PROVENANCE_NAME), provenance(a, b, plan, options, t_label, fingerprint))
+    write_json(os.path.join(out_dir, PROVENANCE_NAME), provenance(a, b, plan, options, t_label, fingerprint, shards))
     if len(plan.shards) > 1:
         write_json(os.path.join(out_dir, INDEX_NAME), index_json(plan))
     # Everything above reaches the disk before config.json names the directory a model, so a

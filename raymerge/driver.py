@@ -1,7 +1,7 @@
 """The driver: resolves parents, builds the plan from headers, drives the actors, assembles.
 
     parents ─ headers ─▶ plan ─▶ actors, per tensor: reduce, check, SLERP per t, write
-                                 ─▶ finished shards renamed into place
+                                 ─▶ each shard written whole by one actor, then recorded
                                  assembler ─▶ index, config, tokenizer, card, provenance
 
 Headers, configs and tokenizers are checked before the output directory is created; tensor values
@@ -146,7 +146,7 @@ def _merge(options: MergeOptions, session: RaySession, started: float, phases: P
     """The merge, with Ray coming up in ``session`` while the parents are read and planned."""
     a, b = load_parents(options)
     out = OutputDir(options.out, options.output_dirs())
-    out.check_target([a.path, b.path])
+    out.check_target([a.where, b.where])
     plan = build_plan(a, b, options, options.workers or os.cpu_count() or 1)
     fingerprint = plan.fingerprint(options)
     out.check_existing(fingerprint, options.resume, options.overwrite)
@@ -168,13 +168,13 @@ def _merge(options: MergeOptions, session: RaySession, started: float, phases: P
     if scoring is not None:
         scoring = (*scoring, start_actors)
     try:
-        written, n_nodes, scores, actor_seconds = _drive(options, plan, t_by_name, fingerprint, out, actors,
-                                                         phases, scoring, waits=shape.waits)
-    except KeyboardInterrupt:
-        # Stop the actors, and wait until they are gone, so that nobody writes while the
-        # partial shards go.
+        written, n_nodes, scores, actor_seconds, records = _drive(options, plan, t_by_name, fingerprint, out,
+                                                                  actors, phases, scoring, waits=shape.waits)
+    except BaseException:
+        # Interrupted or failed: stop the actors, and wait until they are gone, so that nobody
+        # writes while the unfinished shards go (finished ones stay for --resume).
         _stop_and_wait(actors)
-        out.clear_partial(plan, set(range(len(plan.shards))))
+        out.remove_unfinished(plan)
         raise
     finally:
         for actor in actors:
@@ -187,9 +187,14 @@ def _merge(options: MergeOptions, session: RaySession, started: float, phases: P
     outputs = {}
     for label, sub in zip(options.t_labels(), options.output_dirs()):
         if sub in out.subdirs:  # with --keep, only the chosen children
-            assemble(out.output_path(sub), a, b, plan, options, label, fingerprint)
+            shards = {plan.shards[i].filename: {**r["files"][sub], "writer": r["writer"]}
+                      for i, r in sorted(records.items())}
+            out.write_output(sub, lambda d: assemble(d, a, b, plan, options, label, fingerprint, shards))
             outputs[label] = out.output_path(sub)
-    score_files = evaluation.write_results(out.root, scores) if scores is not None else ()
+    score_files = ()
+    if scores is not None:
+        out.write_output("", lambda d: evaluation.write_results(d, scores))
+        score_files = tuple(out.final_path("", name) for name in evaluation.RESULT_FILES)
     out.cleanup()
     phases.lap("assemble")
     return MergeResult(outputs, len(plan.tensors), written, time.monotonic() - started,
@@ -199,10 +204,10 @@ def _merge(options: MergeOptions, session: RaySession, started: float, phases: P
 
 def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[float, ...]],
            fingerprint: str, out: OutputDir, actors: list, phases: Phases,
-           scoring: tuple | None, waits: bool = False) -> tuple[int, int, pa.Table | None, dict]:
+           scoring: tuple | None, waits: bool = False) -> tuple[int, int, pa.Table | None, dict, dict]:
     """The merge, and with ``--eval`` first the reductions and scores; returns (bytes written,
-    number of nodes the actors ran on, the scores, the actors' seconds per phase). ``waits``: the
-    actors wait for an autoscaler."""
+    number of nodes the actors ran on, the scores, the actors' seconds per phase, each shard's
+    completion record). ``waits``: the actors wait for an autoscaler."""
     read_paths = sorted({e.file for t in plan.tensors for e in (t.a, t.b) if e is not None})
     probe_dir = out.probe_dir()
     placed = wait_placed([actor.where.remote(read_paths, probe_dir) for actor in actors],
@@ -213,6 +218,8 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
             # CPU it did not ask for (num_cpus=0), slowly and unseen.
             raise InputError(f"actor on node {info['node']} (host {info['host']}) holds a GPU but torch cannot "
                              f"use CUDA: {info['gpu_error']}; run with --device cpu, or fix the node's torch")
+        if info["read_error"]:
+            raise InputError(f"an actor on host {info['host']} cannot read {info['missing'][0]}: {info['read_error']}")
         if info["missing"]:
             raise InputError(f"an actor on host {info['host']} cannot see {info['missing'][0]}: "
                              "parents must sit on storage every node sees, at the same path")
@@ -245,7 +252,8 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
     out.create(fingerprint, options.overwrite)
     for info in ray.get([actor.where.remote([], out.state_dir) for actor in actors]):
         _check_writable(info, out.root)
-    written, merged, actor_seconds = _write_pass(options, plan, t_by_name, coefficients, means, out, actors)
+    written, merged, actor_seconds, records = _write_pass(options, plan, t_by_name, coefficients, means, out,
+                                                          actors)
     stats = stats or merged
     if options.report:
         missing = [t for t in plan.tensors if t.name not in stats]  # in shards a resume kept
@@ -255,7 +263,7 @@ def _drive(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[fl
         pq.write_table(tensor_report(plan, {n: s.reductions for n, s in stats.items()},
                                      _coefficients(stats, t_by_name), t_by_name),
                        options.report)
-    return written, len({info["node"] for info in placed}), scores, actor_seconds
+    return written, len({info["node"] for info in placed}), scores, actor_seconds, records
 
 
 def _coefficients(stats: dict[str, TensorStats], t_by_name: dict[str, tuple[float, ...]]) -> dict:
@@ -301,34 +309,30 @@ def _reduce_pass(options: MergeOptions, plan: MergePlan, actors: list, tensors) 
 
 def _write_pass(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tuple[float, ...]],
                 coefficients: dict | None, means: dict, out: OutputDir,
-                actors: list) -> tuple[int, dict[str, TensorStats], dict[str, float]]:
-    """Make and write every shard not already finished, renaming each when complete; returns the
-    bytes written, the reductions of the tensors made and the actors' seconds per phase.
+                actors: list) -> tuple[int, dict[str, TensorStats], dict[str, float], dict[int, dict]]:
+    """Make and write every shard not already finished, recording each when complete; returns the
+    bytes written, the reductions of the tensors made, the actors' seconds per phase and every
+    shard's completion record.
 
-    Each tensor is reduced, checked and written in one read of its bytes, unless ``coefficients``
+    A shard is one call to the actor that owns it, which writes it whole, front to back. Each
+    tensor is reduced, checked and written in one read of its bytes, unless ``coefficients``
     (and ``means``) come from a first pass (``--eval``). A tensor that fails its checks stops the
     merge: the actors are stopped and every model file of this merge removed before the refusal
     is raised.
     """
     reduced = coefficients is not None
-    done = out.finished_shards(plan)
-    todo = [i for i in range(len(plan.shards)) if i not in done]
-    out.clear_partial(plan, set(todo))
+    records = out.finished_shards(plan)
+    todo = [i for i in range(len(plan.shards)) if i not in records]
+    out.clear_unfinished(plan, set(todo))
     per_actor: dict[int, list[tuple[WriteJob, int]]] = defaultdict(list)  # actor -> (job, shard), in order
-    remaining: dict[int, int] = defaultdict(int)
     for i in todo:
-        shard = plan.shards[i]
-        paths = tuple(out.partial_path(sub, shard.filename) for sub in out.subdirs)
-        for actor_id, mine in sorted(_by_actor(t for t in plan.tensors if t.shard == i).items()):
-            # Calls of bounded size: progress moves, and a lost actor costs one call, not a shard.
-            for chunk in chunk_by_size(mine, CALL_BYTES, lambda t: t.read_bytes + t.nbytes * len(paths)):
-                names = [t.name for t in chunk if t.name in t_by_name]
-                job = WriteJob(shard_paths=paths, header=shard.layout.header, tensors=tuple(chunk),
-                               ts={n: t_by_name[n] for n in names}, reduced=reduced,
-                               coefficients={n: coefficients[n] for n in names} if reduced else {},
-                               means={t.name: means[t.name] for t in chunk if t.name in means})
-                per_actor[actor_id].append((job, i))
-                remaining[i] += 1
+        mine = [t.name for t in plan.shard_tensors(i)]
+        names = [n for n in mine if n in t_by_name]
+        job = WriteJob.for_shard(plan, i, tuple(out.final_path(sub, plan.shards[i].filename) for sub in out.subdirs),
+                                 ts={n: t_by_name[n] for n in names}, reduced=reduced,
+                                 coefficients={n: coefficients[n] for n in names} if reduced else {},
+                                 means={n: means[n] for n in mine if n in means})
+        per_actor[job.tensors[0].actor].append((job, i))
     shard_of = {}
     for actor_id, queue in per_actor.items():
         for k, (job, i) in enumerate(queue):
@@ -337,7 +341,7 @@ def _write_pass(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tup
             shard_of[actors[actor_id].write.remote(replace(job, then=then))] = i
     write_total = sum(plan.shards[i].layout.size for i in todo) * len(out.subdirs)
     progress = Progress("merge" if not reduced else "write", write_total, len(plan.shards), enabled=options.progress)
-    progress.update(shards=len(done))
+    progress.update(shards=len(records))
     written, stats, seconds = 0, {}, defaultdict(float)
 
     def wrote(ref, result):
@@ -352,15 +356,12 @@ def _write_pass(options: MergeOptions, plan: MergePlan, t_by_name: dict[str, tup
             _check_stats(plan, {result.refused.name: result.refused})
         written += result.nbytes
         i = shard_of[ref]
-        remaining[i] -= 1
-        finished = remaining[i] == 0
-        if finished:
-            out.finish_shard(plan, i)
-        progress.update(result.nbytes, shards=int(finished))
+        records[i] = out.finish_shard(plan, i, result.files, result.writer)
+        progress.update(result.nbytes, shards=1)
 
     _run(list(shard_of), wrote)
     progress.close()
-    return written, stats, dict(seconds)
+    return written, stats, dict(seconds), records
 
 
 def print_summary(result: MergeResult, stream=sys.stderr) -> None:

@@ -21,6 +21,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from raymerge import storage
 from raymerge.actors import MergeActor
 from raymerge.errors import InputError
 from raymerge.options import MergeOptions
@@ -130,7 +131,8 @@ def evaluate(options: MergeOptions, plan: MergePlan, inputs: EvalInputs, a: Pare
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     tasks = len(labels) + 2
     count, cpus, gpus = _actor_shape(nodes, tasks, plan.total_size(), options.device)
-    actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=1, max_task_retries=1)(EvalActor)
+    actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=1, max_task_retries=1,
+                           runtime_env=storage.actor_runtime_env())(EvalActor)
     actors = [actor_cls.remote(options.block_bytes, max(1, int(cpus)), gpus > 0) for _ in range(count)]
     plan_ref = ray.put(plan)
     child_windows = ray.put(inputs.child)
@@ -189,14 +191,16 @@ def best_label(table: pa.Table) -> str:
     return kept_labels(table, "best")[0]
 
 
+RESULT_FILES = ("sweep.parquet", "sweep.png")
+
+
 def write_results(out_root: str, table: pa.Table) -> tuple[str, str]:
-    """``OUT/sweep.parquet`` and ``OUT/sweep.png``."""
+    """``OUT/sweep.parquet`` and ``OUT/sweep.png`` (RESULT_FILES) in a local directory."""
     import pyarrow.parquet as pq
 
     from raymerge.report import plot_sweep
 
-    parquet = os.path.join(out_root, "sweep.parquet")
-    png = os.path.join(out_root, "sweep.png")
+    parquet, png = (os.path.join(out_root, name) for name in RESULT_FILES)
     pq.write_table(table, parquet)
     plot_sweep(table, png)
     return parquet, png

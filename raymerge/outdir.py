@@ -1,14 +1,20 @@
-"""The output directory: refusing unsafe targets, partial shards, resume state, finishing shards.
+"""The output directory: refusing unsafe targets, resume state, recording finished shards.
 
 Layout while a merge runs::
 
     OUT/.raymerge/state.json             the plan fingerprint (a resume must match it)
-    OUT/.raymerge/partial/<sub>/<shard>  shards being written by the actors
-    OUT/<sub>/<shard>                    finished shards, renamed there when complete
+    OUT/.raymerge/done/<shard>.json      a finished shard: each output's size and CRC-32, its writer
+    OUT/<sub>/<shard>                    the shards, each written in place by one actor
 
-``<sub>`` is ``""`` for one t and ``t-<t>`` for each t of a sweep. A file only ever appears under
-its final name once it is complete, so a crash leaves nothing that looks finished; a merge refused
-midway (a NaN in a parent tensor) removes every shard it wrote.
+OUT may be a local directory or an object-store URI (``s3://bucket/child``, storage.py); on a URI
+the same layout is a set of keys, and the small files of each output are written locally and
+uploaded last, ``config.json`` last of all.
+
+``<sub>`` is ``""`` for one t and ``t-<t>`` for each t of a sweep. A shard is written under its
+final name, once, front to back (no rename: mounted buckets such as mountpoint-s3 have none), and
+is finished only when its record exists, written after the shard was closed; a resume trusts the
+record, never a file's name. ``config.json`` is written last, so a crash leaves nothing that
+looks like a model; a merge refused midway (a NaN in a parent tensor) removes every shard it wrote.
 """
 
 from __future__ import annotations
@@ -16,47 +22,62 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 
-from raymerge.assemble import PROVENANCE_NAME, fsync_path, write_json
+from raymerge import storage
+from raymerge.assemble import PROVENANCE_NAME, fsync_path
 from raymerge.errors import InputError
 from raymerge.plan import MergePlan
 
 STATE_DIR = ".raymerge"
 
 
-def _within(path: str, root: str) -> bool:
-    path, root = os.path.realpath(path), os.path.realpath(root)
-    return path == root or path.startswith(root + os.sep)
+def _json(path: str) -> dict | None:
+    try:
+        return json.loads(storage.read_bytes(path))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: str, obj: dict) -> None:
+    storage.write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 class OutputDir:
-    """One merge's output directory and the sub-directories of its outputs."""
+    """One merge's output directory (a local path or a URI) and the sub-directories of its outputs."""
 
     def __init__(self, out: str, subdirs: list[str]):
-        self.root = os.path.realpath(out)
+        self.root = storage.normalize(out)
         self.subdirs = subdirs
         self.made = False  # whether this merge created the directory (or replaced it: --overwrite)
 
     @property
+    def is_uri(self) -> bool:
+        return storage.is_uri(self.root)
+
+    @property
     def state_dir(self) -> str:
-        return os.path.join(self.root, STATE_DIR)
+        return storage.join(self.root, STATE_DIR)
 
     def output_path(self, sub: str) -> str:
-        return os.path.join(self.root, sub) if sub else self.root
+        return storage.join(self.root, sub) if sub else self.root
 
-    def partial_path(self, sub: str, filename: str) -> str:
-        return os.path.join(self.state_dir, "partial", sub, filename)
+    def record_path(self, filename: str) -> str:
+        return storage.join(self.state_dir, "done", f"{filename}.json")
 
     def final_path(self, sub: str, filename: str) -> str:
-        return os.path.join(self.output_path(sub), filename)
+        return storage.join(self.output_path(sub), filename)
 
     # ---- before any work -----------------------------------------------------------------
 
     def probe_dir(self) -> str:
         """Where the actors check, before any work, that they can write: OUT, or the nearest
         existing directory above it (OUT itself is created once the inputs' headers, configs
-        and tokenizers are checked)."""
+        and tokenizers are checked). In a bucket, OUT itself: keys need no directories."""
         path = self.root
+        if self.is_uri:
+            return path
         while not os.path.isdir(path) and os.path.dirname(path) != path:
             path = os.path.dirname(path)
         return path
@@ -64,27 +85,33 @@ class OutputDir:
     def check_target(self, parent_paths: list[str]) -> None:
         """Refuse an output directory that is, holds or lies inside a parent."""
         for p in parent_paths:
-            if _within(self.root, p):
+            if storage.is_uri(p) != self.is_uri:
+                continue
+            if storage.within(self.root, p):
                 raise InputError(f"output {self.root} lies inside parent {p}: parents are only ever read")
-            if _within(p, self.root):
+            if storage.within(p, self.root):
                 raise InputError(f"parent {p} lies inside output {self.root}: choose another output directory")
 
     def _recorded_fingerprint(self) -> str | None:
-        for path in (os.path.join(self.state_dir, "state.json"),
-                     os.path.join(self.output_path(self.subdirs[0]), PROVENANCE_NAME)):
-            try:
-                with open(path) as f:
-                    return json.load(f)["plan_fingerprint"]
-            except (OSError, ValueError, KeyError):
-                continue
+        for path in (storage.join(self.state_dir, "state.json"),
+                     storage.join(self.output_path(self.subdirs[0]), PROVENANCE_NAME)):
+            recorded = _json(path)
+            if isinstance(recorded, dict) and "plan_fingerprint" in recorded:
+                return recorded["plan_fingerprint"]
         return None
 
     def check_existing(self, fingerprint: str, resume: bool, overwrite: bool) -> None:
-        """Refuse a non-empty directory unless it is this merge resumed, or a raymerge output to replace."""
-        if os.path.exists(self.root) and not os.path.isdir(self.root):
-            raise InputError(f"output {self.root} exists and is not a directory")
-        if not (os.path.isdir(self.root) and os.listdir(self.root)):
-            return
+        """Refuse a non-empty directory unless it is this merge resumed, or a raymerge output to replace.
+        On a URI, also that the bucket can be read at all (credentials, no such bucket)."""
+        try:
+            if self.is_uri and not storage.bucket_exists(self.root):
+                raise InputError(f"output {self.root}: no such bucket")
+            if storage.isfile(self.root):
+                raise InputError(f"output {self.root} exists and is not a directory")
+            if not storage.listdir(self.root):
+                return
+        except OSError as e:
+            raise InputError(f"cannot read output {self.root}: {storage.describe(e)}") from None
         recorded = self._recorded_fingerprint()
         if overwrite and recorded is None:
             raise InputError(f"output {self.root} is not empty and is not a raymerge output; "
@@ -99,45 +126,89 @@ class OutputDir:
     def create(self, fingerprint: str, overwrite: bool) -> None:
         """Create the directories and record the fingerprint a later resume must match."""
         try:
-            if overwrite and os.path.isdir(self.root):
-                shutil.rmtree(self.root)
-            self.made = not os.path.isdir(self.root)
+            if overwrite and storage.listdir(self.root):
+                storage.rmtree(self.root)
+            self.made = not storage.listdir(self.root)
+            storage.makedirs(storage.join(self.state_dir, "done"))
             for sub in self.subdirs:
-                os.makedirs(os.path.join(self.state_dir, "partial", sub), exist_ok=True)
-                os.makedirs(self.output_path(sub), exist_ok=True)
-            write_json(os.path.join(self.state_dir, "state.json"), {"plan_fingerprint": fingerprint})
+                storage.makedirs(self.output_path(sub))
+            _write_json(storage.join(self.state_dir, "state.json"), {"plan_fingerprint": fingerprint})
         except OSError as e:
-            raise InputError(f"cannot write into output {self.root}: {e.strerror}") from None
+            raise InputError(f"cannot write into output {self.root}: {storage.describe(e)}") from None
 
-    def finished_shards(self, plan: MergePlan) -> set[int]:
-        """Shards already complete under their final name in every output (kept on resume)."""
-        done = set()
+    def finished_shards(self, plan: MergePlan) -> dict[int, dict]:
+        """Shards finished by an earlier run (kept on resume), by index, with their records: a
+        record written after the shard was closed (or, for a completed output, the shard's entry
+        in its provenance), and every output's file of the recorded size."""
+        done = {}
         for i, shard in enumerate(plan.shards):
-            paths = [self.final_path(sub, shard.filename) for sub in self.subdirs]
-            if all(os.path.isfile(p) and os.path.getsize(p) == shard.layout.size for p in paths):
-                done.add(i)
+            record = self._record(shard.filename)
+            try:
+                if all(record["files"][sub]["size"] == shard.layout.size
+                       and storage.size(self.final_path(sub, shard.filename)) == shard.layout.size
+                       for sub in self.subdirs):
+                    done[i] = record
+            except (OSError, KeyError, TypeError):
+                continue
         return done
 
-    def clear_partial(self, plan: MergePlan, shard_ids: set[int]) -> None:
-        """Remove leftovers of earlier attempts so the actors start each shard from nothing."""
+    def _record(self, filename: str) -> dict | None:
+        """A shard's completion record, from the state directory or from every output's provenance."""
+        record = _json(self.record_path(filename))
+        if record is not None:
+            return record
+        record = {"files": {}}
+        for sub in self.subdirs:
+            try:
+                entry = _json(storage.join(self.output_path(sub), PROVENANCE_NAME))["shards"][filename]
+                record["files"][sub] = {"size": entry["size"], "crc32": entry["crc32"]}
+                record["writer"] = entry["writer"]
+            except (KeyError, TypeError):
+                return None
+        return record
+
+    def clear_unfinished(self, plan: MergePlan, shard_ids: set[int]) -> None:
+        """Remove what earlier attempts left of these shards, so that each is written from nothing."""
         for i in shard_ids:
-            for sub in self.subdirs:
-                path = self.partial_path(sub, plan.shards[i].filename)
-                if os.path.exists(path):
-                    os.remove(path)
+            filename = plan.shards[i].filename
+            for path in [self.record_path(filename)] + [self.final_path(sub, filename) for sub in self.subdirs]:
+                storage.remove(path)
+
+    def remove_unfinished(self, plan: MergePlan) -> None:
+        """After a failure or an interrupt: every shard without a completion record goes, so that
+        no half-written file stays behind."""
+        if storage.exists(storage.join(self.state_dir, "state.json")):
+            self.clear_unfinished(plan, set(range(len(plan.shards))) - set(self.finished_shards(plan)))
 
     # ---- as work completes ---------------------------------------------------------------
 
-    def finish_shard(self, plan: MergePlan, i: int) -> None:
-        """Move a shard whose every tensor is written to its final name, in every output."""
+    def finish_shard(self, plan: MergePlan, i: int, files: tuple[tuple[int, int], ...], writer: dict) -> dict:
+        """Record a shard as finished once its writer has closed (and synced) it in every output;
+        returns the record."""
         shard = plan.shards[i]
-        for sub in self.subdirs:
-            src = self.partial_path(sub, shard.filename)
-            size = os.path.getsize(src)
+        record = {"files": {}, "writer": writer}
+        for sub, (size, crc32) in zip(self.subdirs, files, strict=True):
             if size != shard.layout.size:
-                raise RuntimeError(f"{src}: {size} bytes written, {shard.layout.size} planned")
-            os.replace(src, self.final_path(sub, shard.filename))
-            fsync_path(self.output_path(sub))  # the shard's bytes were synced before its rename
+                raise RuntimeError(f"{self.final_path(sub, shard.filename)}: {size} bytes written, "
+                                   f"{shard.layout.size} planned")
+            record["files"][sub] = {"size": size, "crc32": crc32}
+            if not self.is_uri:
+                fsync_path(self.output_path(sub))  # the shard's directory entry, before its record
+        _write_json(self.record_path(shard.filename), record)
+        return record
+
+    def write_output(self, sub: str, build: Callable[[str], None]) -> None:
+        """Write one output's small files with ``build(directory)``: in place on a local disk; for
+        a URI into a local directory, then uploaded, ``config.json`` last."""
+        if not self.is_uri:
+            build(self.output_path(sub))
+            return
+        staging = tempfile.mkdtemp(prefix="raymerge-output-")
+        try:
+            build(staging)
+            storage.upload_tree(staging, self.output_path(sub), last="config.json")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def discard(self, plan: MergePlan) -> None:
         """Remove every model file of this merge (a parent was refused midway): OUT is left
@@ -145,14 +216,12 @@ class OutputDir:
         # Finished shards, partial ones and the state: what a directory the user made held before
         # this merge stays.
         if self.made:
-            shutil.rmtree(self.root, ignore_errors=True)
+            storage.rmtree(self.root)
             return
         for sub in self.subdirs:
             for shard in plan.shards:
-                path = self.final_path(sub, shard.filename)
-                if os.path.exists(path):
-                    os.remove(path)
+                storage.remove(self.final_path(sub, shard.filename))
         self.cleanup()
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.state_dir, ignore_errors=True)
+        storage.rmtree(self.state_dir)

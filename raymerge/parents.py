@@ -1,6 +1,9 @@
 """Parents: find a model directory's config, tokenizer and weight files, and read their headers.
 
-Only headers are read here; tensor data is read later, in the actors, slice by slice.
+A parent is a local directory, a hub id (through the Hugging Face cache) or an object-store URI
+(``s3://bucket/model``): for a URI, its small files (config, tokenizer, index) are copied to a
+local cache for transformers to read, and its weights stay where they are. Only headers are read
+here; tensor data is read later, in the actors, slice by slice.
 """
 
 from __future__ import annotations
@@ -11,10 +14,10 @@ import os
 import re
 from dataclasses import dataclass
 from functools import cached_property
-from pathlib import Path
 
 import torch
 
+from raymerge import storage
 from raymerge.configs import ParentConfig, load_config
 from raymerge.errors import InputError
 from raymerge.shards import DTYPE_NAMES, FLOAT_DTYPES, TensorEntry, numel, read_header
@@ -38,12 +41,17 @@ class Parent:
     """One parent model: its directory, config and the header entry of every tensor."""
 
     label: str  # "A" or "B", for messages
-    path: str
+    path: str  # a local directory holding its config and tokenizer files
     config: ParentConfig
     tensors: dict[str, TensorEntry]
     weight_files: tuple[str, ...]
-    source: str = ""  # what the user named: a directory or a hub id
+    source: str = ""  # what the user named: a directory, a hub id or a URI
     revision: str | None = None  # the hub commit, for a parent from the Hugging Face cache
+    location: str = ""  # where its weights are: ``path``, or the URI
+
+    @property
+    def where(self) -> str:
+        return self.location or self.path
 
     @property
     def vocab_size(self) -> int | None:
@@ -87,27 +95,29 @@ class Parent:
 
 def _inside(root: str, name: str) -> str:
     """Join a file name from an index to the model directory, refusing any escape from it."""
-    path = os.path.realpath(os.path.join(root, name))
-    if os.path.commonpath([path, os.path.realpath(root)]) != os.path.realpath(root):
+    path = storage.normalize(storage.join(root, name))
+    if not storage.within(path, root):
         raise InputError(f"{root}: index names {name!r}, a path outside the model directory")
     return path
 
 
-def _weight_files(path: str) -> list[str]:
+def _weight_files(path: str, weights_root: str) -> list[str]:
+    """The weight files named by ``path``'s index, or its single file, found under ``weights_root``
+    (``path`` itself, or the URI its small files came from)."""
     for index_name, single_name in ((SAFETENSORS_INDEX, SAFETENSORS_SINGLE), (BIN_INDEX, BIN_SINGLE)):
-        files = _indexed_files(path, index_name, single_name)
+        files = _indexed_files(path, weights_root, index_name, single_name)
         if files:
             return files
-    shards = sorted(Path(path).glob("model-*-of-*.safetensors"))
+    shards = sorted(n for n in storage.listdir(weights_root) if re.fullmatch(r"model-.*-of-.*\.safetensors", n))
     if shards:
-        return [str(p) for p in shards]
-    raise InputError(f"{path}: no weights found (expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
+        return [storage.join(weights_root, n) for n in shards]
+    raise InputError(f"{weights_root}: no weights found (expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, "
                      f"{BIN_SINGLE} or {BIN_INDEX})")
 
 
-def _indexed_files(path: str, index_name: str, single_name: str) -> list[str]:
+def _indexed_files(path: str, weights_root: str, index_name: str, single_name: str) -> list[str]:
     index = os.path.join(path, index_name)
-    single = os.path.join(path, single_name)
+    single = storage.join(weights_root, single_name)
     if os.path.isfile(index):
         try:
             with open(index) as f:
@@ -116,12 +126,12 @@ def _indexed_files(path: str, index_name: str, single_name: str) -> list[str]:
             raise InputError(f"{index}: unreadable index ({e})") from None
         files = []
         for name in sorted(set(weight_map.values())):
-            full = _inside(path, name)
-            if not os.path.isfile(full):
-                raise InputError(f"{index}: names shard {name!r}, which does not exist")
+            full = _inside(weights_root, name)
+            if not storage.isfile(full):
+                raise InputError(f"{storage.join(weights_root, index_name)}: names shard {name!r}, which does not exist")
             files.append(full)
         return files
-    if os.path.isfile(single):
+    if storage.isfile(single):
         return [single]
     return []
 
@@ -166,23 +176,56 @@ def resolve(spec: str, label: str) -> str:
                          f"could not provide it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def fetch_small_files(uri: str, label: str) -> str:
+    """Copy a parent URI's small files (everything but weights) into a local cache directory that
+    transformers can read; returns the directory. Weights are never copied."""
+    import hashlib
+
+    try:
+        names = storage.listdir(uri)
+    except OSError as e:
+        raise InputError(f"parent {label}: cannot list {uri}: {storage.describe(e)}") from None
+    if not names:
+        raise InputError(f"parent {label}: {uri} holds nothing (no such bucket or prefix)")
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "raymerge", "parents",
+                         hashlib.sha256(uri.encode()).hexdigest()[:16])
+    os.makedirs(cache, exist_ok=True)
+    for name in names:
+        if name.endswith((".safetensors", ".bin")) or not storage.isfile(storage.join(uri, name)):
+            continue
+        data = storage.read_bytes(storage.join(uri, name))
+        tmp = os.path.join(cache, f".{name}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, os.path.join(cache, name))
+    return cache
+
+
 def load_parent(spec: str, label: str) -> Parent:
-    """Resolve a parent (directory or hub id) and read its config and every weight file's header."""
-    path = resolve(spec, label)
-    if not os.path.isdir(path):
-        raise InputError(f"parent {label}: {path} is not a directory")
-    path = os.path.realpath(path)
+    """Resolve a parent (directory, hub id or URI) and read its config and every weight file's header."""
+    location = ""
+    if storage.is_uri(spec):
+        location = storage.normalize(spec)
+        path = fetch_small_files(location, label)
+    else:
+        path = resolve(spec, label)
+        if not os.path.isdir(path):
+            raise InputError(f"parent {label}: {path} is not a directory")
+        path = os.path.realpath(path)
     config = load_config(path, label)
-    files = _weight_files(path)
+    files = _weight_files(path, location or path)
     tensors: dict[str, TensorEntry] = {}
     for file in files:
+        if file.endswith(".bin") and location:
+            raise InputError(f"parent {label}: {file}: PyTorch .bin weights are read from local disk only; "
+                             "convert them to safetensors, or copy the parent to a local directory")
         header = read_bin_header(file) if file.endswith(".bin") else read_header(file)
         for name, entry in header.items():
             if name in tensors:
                 raise InputError(f"parent {label}: tensor {name!r} appears in two files")
             tensors[name] = entry
     if not tensors:
-        raise InputError(f"parent {label}: {path} holds no tensors")
+        raise InputError(f"parent {label}: {location or path} holds no tensors")
     snapshot = re.search(r"/snapshots/([0-9a-f]{40})$", path)
     return Parent(label, path, config, tensors, tuple(files), source=spec,
-                  revision=snapshot.group(1) if snapshot else None)
+                  revision=snapshot.group(1) if snapshot else None, location=location)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
+from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 
+from raymerge import storage
 from raymerge.align import Alignment, PadSpec, align_parents
 from raymerge.configs import compare_configs
 from raymerge.errors import InputError
@@ -24,6 +25,11 @@ from raymerge.shards import FLOAT_DTYPES, ShardLayout, TensorEntry, itemsize, la
 from raymerge.tokens import RowMap, TokenMap
 
 INDEX_NAME = "model.safetensors.index.json"
+# Shards are the unit of parallel writing (one writer each): a model is cut into this many, as
+# long as each holds at least MIN_SHARD_BYTES (a file per few hundred MB keeps every storage's
+# per-file costs small next to its bytes).
+PARALLEL_SHARDS = 32
+MIN_SHARD_BYTES = 256 * 10**6
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,10 @@ class MergePlan:
             load[t.actor] += t.read_bytes + t.nbytes
         return load
 
+    def shard_tensors(self, i: int) -> tuple[TensorPlan, ...]:
+        """Shard ``i``'s tensors in file order: the order its one writer writes them."""
+        return tuple(sorted((t for t in self.tensors if t.shard == i), key=lambda t: t.offset))
+
     def total_size(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
@@ -110,7 +120,7 @@ class MergePlan:
         def stat(parent: str) -> list:
             # Per parent, in order: A and B swapped is another merge (t=0.3 becomes t=0.7).
             files = sorted({e.file for t in self.tensors for e in ((t.a,) if parent == "a" else (t.b,)) if e})
-            return [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files]
+            return [(f, storage.size(f), storage.mtime_ns(f)) for f in files]
 
         data = {
             "files_a": stat("a"), "files_b": stat("b"), "t": list(options.t),
@@ -154,14 +164,31 @@ def chunk_by_size(items: list, limit: int, cost) -> list[list]:
     return groups
 
 
-def _assign_actors(tensors: list[TensorPlan], n_actors: int) -> dict[str, int]:
-    """Longest-processing-time first: biggest tensors first, each to the least-loaded actor."""
+def shard_limit(total: int, max_shard_size: int) -> int:
+    """Bytes a shard may hold: the model's size alone decides it, never the number of actors.
+
+    Each shard is written by one actor, so the layout bounds a merge's parallelism: a model is
+    cut into ``PARALLEL_SHARDS`` shards, fewer when they would be smaller than
+    ``MIN_SHARD_BYTES``, more when they would be larger than ``max_shard_size``.
+
+    Example:
+        >>> shard_limit(14_500_000_000, 5_000_000_000)  # a 7B model in bf16: 32 shards
+        453125000
+        >>> shard_limit(40_000_000, 5_000_000_000)  # a tiny one: one shard
+        40000000
+    """
+    count = max(-(-total // max_shard_size), min(PARALLEL_SHARDS, total // MIN_SHARD_BYTES), 1)
+    return min(max_shard_size, -(-total // count))
+
+
+def _assign_shards(shards: list[tuple[int, int]], n_actors: int) -> dict[int, int]:
+    """Whole shards to actors, (shard, bytes) longest first, each to the least-loaded actor."""
     load = [0] * n_actors
     owner = {}
-    for t in sorted(tensors, key=lambda t: (-(t.read_bytes + t.nbytes), t.name)):
+    for shard, nbytes in sorted(shards, key=lambda s: (-s[1], s[0])):
         i = min(range(n_actors), key=lambda k: (load[k], k))
-        owner[t.name] = i
-        load[i] += t.read_bytes + t.nbytes
+        owner[shard] = i
+        load[i] += nbytes
     return owner
 
 
@@ -209,8 +236,8 @@ def build_plan(a: Parent, b: Parent, options: MergeOptions, n_actors: int) -> Me
         raise InputError("--tokenizer-from applies to rows matched by id; with rows aligned by token "
                          "string, --vocab decides the tokenizer")
     plans = _tensor_plans(aligned, out_dtype)
-    groups = chunk_by_size(sorted(plans, key=lambda t: natural_key(t.name)), options.max_shard_size,
-                           lambda t: t.nbytes)
+    limit = shard_limit(sum(t.nbytes for t in plans), options.max_shard_size)
+    groups = chunk_by_size(sorted(plans, key=lambda t: natural_key(t.name)), limit, lambda t: t.nbytes)
     names = shard_filenames(len(groups))
     final: list[TensorPlan] = []
     shards = []
@@ -231,7 +258,11 @@ def build_plan(a: Parent, b: Parent, options: MergeOptions, n_actors: int) -> Me
 
 
 def assign_actors(plan: MergePlan, n_actors: int) -> MergePlan:
-    """The same plan with its tensors balanced by bytes across ``n_actors`` actors."""
-    n_actors = max(1, min(n_actors, len(plan.tensors)))
-    owner = _assign_actors(list(plan.tensors), n_actors)
-    return replace(plan, n_actors=n_actors, tensors=tuple(replace(t, actor=owner[t.name]) for t in plan.tensors))
+    """The same plan with its shards balanced by bytes (read and written) across ``n_actors``
+    actors (at most one per shard): each shard's tensors go to the one actor that writes it."""
+    n_actors = max(1, min(n_actors, len(plan.shards)))
+    load = defaultdict(int)
+    for t in plan.tensors:
+        load[t.shard] += t.read_bytes + t.nbytes
+    owner = _assign_shards(sorted(load.items()), n_actors)
+    return replace(plan, n_actors=n_actors, tensors=tuple(replace(t, actor=owner[t.shard]) for t in plan.tensors))

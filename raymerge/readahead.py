@@ -39,6 +39,7 @@ from collections.abc import Sequence
 
 import torch
 
+from raymerge import storage
 from raymerge.shards import DIRECT_ALIGN, TORCH_DTYPES, TensorEntry, open_direct
 
 # What the thread may hold read and unused. Two of a 7B model's largest tensors (both parents)
@@ -138,6 +139,11 @@ def read_entry(fds: tuple[int, int | None], entry: TensorEntry, buf: torch.Tenso
     return raw.view(dtype).reshape(entry.shape)
 
 
+def _typed(raw: torch.Tensor, entry: TensorEntry) -> torch.Tensor:
+    """The entry's tensor from a buffer holding exactly its bytes."""
+    return raw[:entry.nbytes].view(TORCH_DTYPES[entry.dtype]).reshape(entry.shape)
+
+
 def _load_libc():
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -208,8 +214,9 @@ class ReadAhead:
     def loads(self, tensor) -> bool:
         """Whether ``tensor`` is read whole (else streamed, with the kernel asked to read ahead)."""
         entries = _entries(tensor)
+        # An object in a bucket has no page cache to stream from twice: its tensors are read whole.
         return bool(entries) and len(entries) == sum(e is not None for e in (tensor.a, tensor.b)) \
-            and sum(e.nbytes for e in entries) <= self.load_bytes
+            and (sum(e.nbytes for e in entries) <= self.load_bytes or any(storage.is_uri(e.file) for e in entries))
 
     def take(self, i: int) -> dict[tuple[str, str], torch.Tensor]:
         """Tensor ``i``'s parent tensors by (file, name) once read, or {} when it is streamed.
@@ -248,6 +255,11 @@ class ReadAhead:
                 if self.loads(tensor):
                     got, bufs = {}, []
                     for e in _entries(tensor):
+                        if storage.is_uri(e.file):
+                            bufs.append(self.buffers.get(e.nbytes))
+                            storage.read_into(e.file, e.start, memoryview(bufs[-1][:e.nbytes].numpy()))
+                            got[(e.file, e.name)] = _typed(bufs[-1], e)
+                            continue
                         fds = self._fds_of(e.file)
                         if _LIBC is not None and _cached(fds[0], e.start, e.nbytes):
                             got[(e.file, e.name)] = self._mapped(e)  # in the page cache: no copy

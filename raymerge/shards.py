@@ -3,17 +3,19 @@
 A safetensors file is ``u64 little-endian header length | JSON header | tensor bytes``. The writer
 here lays a shard out exactly as ``safetensors.torch.save_file`` does (tensors sorted by dtype
 alignment, largest first, then by name; the header padded with spaces to a multiple of 8), so
-the header is known before any tensor is computed and every tensor's offset is fixed: several
-actors can then write their tensors into one shard at their offsets, in any order.
+the header is known before any tensor is computed and every tensor's offset is fixed: one writer
+then writes the whole shard in one pass, front to back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import mmap
 import os
 import struct
+import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from raymerge import storage
 from raymerge.errors import InputError
 
 # safetensors dtype names, in the order of the Rust enum (which is also the sort key of
@@ -75,18 +78,17 @@ def read_header(path: str | Path) -> dict[str, TensorEntry]:
     Raises InputError naming the file when the header is malformed or points outside the file.
     """
     path = str(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise InputError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{path}: corrupt safetensors header ({e})") from None
+    size = storage.size(path)
+    head = storage.read_range(path, 0, 8)
+    if len(head) < 8:
+        raise InputError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+    (n,) = struct.unpack("<Q", head)
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise InputError(f"{path}: corrupt safetensors header (length {n}, file {size} bytes)")
+    try:
+        header = json.loads(storage.read_range(path, 8, n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: corrupt safetensors header ({e})") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_start = 8 + n
@@ -137,33 +139,99 @@ def layout_shard(tensors: list[tuple[str, str, tuple[int, ...]]]) -> ShardLayout
 
 
 class ShardFile:
-    """A shard being written in place: open (creating it), write at offsets, sync, close.
+    """A shard written by one process, once, front to back: header, then tensors in file order.
 
-    Several writers may hold the same shard at once; each writes the (identical) header and its
-    own tensors, so the order in which they run does not matter.
+    Nothing is ever written at an offset another process may touch, and nothing is written twice
+    or out of order, so the file is correct on every storage: local disks, NFS/EFS (whose
+    clients share only what a closing writer flushed), FUSE-mounted buckets (s3fs, gcsfuse,
+    mountpoint-s3: the last writer to close an object wins, and some accept only sequential
+    writes) and object stores. ``close`` returns the file's size and CRC-32, which the driver
+    records as the shard's completion.
 
-    Tensor bytes go to storage with ``O_DIRECT`` where the file system allows it (copying a model
-    into the page cache costs this kernel more than a CPU second per GB, and writers of one file
-    contend for it there). Consecutive writes are gathered in an aligned staging buffer and go
-    out as large writes of whole 4 KiB pages; the partial pages at a run's two ends, which other
-    writers may share, go through the page cache, as does everything on a file system that
-    refuses ``O_DIRECT``. Staged bytes reach the file by ``flush``, ``close`` at the latest.
+    Bytes go to storage with ``O_DIRECT`` where the file system allows it (copying a model into
+    the page cache costs this kernel more than a CPU second per GB): they are gathered in an
+    aligned staging buffer that goes out as large writes of whole 4 KiB pages, and the last
+    partial page goes through the page cache at ``close``, as does everything on a file system
+    that refuses ``O_DIRECT``.
     """
 
-    def __init__(self, path: str, layout_header: bytes):
+    def __init__(self, path: str, header: bytes, size: int):
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        self.direct_fd = open_direct(path, os.O_WRONLY)
+        self.size = size  # planned: close() refuses a file of any other length
+        self.stream = None  # an object store's upload, for a URI
+        self.fd = self.direct_fd = None
+        if storage.is_uri(path):
+            try:
+                self.stream = storage.open_output(path)
+            except OSError as e:
+                raise OSError(e.errno, storage.describe(e), path) from None
+        else:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.direct_fd = open_direct(path, os.O_WRONLY)
+        self.crc32 = 0
         self._stage: torch.Tensor | None = None
-        self._run = (0, 0)  # the staged run [start, end) of the file; start is page-aligned
+        self._start = 0  # the file offset of the stage's first byte (page-aligned)
+        self._staged = 0  # bytes in the stage
         try:
-            self.write_at(0, layout_header)
+            if header:
+                self.write_tensor(0, torch.frombuffer(bytearray(header), dtype=torch.uint8))
         except BaseException:
             self._close_fds()
             raise
 
-    def write_at(self, offset: int, data) -> None:
-        """Write bytes through the page cache."""
+    @property
+    def position(self) -> int:
+        """The offset the next byte goes to."""
+        return self._start + self._staged
+
+    def write_tensor(self, offset: int, tensor: torch.Tensor) -> None:
+        """Append the tensor's bytes, which must go at ``offset``: the end of what is written."""
+        if offset != self.position:
+            raise ValueError(f"{self.path}: a write at byte {offset}, but the file is written up to "
+                             f"{self.position}: shards are written front to back")
+        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+        if self._stage is None:
+            self._stage = _aligned_buffer(STAGING_BYTES)
+        pos = 0
+        while pos < raw.numel():
+            n = min(self._stage.numel() - self._staged, raw.numel() - pos)
+            self._stage[self._staged:self._staged + n].copy_(raw[pos:pos + n])
+            self._staged += n
+            pos += n
+            if self._staged == self._stage.numel():
+                self._write_stage(last=False)
+
+    def _write_stage(self, last: bool) -> None:
+        """Write the stage's whole pages (all of it when ``last``) at its offset."""
+        data = self._stage[:self._staged].numpy()
+        self.crc32 = zlib.crc32(data, self.crc32)
+        if self.stream is not None:  # uploaded in parts as it comes, in the background
+            try:
+                self.stream.write(data)
+            except OSError as e:
+                raise OSError(e.errno, storage.describe(e), self.path) from None
+            self._start, self._staged = self._start + self._staged, 0
+            return
+        whole = self._staged // DIRECT_ALIGN * DIRECT_ALIGN
+        done = 0
+        if whole and self.direct_fd is not None:
+            view = memoryview(data[:whole])
+            try:
+                while done < whole:
+                    done += os.pwrite(self.direct_fd, view[done:], self._start + done)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise OSError(e.errno, e.strerror, self.path) from None
+                # A file system that opened O_DIRECT but refuses the write: the page cache from now on.
+                os.close(self.direct_fd)
+                self.direct_fd = None
+        if last or self.direct_fd is None:
+            self._pwrite(data[done:], self._start + done)
+            self._start, self._staged = self._start + self._staged, 0
+        else:  # a full stage is whole pages: nothing is left over
+            self._start, self._staged = self._start + whole, 0
+
+    def _pwrite(self, data, offset: int) -> None:
         view = memoryview(data).cast("B")
         try:
             while view:
@@ -172,78 +240,36 @@ class ShardFile:
         except OSError as e:  # a full or failing disk: say which file
             raise OSError(e.errno, e.strerror, self.path) from None
 
-    def write_tensor(self, offset: int, tensor: torch.Tensor) -> None:
-        raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-        if self.direct_fd is None:
-            self.write_at(offset, raw.numpy())
-            return
-        start, end = self._run
-        if offset != end or start == end:  # not a continuation of the staged run: a new run
-            self.flush()
-            page = min(-(-offset // DIRECT_ALIGN) * DIRECT_ALIGN, offset + raw.numel())
-            self.write_at(offset, raw[:page - offset].numpy())  # the first page's share, if partial
-            raw, offset = raw[page - offset:], page
-            self._run = (offset, offset)
-        if self._stage is None:
-            self._stage = _aligned_buffer(STAGING_BYTES)
-        pos = 0
-        while pos < raw.numel():
-            start, end = self._run
-            n = min(self._stage.numel() - (end - start), raw.numel() - pos)
-            self._stage[end - start:end - start + n].copy_(raw[pos:pos + n])
-            self._run = (start, end + n)
-            pos += n
-            if end + n - start == self._stage.numel():
-                self._write_run(last=False)
-
-    def flush(self) -> None:
-        """Write out the staged run (its last page, if partial, through the page cache)."""
-        start, end = self._run
-        if end > start:
-            self._write_run(last=True)  # leaves the run empty
-
-    def _write_run(self, last: bool) -> None:
-        start, end = self._run
-        whole = (end - start) // DIRECT_ALIGN * DIRECT_ALIGN
-        if whole and self.direct_fd is not None:
-            view = memoryview(self._stage[:whole].numpy())
-            try:
-                done = 0
-                while done < whole:
-                    done += os.pwrite(self.direct_fd, view[done:], start + done)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise OSError(e.errno, e.strerror, self.path) from None
-                # A file system that opened O_DIRECT but refuses the write: the page cache from now on.
-                os.close(self.direct_fd)
-                self.direct_fd = None
-                whole = done
-        if last or self.direct_fd is None:
-            self.write_at(start + whole, self._stage[whole:end - start].numpy())
-            self._run = (end, end)
-        else:  # keep the partial last page staged: the next write continues it
-            rest = self._stage[whole:end - start].clone()
-            self._stage[:rest.numel()].copy_(rest)
-            self._run = (start + whole, end)
-
-    def close(self, sync: bool = True) -> None:
+    def close(self, sync: bool = True) -> tuple[int, int]:
         """Write out what is staged and close the file, after making its bytes durable when
-        ``sync`` (the descriptors are closed even when that fails)."""
+        ``sync`` (the descriptors are closed even when that fails). Returns (size, CRC-32)."""
         try:
-            self.flush()
+            if self._staged:
+                self._write_stage(last=True)
             if sync:
+                if self.position != self.size:
+                    raise RuntimeError(f"{self.path}: {self.position} bytes written, {self.size} planned")
                 try:
-                    os.fsync(self.fd)
+                    if self.stream is not None:
+                        self.stream.close()  # completes the upload: the object appears whole
+                    else:
+                        os.fsync(self.fd)
                 except OSError as e:
-                    raise OSError(e.errno, e.strerror, self.path) from None
+                    raise OSError(e.errno, storage.describe(e) if self.stream else e.strerror, self.path) from None
         finally:
             self._close_fds()
+        return self.position, self.crc32
 
     def _close_fds(self) -> None:
         for fd in (self.fd, self.direct_fd):
             if fd is not None:
                 os.close(fd)
-        self.direct_fd = None
+        self.fd = self.direct_fd = None
+        if self.stream is not None and not self.stream.closed:
+            # A failed shard: pyarrow cannot abort an upload, so it completes here, short, and
+            # the driver removes every shard without a completion record.
+            with contextlib.suppress(OSError):
+                self.stream.close()
 
 
 STAGING_BYTES = 8 * 2**20  # per open shard: the size of its O_DIRECT writes
@@ -265,23 +291,25 @@ def _aligned_buffer(nbytes: int) -> torch.Tensor:
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
 
 
-def close_all(files: list[ShardFile], sync: bool) -> None:
-    """Close every file, raising the first failure only once all are closed."""
-    first = None
+def close_all(files: list[ShardFile], sync: bool) -> list[tuple[int, int]]:
+    """Close every file, raising the first failure only once all are closed; returns each
+    file's (size, CRC-32)."""
+    first, closed = None, []
     for f in files:
         try:
-            f.close(sync=sync)
+            closed.append(f.close(sync=sync))
         except OSError as e:
             first = first or e
     if first is not None:
         raise first
+    return closed
 
 
 class WriteBehind:
     """Writes blocks on a background thread while the caller computes the next ones.
 
-    ``os.pwrite`` and torch's kernels both release the GIL, so a block's copy into the page cache
-    overlaps the maths of the following blocks. At most ``depth`` blocks wait at once (memory
+    ``os.pwrite`` and torch's kernels both release the GIL, so a block's write overlaps the maths
+    of the following blocks; one thread keeps the blocks in the order they are submitted. At most ``depth`` blocks wait at once (memory
     stays a few blocks); a failed write is raised by the next ``submit`` or by ``drain``.
 
     Example:

@@ -112,8 +112,8 @@ def build_parent(path: str, config, seed: int = 0, base: tuple | None = None, no
     weight_map = {}
     for file, names in zip(files, groups):
         layout = layout_shard([(n, DTYPE_NAMES[dtype], shapes[n]) for n in names])
-        shard = ShardFile(os.path.join(path, file), layout.header)
-        for n in names:
+        shard = ShardFile(os.path.join(path, file), layout.header, layout.size)
+        for n in sorted(names, key=lambda n: layout.offsets[n]):  # file order: the shard is written front to back
             x = _tensor(n, shapes[n], seed, None if base is None else base[1], base_shapes.get(n), noise)
             shard.write_tensor(layout.offsets[n][0], x.to(dtype))
             weight_map[n] = file

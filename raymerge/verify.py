@@ -1,4 +1,4 @@
-"""``raymerge verify OUT``: check a merged model directory, one line per problem found.
+"""``raymerge verify OUT``: check a merged model directory (or URI), one line per problem found.
 
 Checks: every shard's header is valid and its tensors lie within the file; the index and the
 shards agree (``weight_map``, ``metadata.total_size``); every float tensor is finite (read in
@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
+import tempfile
 
 import torch
 from safetensors import safe_open
 
+from raymerge import storage
 from raymerge.align import embedding_name
 from raymerge.assemble import PROVENANCE_NAME
 from raymerge.errors import InputError
 from raymerge.parents import SAFETENSORS_INDEX, load_parent
-from raymerge.shards import FLOAT_DTYPES, numel
+from raymerge.shards import FLOAT_DTYPES, TORCH_DTYPES, numel
 
 BLOCK_ELEMS = 16 * 2**20
 
 
 def _finite(entry) -> bool:
+    if storage.is_uri(entry.file):
+        return _finite_object(entry)
     with safe_open(entry.file, framework="pt") as f:
         if not entry.shape:
             return bool(torch.isfinite(f.get_tensor(entry.name)).all())
@@ -33,6 +38,17 @@ def _finite(entry) -> bool:
         for r0 in range(0, entry.shape[0], step):
             if not torch.isfinite(sl[r0:r0 + step]).all():
                 return False
+    return True
+
+
+def _finite_object(entry) -> bool:
+    """The same check on a tensor in a bucket, read in ranged blocks of rows."""
+    dtype = TORCH_DTYPES[entry.dtype]
+    block = max(1, BLOCK_ELEMS // max(1, numel(entry.shape[1:]))) * max(1, numel(entry.shape[1:])) * dtype.itemsize
+    for start in range(entry.start, entry.end, block):
+        raw = bytearray(storage.read_range(entry.file, start, min(block, entry.end - start)))
+        if not torch.isfinite(torch.frombuffer(raw, dtype=dtype)).all():
+            return False
     return True
 
 
@@ -47,7 +63,7 @@ def verify(path: str, load: bool = False) -> list[str]:
     if os.path.isfile(index_path):
         with open(index_path) as f:
             index = json.load(f)
-        in_files = {n: os.path.basename(e.file) for n, e in model.tensors.items()}
+        in_files = {n: posixpath.basename(e.file) for n, e in model.tensors.items()}
         if index.get("weight_map") != in_files:
             missing = sorted(set(index.get("weight_map", {})) ^ set(in_files))
             problems.append(f"{index_path}: weight_map disagrees with the shards (e.g. {missing[:3] or 'file names'})")
@@ -72,7 +88,12 @@ def verify(path: str, load: bool = False) -> list[str]:
     if not os.path.isfile(os.path.join(model.path, PROVENANCE_NAME)):
         problems.append(f"{PROVENANCE_NAME} is missing: not a complete raymerge output")
     if load and not problems:
-        problems += _load_and_run(model.path)
+        if storage.is_uri(path):  # transformers loads from a local directory: copy the model there
+            with tempfile.TemporaryDirectory(prefix="raymerge-verify-") as local:
+                storage.download_tree(path, local)
+                problems += _load_and_run(local)
+        else:
+            problems += _load_and_run(model.path)
     return problems
 
 

@@ -1,4 +1,5 @@
-"""Session fixtures: tiny Llama parents built locally, and one Ray head shared by the session."""
+"""Session fixtures: tiny and medium Llama parents built locally, one Ray head shared by the
+session, and a two-node cluster sharing a mounted S3 bucket."""
 
 from __future__ import annotations
 
@@ -53,6 +54,17 @@ def tiny_parents(session_dir):
 
 
 @pytest.fixture(scope="session")
+def medium_parents(session_dir):
+    """Two Llamas of ~116 MB each (bfloat16, 32000-token vocabulary, 8 layers): with small row
+    blocks their merge takes seconds, long enough for a test to interrupt it mid-shard."""
+    cfg = llama_config(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                       num_attention_heads=8, num_key_value_heads=8)
+    root = session_dir / "medium"
+    return (build_parent(str(root / "a"), cfg, seed=41),
+            build_parent(str(root / "b"), cfg, seed=42, base=(cfg, 41)))
+
+
+@pytest.fixture(scope="session")
 def ray_head(session_dir):
     """A Ray head on 127.0.0.1 (token authentication), and this process attached to it."""
     import ray
@@ -66,3 +78,18 @@ def ray_head(session_dir):
         if ray.is_initialized():
             ray.shutdown()
         node.stop()
+
+
+@pytest.fixture(scope="session")
+def bucket_cluster(tmp_path_factory):
+    """A moto S3 server with one bucket, and two Ray nodes (1 CPU each, resources node_a and
+    node_b), each in its own mount namespace with its own s3fs mount of the bucket at
+    ``cluster.mount``: see buckets.py. Skipped where root, s3fs or unshare are missing; in CI
+    (CI set) that fails instead, since CI installs them."""
+    import buckets
+
+    reason = buckets.missing()
+    if reason:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(f"no S3 bucket cluster: {reason}")
+    with buckets.bucket_cluster(str(tmp_path_factory.mktemp("bucket"))) as cluster:
+        yield cluster

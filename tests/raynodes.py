@@ -57,9 +57,11 @@ class RayNode:
 
     def __init__(self, log_path: str, head: bool = True, address: str | None = None, num_cpus: int = 2,
                  resources: str | None = None, env: dict | None = None, extra_args: list[str] | None = None,
-                 autoscaled: dict | None = None):
+                 autoscaled: dict | None = None, wrap: list[str] | None = None):
         """``autoscaled``: worker node types (``available_node_types``) for Ray's own autoscaler,
-        which then starts them as processes of this machine (its fake multi-node provider)."""
+        which then starts them as processes of this machine (its fake multi-node provider).
+        ``wrap``: argv put before ``ray start ...``; it must end up exec-ing its arguments, so
+        that ``proc`` stays the node (``buckets.py`` mounts a bucket in a namespace so)."""
         ray = os.path.join(os.path.dirname(sys.executable), "ray")
         self.port = free_port()
         env = dict(env or {})
@@ -86,7 +88,7 @@ class RayNode:
             cmd.append(f"--resources={resources}")
         cmd += extra_args
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen([*(wrap or []), *cmd], stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True, env={**os.environ, **env})
         self.address = f"127.0.0.1:{self.port}" if head else address
         self._spawned: dict[int, int] = {}  # pid -> its start time

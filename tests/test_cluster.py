@@ -173,7 +173,8 @@ def test_two_node_cluster_runs_actors_on_both_nodes(tiny_parents, tmp_path):
         worker = RayNode(str(tmp_path / "worker.log"), head=False, address=head.address, num_cpus=1)
         worker.wait_ready()
         out = tmp_path / "out"
-        proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(out), "-t", "0.6",
+        # Several shards (one writer each), so that both nodes' actors have one.
+        proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(out), "-t", "0.6", "--max-shard-size", "200KB",
                                "--address", head.address], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert "with 2 actors on 2 node(s)" in proc.stderr

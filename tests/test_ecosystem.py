@@ -162,6 +162,14 @@ def test_model_card_and_provenance(tiny_parents, ray_head, plain_merge, tmp_path
                                "max_shard_size": 5_000_000_000, "tokenizer_from": "a", "sweep": [0.4]}
     assert prov_other["options"] == {"dtype": "float32", "pad": "zeros", "vocab": "by id",
                                      "max_shard_size": 100_000, "tokenizer_from": "a", "sweep": [0.25]}
+    # Each shard's record: its size and CRC-32 (the same in an identical run) and the one process
+    # that wrote it (another process in another run).
+    shards = {f: os.path.getsize(os.path.join(plain_merge, f)) for f in os.listdir(plain_merge) if f.endswith(".safetensors")}
+    for p in (prov, prov_same):
+        assert {f: r["size"] for f, r in p["shards"].items()} == shards
+        assert all(set(r["writer"]) == {"host", "pid", "node"} for r in p["shards"].values())
+    writers = [{f: r.pop("writer") for f, r in p["shards"].items()} for p in (prov, prov_same)]
+    assert writers[0] != writers[1]
     assert prov_same == prov, "an identical run records the same provenance, fingerprint included"
     assert prov_other["plan_fingerprint"] != prov["plan_fingerprint"]
 

@@ -26,15 +26,6 @@ MERGE = dict(t=0.5, workers=2, max_shard_size="20MB", block_bytes=256 * 1024)
 
 
 @pytest.fixture(scope="module")
-def medium_parents(session_dir):
-    cfg = llama_config(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                       num_attention_heads=8, num_key_value_heads=8)
-    root = session_dir / "medium"
-    return (build_parent(str(root / "a"), cfg, seed=41),
-            build_parent(str(root / "b"), cfg, seed=42, base=(cfg, 41)))
-
-
-@pytest.fixture(scope="module")
 def undisturbed(medium_parents, ray_head, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("faults") / "undisturbed")
     raymerge.merge(*medium_parents, out, **MERGE)
@@ -59,8 +50,12 @@ def _wait_for(predicate, timeout=120.0, step=0.05):
 
 
 def _partial_files(out: str) -> list[str]:
-    root = os.path.join(out, ".raymerge", "partial")
-    return [f for _, _, files in os.walk(root) for f in files] if os.path.isdir(root) else []
+    """Shards in OUT without a completion record: being written, or left by an interrupted run."""
+    if not os.path.isdir(out):
+        return []
+    done = os.path.join(out, ".raymerge", "done")
+    return [f for f in os.listdir(out) if f.endswith(".safetensors")
+            and not os.path.exists(os.path.join(done, f"{f}.json"))]
 
 
 def _merge_actor_pids(head) -> list[int]:
@@ -75,14 +70,20 @@ def _merge_actor_pids(head) -> list[int]:
     return pids
 
 
+def _finished_shards(out: str) -> list[str]:
+    """Shards with a completion record: kept by a resume."""
+    done = os.path.join(out, ".raymerge", "done")
+    return [f[:-len(".json")] for f in os.listdir(done) if f.endswith(".json")] if os.path.isdir(done) else []
+
+
 def _open_partial_shards(pid: int, out: str) -> list[str]:
-    """Partial shards the process holds open: an actor does only inside a ``write`` call."""
-    root = os.path.join(os.path.realpath(out), ".raymerge", "partial") + os.sep
+    """Shards the process holds open: an actor does only inside a ``write`` call."""
+    root = os.path.realpath(out) + os.sep
     try:
         links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
     except OSError:
         return []
-    return [link for link in links if link.startswith(root)]
+    return [link for link in links if link.startswith(root) and link.endswith(".safetensors")]
 
 
 def test_actor_killed_mid_merge_is_replaced(medium_parents, ray_head, undisturbed, tmp_path):
@@ -145,14 +146,13 @@ def test_driver_killed_then_resumed(medium_parents, ray_head, undisturbed, tmp_p
     proc = subprocess.Popen([*_driver(medium_parents, out), ray_head.address], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        finished = lambda: any(f.endswith(".safetensors") for f in os.listdir(out)) if os.path.isdir(out) else False
-        assert _wait_for(finished), "no shard was finished"
+        assert _wait_for(lambda: _finished_shards(out)), "no shard was finished"
         assert proc.poll() is None, "the kill must land mid-merge"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
     assert not os.path.exists(os.path.join(out, "config.json"))
-    kept = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out) if f.endswith(".safetensors")}
+    kept = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in _finished_shards(out)}
     again = subprocess.run([*_driver(medium_parents, out, resume=True), ray_head.address],
                            capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
@@ -235,8 +235,8 @@ def test_ctrl_c_or_sigterm_stops_cleans_up_and_resumes(medium_parents, ray_head,
     cmd = [sys.executable, "-m", "raymerge.cli", "merge", *medium_parents, "-o", out, "-t", "0.5",
            "--workers", "2", "--max-shard-size", "20MB", "--block-size", "256KiB", "--address", ray_head.address]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    finished = lambda: any(f.endswith(".safetensors") for f in os.listdir(out)) if os.path.isdir(out) else False
-    assert _wait_for(lambda: finished() and _partial_files(out)), "no shard was finished while others were written"
+    assert _wait_for(lambda: _finished_shards(out) and _partial_files(out)), \
+        "no shard was finished while others were written"
     assert proc.poll() is None, "the interrupt must land mid-merge"
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
@@ -246,8 +246,8 @@ def test_ctrl_c_or_sigterm_stops_cleans_up_and_resumes(medium_parents, ray_head,
     assert err.splitlines()[-1] == "raymerge: interrupted; finished shards are kept: rerun with --resume to continue"
     assert _partial_files(out) == [], "partial shards are removed"
     assert not os.path.exists(os.path.join(out, "config.json"))
-    kept = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in os.listdir(out) if f.endswith(".safetensors")}
-    assert kept
+    kept = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in _finished_shards(out)}
+    assert kept and sorted(kept) == sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
     again = subprocess.run([*cmd, "--resume", "--quiet"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     same_shards(out, undisturbed)

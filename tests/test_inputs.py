@@ -153,7 +153,7 @@ def tiny_fs(tmp_path):
 
 def test_an_actor_error_prints_as_one_line(tiny_parents, ray_head, tiny_fs):
     """A real actor failure: the shards (552 KB) do not fit on a 300 KiB tmpfs, so an actor's
-    write of the partial shard fails with ENOSPC inside Ray, and Ray hands the driver that
+    write of the shard fails with ENOSPC inside Ray, and Ray hands the driver that
     exception wrapped in a RayTaskError with the actor's traceback. The user sees exactly one
     line, naming the file, and exit status 1: Ray adds nothing to stderr here (worker output is
     not forwarded to the driver, and the driver logs at ERROR level only)."""
@@ -162,8 +162,8 @@ def test_an_actor_error_prints_as_one_line(tiny_parents, ray_head, tiny_fs):
     out = tiny_fs / "out"
     full = run_cli("merge", a, b, "-o", str(out), "--address", ray_head.address, "--quiet")
     assert full.returncode == 1
-    partial = os.path.join(os.path.realpath(out), ".raymerge", "partial", "model.safetensors")
-    assert full.stderr == f"raymerge: error: {partial}: No space left on device\n", full.stderr
+    shard = os.path.join(os.path.realpath(out), "model.safetensors")
+    assert full.stderr == f"raymerge: error: {shard}: No space left on device\n", full.stderr
     assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
     assert [tree_digest(a), tree_digest(b)] == digests
 

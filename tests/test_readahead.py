@@ -143,17 +143,17 @@ def test_a_merge_reads_every_parent_tensor_once(tiny_parents, tmp_path, monkeypa
     from raymerge.slerp import slerp_coefficients
 
     for i, shard in enumerate(plan.shards):
-        mine = tuple(t for t in plan.tensors if t.shard == i)
+        mine = plan.shard_tensors(i)
         ts = {t.name: (0.3,) for t in mine if t.op == "slerp"}
-        done = actor.write(WriteJob((str(one_pass / shard.filename),), shard.layout.header, mine, ts=ts))
+        done = actor.write(WriteJob.for_shard(plan, i, (str(one_pass / shard.filename),), ts=ts))
         assert done.refused is None and len(done.stats) == len(mine)
     assert sorted(reads) == sorted((e.file, e.name) for t in plan.tensors for e in (t.a, t.b))
     assert mmap_reads == [], "nothing read a second time through safetensors"
     for i, shard in enumerate(plan.shards):
-        mine = tuple(t for t in plan.tensors if t.shard == i)
+        mine = plan.shard_tensors(i)
         coefs = {t.name: (slerp_coefficients(stats[t.name].reductions, 0.3),) for t in mine if t.op == "slerp"}
-        actor.write(WriteJob((str(two_pass / shard.filename),), shard.layout.header, mine, reduced=True,
-                             coefficients=coefs))
+        actor.write(WriteJob.for_shard(plan, i, (str(two_pass / shard.filename),), reduced=True,
+                                       coefficients=coefs))
         assert (one_pass / shard.filename).read_bytes() == (two_pass / shard.filename).read_bytes()
 
 

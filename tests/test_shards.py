@@ -2,6 +2,7 @@
 
 import os
 import struct
+import zlib
 
 import pytest
 import torch
@@ -25,36 +26,36 @@ def _tensors():
     }
 
 
-def _write_streamed(path, tensors, reverse=False, behind=False):
+def _write_streamed(path, tensors, behind=False):
     layout = layout_shard([(n, DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in tensors.items()])
-    f = ShardFile(str(path), layout.header)
-    # Writers may fill tensors in any order (several actors share a shard), directly or through
-    # the background writer the actors use.
+    f = ShardFile(str(path), layout.header, layout.size)
+    # One writer, in file order, directly or through the background writer the actors use.
     with WriteBehind(depth=2) as writer:
-        for name in sorted(tensors, reverse=reverse):
+        for name in sorted(tensors, key=lambda n: layout.offsets[n]):
             if behind:
                 writer.submit(f, layout.offsets[name][0], tensors[name])
             else:
                 f.write_tensor(layout.offsets[name][0], tensors[name])
-    f.close()
-    return layout
+    size, crc = f.close()
+    return layout, size, crc
 
 
-@pytest.mark.parametrize("reverse,behind", [(False, False), (True, False), (False, True)])
-def test_streamed_shard_is_byte_identical_to_save_file(tmp_path, reverse, behind):
+@pytest.mark.parametrize("behind", [False, True])
+def test_streamed_shard_is_byte_identical_to_save_file(tmp_path, behind):
     tensors = _tensors()
     save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
-    layout = _write_streamed(tmp_path / "ours.safetensors", tensors, reverse, behind)
+    layout, size, crc = _write_streamed(tmp_path / "ours.safetensors", tensors, behind)
     ours = (tmp_path / "ours.safetensors").read_bytes()
     assert ours == (tmp_path / "ref.safetensors").read_bytes()
-    assert layout.size == len(ours)
+    assert layout.size == size == len(ours)
+    assert crc == zlib.crc32(ours), "close() reports the CRC-32 of the bytes written"
     loaded = load_file(str(tmp_path / "ours.safetensors"))
     assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
 
 
 def _large_tensors():
     # Big enough for whole pages to go around the page cache; odd sizes, so tensors start and end
-    # inside pages that two of them share.
+    # inside pages.
     g = torch.Generator().manual_seed(1)
     return {"emb": torch.randn(1001, 67, generator=g).to(torch.bfloat16),
             "up": torch.randn(517, 129, generator=g),
@@ -62,9 +63,19 @@ def _large_tensors():
             "down": torch.randn(97, 1023, generator=g).to(torch.bfloat16)}
 
 
+def _blocks(tensors, layout):
+    """Every tensor in row blocks of about 300 KB, in file order, with its offset."""
+    for name in sorted(tensors, key=lambda n: layout.offsets[n]):
+        t = tensors[name]
+        row = t[0].numel() * t.element_size() if t.dim() > 1 else t.element_size()
+        step = max(1, 300_000 // row)
+        for r0 in range(0, t.shape[0], step):
+            yield layout.offsets[name][0] + r0 * row, t[r0:r0 + step]
+
+
 @pytest.mark.parametrize("staging", [shards.STAGING_BYTES, 3 * shards.DIRECT_ALIGN])
-def test_direct_writes_by_several_writers_are_byte_identical_to_save_file(tmp_path, monkeypatch, staging):
-    monkeypatch.setattr(shards, "STAGING_BYTES", staging)  # small: runs fill the stage many times
+def test_direct_writes_in_blocks_are_byte_identical_to_save_file(tmp_path, monkeypatch, staging):
+    monkeypatch.setattr(shards, "STAGING_BYTES", staging)  # small: the stage fills many times
     (tmp_path / "probe").touch()
     probe = shards.open_direct(str(tmp_path / "probe"), os.O_WRONLY)
     if probe is None:
@@ -74,57 +85,66 @@ def test_direct_writes_by_several_writers_are_byte_identical_to_save_file(tmp_pa
     save_file(tensors, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
     layout = layout_shard([(n, DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in tensors.items()])
     path = str(tmp_path / "ours.safetensors")
-    # Two writers of one shard (as two actors), each writing its tensors in row blocks, interleaved.
-    writers = [ShardFile(path, layout.header), ShardFile(path, layout.header)]
-    assert all(w.direct_fd is not None for w in writers)
-    jobs = []
-    for i, name in enumerate(sorted(tensors)):
-        t = tensors[name]
-        row = t[0].numel() * t.element_size() if t.dim() > 1 else t.element_size()
-        step = max(1, 300_000 // row)
-        for r0 in range(0, t.shape[0], step):
-            jobs.append((writers[i % 2], layout.offsets[name][0] + r0 * row, t[r0:r0 + step]))
-    for w, offset, block in jobs[::2] + jobs[1::2]:
+    w = ShardFile(path, layout.header, layout.size)
+    assert w.direct_fd is not None
+    for offset, block in _blocks(tensors, layout):
         w.write_tensor(offset, block)
-    assert all(w.direct_fd is not None for w in writers)
-    for w, offset, block in jobs[::3]:  # written twice, as a retried call does
-        w.write_tensor(offset, block)
-    for w in writers:
-        w.close()
+    assert w.direct_fd is not None, "whole pages went out with O_DIRECT"
+    w.close()
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
 
 
+def test_a_write_out_of_order_or_a_short_file_is_refused(tmp_path):
+    """The one-writer protocol holds by construction: a write anywhere but at the end of what is
+    written, or a shard closed short of its planned size, is refused rather than written."""
+    tensors = _large_tensors()
+    layout = layout_shard([(n, DTYPE_NAMES[t.dtype], tuple(t.shape)) for n, t in tensors.items()])
+    blocks = list(_blocks(tensors, layout))
+    w = ShardFile(str(tmp_path / "s.safetensors"), layout.header, layout.size)
+    w.write_tensor(*blocks[0])
+    with pytest.raises(ValueError, match="front to back"):
+        w.write_tensor(*blocks[2])
+    with pytest.raises(ValueError, match="front to back"):
+        w.write_tensor(*blocks[0])  # a rewrite
+    with pytest.raises(RuntimeError, match="bytes written"):
+        w.close()
+    assert w.fd is None and w.direct_fd is None, "the descriptors are closed all the same"
+
+
 def test_a_direct_write_the_kernel_refuses_is_written_plainly(tmp_path):
-    # O_DIRECT refuses a misaligned offset with EINVAL (as some file systems refuse any O_DIRECT
+    # O_DIRECT refuses a misaligned buffer with EINVAL (as some file systems refuse any O_DIRECT
     # write): that write, and the file's later ones, go through the page cache.
     path = tmp_path / "s.bin"
-    f = ShardFile(str(path), b"")
+    data = torch.arange(50_000, dtype=torch.int32).view(torch.uint8)
+    f = ShardFile(str(path), b"", 2 * data.numel())
     if f.direct_fd is None:
         pytest.skip("this file system refuses O_DIRECT")
-    data = torch.arange(50_000, dtype=torch.int32).view(torch.uint8)
-    f.write_tensor(8192, data)
-    f._run = (f._run[0] + 8, f._run[1] + 8)  # the staged run moved off its page boundary
-    f.flush()
+    f.write_tensor(0, data)
+    f._stage = torch.frombuffer(bytearray(shards.STAGING_BYTES + 1), dtype=torch.uint8)[1:]  # off its alignment
+    f._stage[:f._staged].copy_(data[:f._staged])
+    f._write_stage(last=False)
     if f.direct_fd is not None:
-        f.close()
+        f.close(sync=False)
         pytest.skip("this file system accepts misaligned O_DIRECT writes")
-    f.write_tensor(300_000, data)
+    f.write_tensor(data.numel(), data)
     f.close()
-    raw = path.read_bytes()
-    assert raw[8192 + 8:8192 + 8 + data.numel()] == data.numpy().tobytes()
-    assert raw[300_000:] == data.numpy().tobytes()
+    assert path.read_bytes() == data.numpy().tobytes() * 2
 
 
-def test_background_write_failure_is_raised_naming_the_file(tmp_path):
+def test_background_write_failure_is_raised_naming_the_file(tmp_path, monkeypatch):
     # A write that fails on the background thread (here: the descriptor is gone, as on a lost
     # disk) surfaces in the caller with the shard's path, not silently.
-    layout = layout_shard([("x", "F32", (4,))])
-    f = ShardFile(str(tmp_path / "s.safetensors"), layout.header)
-    os.close(f.fd)
+    monkeypatch.setattr(shards, "STAGING_BYTES", 3 * shards.DIRECT_ALIGN)  # blocks go out at once
+    layout = layout_shard([("x", "F32", (30_000,))])
+    f = ShardFile(str(tmp_path / "s.safetensors"), layout.header, layout.size)
+    for fd in (f.fd, f.direct_fd):
+        if fd is not None:
+            os.close(fd)
+    f.direct_fd = None
     with pytest.raises(OSError, match="s.safetensors"):
         with WriteBehind(depth=1) as writer:
-            for _ in range(3):
-                writer.submit(f, layout.offsets["x"][0], torch.zeros(4))
+            for r0 in range(0, 30_000, 3000):
+                writer.submit(f, layout.offsets["x"][0] + 4 * r0, torch.zeros(3000))
 
 
 def test_read_header_gives_absolute_offsets(tmp_path):

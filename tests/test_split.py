@@ -31,10 +31,8 @@ def test_a_write_call_reports_every_phase(tiny_parents, tmp_path):
     a, b = tiny_parents
     options = MergeOptions(a=a, b=b, out=str(tmp_path), t=(0.5,))
     plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), options, 1)
-    shard = plan.shards[0]
-    tensors = tuple(t for t in plan.tensors if t.shard == 0)
-    result = MergeActor(options.block_bytes).write(WriteJob(
-        (str(tmp_path / shard.filename),), shard.layout.header, tensors,
-        ts={t.name: (0.5,) for t in tensors if t.op == "slerp"}))
+    result = MergeActor(options.block_bytes).write(WriteJob.for_shard(
+        plan, 0, (str(tmp_path / plan.shards[0].filename),),
+        ts={t.name: (0.5,) for t in plan.tensors if t.op == "slerp"}))
     assert set(result.seconds) == {"read", "reduce", "combine", "write"}
     assert all(s >= 0 for s in result.seconds.values())

@@ -1,0 +1,278 @@
+"""Merges whose output directory is one S3 bucket mounted (s3fs) on each of two Ray nodes (the
+``bucket_cluster`` fixture, see buckets.py): what the actors write on each node must reach the
+bucket whole, as a merge to local disk does.
+
+Each output is read back through a third s3fs mount (no cache of the nodes' mounts) and through
+pyarrow (past s3fs), and must be byte-identical to the same merge written to a local directory.
+Its ``raymerge.json`` must record, for every shard of the index, one writer (an actor, on one of
+the two nodes) and the size and CRC-32 of the bytes the bucket holds; the writers span both nodes.
+Covered: one t, a sweep of three, and a merge killed mid-shard (driver and a writing actor) then
+resumed, where the object the killed writer left must be rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+
+import pytest
+
+from raymerge.shards import STAGING_BYTES
+from buckets import S3Mount, list_objects, read_object, run_in_node, start_in_node
+from raynodes import descendants
+
+CLI = [sys.executable, "-m", "raymerge.cli"]
+PROVENANCE = {"raymerge.json", "README.md"}  # they record the command and paths, which differ
+INDEX = "model.safetensors.index.json"
+
+# tiny_parents hold ~560 KB of tensors: a few shards, so both actors write some.
+TINY = ("--workers", "2", "--max-shard-size", "200KB")
+SWEEP = ("-t", "0.2", "-t", "0.5", "-t", "0.8")
+SWEEP_DIRS = ("t-0.2", "t-0.5", "t-0.8")
+# medium_parents hold ~116 MB: six shards, and small row blocks make a shard take a while to write.
+MEDIUM = ("--workers", "2", "--max-shard-size", "20MB", "--block-size", "256KiB")
+
+
+# ---- merging ---------------------------------------------------------------------------------
+
+def merge_argv(c, parents, out: str, options, *more: str) -> list[str]:
+    """The CLI merge of ``parents`` into ``out`` on the bucket cluster's Ray."""
+    return [*CLI, "merge", *parents, "-o", out, "--address", c.address, *options, "--quiet", *more]
+
+
+def merge_into_bucket(c, parents, name: str, options, *more: str) -> str:
+    """Merge into ``name`` on the bucket, from the head's namespace (where it is mounted); returns
+    the path there."""
+    out = os.path.join(c.mount, name)
+    merged = run_in_node(c.head, merge_argv(c, parents, out, options, *more), env=c.env, timeout=600)
+    assert merged.returncode == 0, merged.stderr
+    return out
+
+
+def merge_locally(c, parents, out: str, options) -> dict[str, bytes]:
+    """The same merge on the same cluster into a local directory: the reference; returns its files."""
+    subprocess.run(merge_argv(c, parents, out, options), check=True, capture_output=True, text=True, timeout=600)
+    return files(out)
+
+
+# ---- reading back ----------------------------------------------------------------------------
+
+def files(root: str) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path: bytes) but the provenance files."""
+    return {os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(root) for n in names if n not in PROVENANCE}
+
+
+def difference(name: str, got: bytes, expected: bytes) -> str:
+    n = min(len(got), len(expected))
+    first = next((i for i in range(n) if got[i] != expected[i]), n)
+    wrong = sum(x != y for x, y in zip(got, expected))
+    zeros = sum(1 for x in got[first:] if x == 0)
+    return (f"  {name}: {len(got)} bytes, {len(expected)} expected; first difference at byte {first}, "
+            f"{wrong} of the first {n} bytes differ, {zeros} of the {len(got) - first} bytes from there are 0")
+
+
+def assert_bucket_holds(c, name: str, expected: dict[str, bytes], log_dir) -> dict[str, bytes]:
+    """The bucket's ``name/`` holds exactly ``expected`` (but provenance), read through a mount
+    neither node made and through pyarrow; returns what was read."""
+    with S3Mount(c.bucket, c.endpoint, c.passwd_file, str(log_dir / "third-mount.log")) as mount:
+        got = files(os.path.join(mount, name))
+    assert sorted(got) == sorted(expected)
+    differ = [difference(n, got[n], expected[n]) for n in sorted(expected) if got[n] != expected[n]]
+    assert not differ, f"{name} differs from the local merge (read through s3fs):\n" + "\n".join(differ)
+    for n in expected:
+        assert read_object(c.endpoint, c.bucket, f"{name}/{n}") == expected[n], n
+    return got
+
+
+def provenance(c, key: str) -> dict:
+    """An output's raymerge.json, read from the bucket by pyarrow."""
+    return json.loads(read_object(c.endpoint, c.bucket, f"{key}/raymerge.json"))
+
+
+def assert_written_once(c, key: str, got: dict[str, bytes], sub: str = "") -> set[str]:
+    """Every shard of output ``key``'s index has one writer in its raymerge.json, and the size and
+    CRC-32 of the bytes read back (``got``, relative to ``key``'s parent with ``sub``); returns the
+    writers' Ray nodes."""
+    index = json.loads(got[os.path.join(sub, INDEX)])
+    shard_files = {n: got[os.path.join(sub, n)] for n in set(index["weight_map"].values())}
+    recorded = provenance(c, os.path.join(key, sub) if sub else key)["shards"]
+    assert sorted(recorded) == sorted(shard_files), "raymerge.json lists exactly the index's shards"
+    for n, data in shard_files.items():
+        entry = recorded[n]
+        assert (entry["size"], entry["crc32"]) == (len(data), zlib.crc32(data)), f"{sub}/{n}: {entry}"
+        writer = entry["writer"]
+        assert isinstance(writer, dict) and sorted(writer) == ["host", "node", "pid"], f"{sub}/{n}: one writer"
+        assert isinstance(writer["pid"], int) and int(writer["node"], 16) >= 0, f"{sub}/{n}: {writer}"
+    return {entry["writer"]["node"] for entry in recorded.values()}
+
+
+# ---- one t, and a sweep ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_parents, bucket_cluster, tmp_path_factory):
+    expected = merge_locally(bucket_cluster, tiny_parents, str(tmp_path_factory.mktemp("local") / "child"), TINY)
+    assert sum(n.endswith(".safetensors") for n in expected) > 2, "several shards"
+    assert INDEX in expected
+    return expected
+
+
+def test_a_merge_into_a_bucket_mounted_on_two_nodes(tiny_parents, bucket_cluster, tiny_reference, tmp_path):
+    """The merge is byte-identical to a local one; each shard was written by one actor, whole
+    (its recorded size and CRC-32 are those of the object), and both nodes wrote shards."""
+    c = bucket_cluster
+    out = os.path.join(c.mount, "child")
+    merged = run_in_node(c.head, merge_argv(c, tiny_parents, out, TINY), env=c.env, timeout=300)
+    assert merged.returncode == 0, merged.stderr
+    assert "with 2 actors on 2 node(s)" in merged.stderr, merged.stderr
+    got = assert_bucket_holds(c, "child", tiny_reference, tmp_path)
+    assert len(assert_written_once(c, "child", got)) == 2, "both nodes wrote shards"
+
+
+@pytest.fixture(scope="module")
+def sweep_reference(tiny_parents, bucket_cluster, tmp_path_factory):
+    expected = merge_locally(bucket_cluster, tiny_parents, str(tmp_path_factory.mktemp("local") / "sweep"),
+                             (*TINY, *SWEEP))
+    assert {n.split(os.sep)[0] for n in expected} == set(SWEEP_DIRS)
+    return expected
+
+
+def test_a_sweep_into_a_bucket_mounted_on_two_nodes(tiny_parents, bucket_cluster, sweep_reference, tmp_path):
+    """Each t of a sweep is byte-identical to a local sweep's, and is written as above."""
+    c = bucket_cluster
+    merge_into_bucket(c, tiny_parents, "sweep", (*TINY, *SWEEP))
+    got = assert_bucket_holds(c, "sweep", sweep_reference, tmp_path)
+    for sub in SWEEP_DIRS:
+        assert len(assert_written_once(c, "sweep", got, sub)) == 2, f"{sub}: both nodes wrote shards"
+
+
+# ---- killed mid-shard, then resumed ----------------------------------------------------------
+
+def merge_actor_pids(c) -> list[int]:
+    pids = []
+    for node in (c.head, c.worker):
+        for pid in descendants(node.proc.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::MergeActor"):
+                        pids.append(pid)
+            except OSError:
+                pass
+    return pids
+
+
+def open_shards(pid: int, out: str) -> dict[str, int]:
+    """The shards under ``out`` (a path in the nodes' namespaces) that ``pid`` holds open, and
+    their sizes so far as its node's s3fs sees them."""
+    held = {}
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith(out + "/") and link.endswith(".safetensors"):
+                held[os.path.basename(link)] = os.stat(f"/proc/{pid}/fd/{fd}").st_size
+    except OSError:
+        return {}
+    return held
+
+
+def state(pid: int) -> str:
+    """The process's state letter (T: stopped, Z: a zombie), or X once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
+
+
+def freeze_a_writer(c, out: str, planned: dict[str, int]) -> tuple[int, str] | None:
+    """Stop (SIGSTOP) an actor that is mid-shard: it holds a shard of ``out`` open, between two of
+    its staged writes (a positive multiple of STAGING_BYTES written, fewer than ``planned``), so
+    not inside ``close``, whose fsync has s3fs upload the whole shard. Returns the actor and the
+    shard's name, or None if no actor is so now."""
+    for pid in merge_actor_pids(c):
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            continue
+        wait_for(lambda: state(pid) in "TtZX", timeout=5, step=0.001)  # a syscall under way ends first
+        for shard, size in open_shards(pid, out).items():
+            if 0 < size < planned[shard] and size % STAGING_BYTES == 0:
+                return pid, shard
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    return None
+
+
+def wait_for(predicate, timeout: float = 120.0, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := predicate():
+            return result
+        time.sleep(step)
+    return None
+
+
+def done_records(c, name: str) -> dict[str, dict]:
+    """The completion records in the bucket: shard filename -> record."""
+    keys = list_objects(c.endpoint, c.bucket, f"{name}/.raymerge/done")
+    return {k.removesuffix(".json"): json.loads(read_object(c.endpoint, c.bucket, f"{name}/.raymerge/done/{k}"))
+            for k in keys if k.endswith(".json")}
+
+
+@pytest.fixture(scope="module")
+def medium_reference(medium_parents, bucket_cluster, tmp_path_factory):
+    return merge_locally(bucket_cluster, medium_parents, str(tmp_path_factory.mktemp("local") / "medium"), MEDIUM)
+
+
+def test_a_merge_killed_mid_shard_then_resumed(medium_parents, bucket_cluster, medium_reference, tmp_path):
+    """Once a shard is finished, an actor is frozen mid-shard (inside a write call), the driver
+    is killed (SIGKILL; Ray then stops its actors) and so is the frozen actor: s3fs uploads what
+    the killed writers had written, on close. No config.json is in the bucket; the resume keeps
+    the finished shards and rewrites the others, byte-identical to a local merge, with the
+    checks above."""
+    c = bucket_cluster
+    name = "resumed"
+    out = os.path.join(c.mount, name)
+    argv = merge_argv(c, medium_parents, out, MEDIUM)
+    planned = {n: len(data) for n, data in medium_reference.items()}
+    driver = start_in_node(c.head, argv, str(tmp_path / "interrupted.log"), env=c.env)
+    victim = None
+    try:
+        # A finished shard (kept by the resume) first, then a writer caught mid-shard.
+        assert wait_for(lambda: done_records(c, name), step=0.2), "no shard was finished"
+        victim = wait_for(lambda: freeze_a_writer(c, out, planned), step=0.02)
+        assert victim, "no actor was seen mid-shard"
+        assert driver.poll() is None, "the kill must land mid-merge"
+    finally:
+        actors = merge_actor_pids(c)
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver's whole process group
+        driver.wait(timeout=60)
+        if victim:
+            os.kill(victim[0], signal.SIGKILL)  # a stopped process dies of SIGKILL as it is
+    victim_pid, victim_shard = victim
+    # A process closes its files (and s3fs uploads what it was writing, in FLUSH) before it is a
+    # zombie, and hides them from /proc/PID/fd before that: wait for the zombies.
+    assert wait_for(lambda: all(state(pid) in "ZX" for pid in actors), timeout=60), "the actors did not stop"
+
+    before = list_objects(c.endpoint, c.bucket, name)
+    kept = done_records(c, name)
+    assert "config.json" not in before, "an interrupted merge must not look like a model"
+    assert kept and victim_shard not in kept, sorted(kept)
+    # What the resume must rewrite: the part the killed writer had written, uploaded as the shard.
+    assert 0 < before.get(victim_shard, 0) < planned[victim_shard], \
+        f"{victim_shard} ({planned[victim_shard]} bytes planned) was killed mid-shard; the bucket holds {before}"
+
+    merge_into_bucket(c, medium_parents, name, MEDIUM, "--resume")
+    got = assert_bucket_holds(c, name, medium_reference, tmp_path)
+    assert len(assert_written_once(c, name, got)) == 2, "both nodes wrote shards"
+    shards = provenance(c, name)["shards"]
+    for shard, record in kept.items():
+        assert shards[shard]["writer"] == record["writer"], f"{shard} was finished and should have been kept"
+    assert shards[victim_shard]["writer"]["pid"] != victim_pid, f"{victim_shard} was rewritten"
