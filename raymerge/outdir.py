@@ -128,7 +128,8 @@ class OutputDir:
         try:
             if overwrite and storage.listdir(self.root):
                 storage.rmtree(self.root)
-            self.made = not storage.listdir(self.root)
+            # A bucket prefix exists only through its keys: an empty one was made by no one.
+            self.made = not storage.listdir(self.root) if self.is_uri else not os.path.isdir(self.root)
             storage.makedirs(storage.join(self.state_dir, "done"))
             for sub in self.subdirs:
                 storage.makedirs(self.output_path(sub))

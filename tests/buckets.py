@@ -27,7 +27,7 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from raynodes import RayNode, free_port
+from raynodes import RayNode, descendants, free_port
 
 ACCESS_KEY, SECRET_KEY, REGION = "testing", "testing", "us-east-1"
 
@@ -205,6 +205,24 @@ def start_in_node(node: RayNode, argv: list[str], log_path: str, env: dict | Non
     with open(log_path, "w") as log:  # the child has its own copy of the descriptor
         return subprocess.Popen(["nsenter", "-t", str(node.proc.pid), "-m", "--", *argv], stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, **(env or {})})
+
+
+def s3fs_open_files(node: RayNode) -> list[str]:
+    """The temporary files the node's s3fs daemon holds: one for each file open on its mount,
+    kept until the file is released (closed by every process) and what was written to it is
+    uploaded. None: the bucket holds everything written on this node, even by a killed process
+    (whose files the kernel releases after it is gone)."""
+    held = []
+    for pid in descendants(node.proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if not f.read().startswith(b"s3fs\0"):
+                    continue
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:
+            continue
+        held += [link for link in links if os.path.basename(link).startswith("s3fstmp.")]
+    return held
 
 
 @dataclass

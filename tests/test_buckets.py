@@ -22,8 +22,7 @@ import zlib
 
 import pytest
 
-from raymerge.shards import STAGING_BYTES
-from buckets import S3Mount, list_objects, read_object, run_in_node, start_in_node
+from buckets import S3Mount, list_objects, read_object, run_in_node, s3fs_open_files, start_in_node
 from raynodes import descendants
 
 CLI = [sys.executable, "-m", "raymerge.cli"]
@@ -166,22 +165,17 @@ def merge_actor_pids(c) -> list[int]:
     return pids
 
 
-def open_shards(pid: int, out: str) -> dict[str, int]:
-    """The shards under ``out`` (a path in the nodes' namespaces) that ``pid`` holds open, and
-    their sizes so far as its node's s3fs sees them."""
-    held = {}
+def open_shards(pid: int, out: str) -> list[str]:
+    """The shards under ``out`` (a path in the nodes' namespaces) that ``pid`` holds open."""
     try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith(out + "/") and link.endswith(".safetensors"):
-                held[os.path.basename(link)] = os.stat(f"/proc/{pid}/fd/{fd}").st_size
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
     except OSError:
-        return {}
-    return held
+        return []
+    return [os.path.basename(link) for link in links if link.startswith(out + "/") and link.endswith(".safetensors")]
 
 
 def state(pid: int) -> str:
-    """The process's state letter (T: stopped, Z: a zombie), or X once it is gone."""
+    """The process's (or thread's) state letter (T: stopped, Z: a zombie), or X once it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0]
@@ -189,20 +183,28 @@ def state(pid: int) -> str:
         return "X"
 
 
-def freeze_a_writer(c, out: str, planned: dict[str, int]) -> tuple[int, str] | None:
-    """Stop (SIGSTOP) an actor that is mid-shard: it holds a shard of ``out`` open, between two of
-    its staged writes (a positive multiple of STAGING_BYTES written, fewer than ``planned``), so
-    not inside ``close``, whose fsync has s3fs upload the whole shard. Returns the actor and the
-    shard's name, or None if no actor is so now."""
+def all_stopped(pid: int) -> bool:
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return all(state(int(t)) in "Tt" for t in threads)
+
+
+def freeze_a_writer(c, out: str) -> tuple[int, str] | None:
+    """Stop (SIGSTOP) an actor that holds a shard of ``out`` open, i.e. is inside a write call,
+    but not in a long system call: the fsync of ``close`` in which s3fs uploads the whole shard
+    (a thread stops only once its system call returns). Returns the actor and the shard's name,
+    or None if no actor is so now."""
     for pid in merge_actor_pids(c):
+        if not open_shards(pid, out):
+            continue
         try:
             os.kill(pid, signal.SIGSTOP)
         except ProcessLookupError:
             continue
-        wait_for(lambda: state(pid) in "TtZX", timeout=5, step=0.001)  # a syscall under way ends first
-        for shard, size in open_shards(pid, out).items():
-            if 0 < size < planned[shard] and size % STAGING_BYTES == 0:
-                return pid, shard
+        if wait_for(lambda: all_stopped(pid), timeout=0.05, step=0.002) and (held := open_shards(pid, out)):
+            return pid, held[0]
         try:
             os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
@@ -243,12 +245,22 @@ def test_a_merge_killed_mid_shard_then_resumed(medium_parents, bucket_cluster, m
     argv = merge_argv(c, medium_parents, out, MEDIUM)
     planned = {n: len(data) for n, data in medium_reference.items()}
     driver = start_in_node(c.head, argv, str(tmp_path / "interrupted.log"), env=c.env)
+
+    def finished_shards() -> bool:
+        return any(k.endswith(".json") for k in list_objects(c.endpoint, c.bucket, f"{name}/.raymerge/done"))
+
+    def a_writer_after_a_finished_shard() -> tuple[int, str] | None:
+        """A writer frozen mid-shard once some shard is finished (and will be kept by the resume)."""
+        victim = freeze_a_writer(c, out)
+        if victim and not finished_shards():
+            os.kill(victim[0], signal.SIGCONT)
+            return None
+        return victim
+
     victim = None
     try:
-        # A finished shard (kept by the resume) first, then a writer caught mid-shard.
-        assert wait_for(lambda: done_records(c, name), step=0.2), "no shard was finished"
-        victim = wait_for(lambda: freeze_a_writer(c, out, planned), step=0.02)
-        assert victim, "no actor was seen mid-shard"
+        victim = wait_for(a_writer_after_a_finished_shard, step=0.01)
+        assert victim, "no actor was seen mid-shard after a shard was finished"
         assert driver.poll() is None, "the kill must land mid-merge"
     finally:
         actors = merge_actor_pids(c)
@@ -257,16 +269,17 @@ def test_a_merge_killed_mid_shard_then_resumed(medium_parents, bucket_cluster, m
         if victim:
             os.kill(victim[0], signal.SIGKILL)  # a stopped process dies of SIGKILL as it is
     victim_pid, victim_shard = victim
-    # A process closes its files (and s3fs uploads what it was writing, in FLUSH) before it is a
-    # zombie, and hides them from /proc/PID/fd before that: wait for the zombies.
+    # The kernel releases a killed process's files once it is gone; s3fs then uploads them.
     assert wait_for(lambda: all(state(pid) in "ZX" for pid in actors), timeout=60), "the actors did not stop"
+    assert wait_for(lambda: not s3fs_open_files(c.head) and not s3fs_open_files(c.worker), timeout=60), \
+        "s3fs did not release the killed writers' files"
 
     before = list_objects(c.endpoint, c.bucket, name)
     kept = done_records(c, name)
     assert "config.json" not in before, "an interrupted merge must not look like a model"
     assert kept and victim_shard not in kept, sorted(kept)
     # What the resume must rewrite: the part the killed writer had written, uploaded as the shard.
-    assert 0 < before.get(victim_shard, 0) < planned[victim_shard], \
+    assert before.get(victim_shard, planned[victim_shard]) < planned[victim_shard], \
         f"{victim_shard} ({planned[victim_shard]} bytes planned) was killed mid-shard; the bucket holds {before}"
 
     merge_into_bucket(c, medium_parents, name, MEDIUM, "--resume")

@@ -169,6 +169,26 @@ def test_rayjob_runs_the_image_with_token_auth_gpu_tolerations_and_a_deadline():
             group["template"]["spec"]["tolerations"]
 
 
+def test_bucket_rayjob_passes_kuberays_schema_and_needs_no_volume(kubernetes):
+    """rayjob-s3.yaml: the same cluster as rayjob.yaml, parents and output in a bucket, the
+    credentials from one Secret in every Ray container, and no volume anywhere."""
+    rayjob, _ = kubernetes
+    [job] = _load_all("rayjob-s3.yaml")
+    assert _errors(rayjob, job) == []
+    words = job["spec"]["entrypoint"].split()
+    assert words[:2] == ["raymerge", "merge"] and words[2].startswith("s3://") and words[3].startswith("s3://")
+    assert words[words.index("-o") + 1].startswith("s3://")
+    cluster = job["spec"]["rayClusterSpec"]
+    _, plain = _load_all("rayjob.yaml")
+    assert cluster["authOptions"] == plain["spec"]["rayClusterSpec"]["authOptions"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        assert "volumes" not in pod
+        for container in pod["containers"]:
+            assert "volumeMounts" not in container
+            assert container["envFrom"] == [{"secretRef": {"name": "raymerge-s3"}}]
+
+
 # --- the image (cluster/Dockerfile) -------------------------------------------------------------
 
 def _dockerfile():
@@ -185,6 +205,8 @@ def test_one_ray_version_everywhere():
     (_, job) = _load_all("rayjob.yaml")
     version = job["spec"]["rayClusterSpec"]["rayVersion"]
     assert base == f"rayproject/ray:{version}-py311-gpu"
+    [bucket_job] = _load_all("rayjob-s3.yaml")
+    assert bucket_job["spec"]["rayClusterSpec"]["rayVersion"] == version
     pins = re.findall(r"ray\[default\]==([\w.]+)", "\n".join(_launcher_config()["setup_commands"]))
     (wf,) = _load_all("ci-submit.yml")
     pins += [p for s in _steps(wf) for p in re.findall(r"ray\[default\]==([\w.]+)", s.get("run", ""))]
