@@ -36,6 +36,7 @@ import os
 import threading
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -48,6 +49,7 @@ AHEAD_BYTES = 512 * 2**20
 # A tensor is read whole when both parents' bytes fit in this; a larger one is streamed.
 LOAD_BYTES = 256 * 2**20
 READ_CHUNK = 16 * 2**20  # bytes per read call
+FETCHES_IN_FLIGHT = 8  # tensors fetched from a bucket at once
 ALIGN = DIRECT_ALIGN  # O_DIRECT's alignment of buffers, offsets and lengths
 
 
@@ -198,6 +200,8 @@ class ReadAhead:
         self._error: BaseException | None = None
         self._closed = False
         self._fds: dict[str, tuple[int, int | None]] = {}
+        self._objects: dict[str, object] = {}  # URI -> the object opened for ranged reads
+        self._pool: ThreadPoolExecutor | None = None  # fetches from a bucket (_fetch)
         self._maps: dict[str, mmap.mmap] = {}
         self.keep_from = len(tensors) if keep_from is None else keep_from
         self.leftover: dict[str, tuple[dict, list]] = {}
@@ -252,14 +256,14 @@ class ReadAhead:
                         return
                     if i in self._loaded:  # carried over from the last call
                         continue
-                if self.loads(tensor):
+                if self.loads(tensor) and any(storage.is_uri(e.file) for e in _entries(tensor)):
+                    # In a bucket each small read costs a request's latency, not its bytes: several
+                    # tensors are fetched at once (within the same read-ahead bound).
+                    bufs = [self.buffers.get(e.nbytes) for e in _entries(tensor)]
+                    self._fetches().submit(self._fetch, i, _entries(tensor), bufs)
+                elif self.loads(tensor):
                     got, bufs = {}, []
                     for e in _entries(tensor):
-                        if storage.is_uri(e.file):
-                            bufs.append(self.buffers.get(e.nbytes))
-                            storage.read_into(e.file, e.start, memoryview(bufs[-1][:e.nbytes].numpy()))
-                            got[(e.file, e.name)] = _typed(bufs[-1], e)
-                            continue
                         fds = self._fds_of(e.file)
                         if _LIBC is not None and _cached(fds[0], e.start, e.nbytes):
                             got[(e.file, e.name)] = self._mapped(e)  # in the page cache: no copy
@@ -303,6 +307,41 @@ class ReadAhead:
             raw = raw.clone()
         return raw.view(dtype).reshape(entry.shape)
 
+    def _fetches(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(FETCHES_IN_FLIGHT, thread_name_prefix="raymerge-fetch")
+        return self._pool
+
+    def _fetch(self, i: int, entries: list[TensorEntry], bufs: list[torch.Tensor]) -> None:
+        """Read tensor ``i``'s entries from their objects into ``bufs`` (a fetch thread)."""
+        try:
+            got = {}
+            for e, buf in zip(entries, bufs):
+                storage.read_into(self._object(e.file), e.start, memoryview(buf[:e.nbytes].numpy()))
+                got[(e.file, e.name)] = _typed(buf, e)
+            with self._cond:
+                self._loaded[i], self._held_buffers[i] = got, bufs
+                self._cond.notify_all()
+        except BaseException as e:  # raised to the actor by take()
+            for buf in bufs:
+                self.buffers.put(buf)
+            with self._cond:
+                self._error = self._error or e
+                self._cond.notify_all()
+
+    def _object(self, uri: str):
+        """An object in a bucket, opened once for all its tensors' ranged reads (which may run
+        at once: Arrow's read_at is thread-safe)."""
+        with self._cond:
+            f = self._objects.get(uri)
+        if f is None:
+            opened = storage.open_input(uri)
+            with self._cond:
+                f = self._objects.setdefault(uri, opened)
+            if f is not opened:
+                opened.close()
+        return f
+
     def _fds_of(self, file: str) -> tuple[int, int | None]:
         """The file opened plainly, and with O_DIRECT where the platform and file system allow."""
         fds = self._fds.get(file)
@@ -318,6 +357,11 @@ class ReadAhead:
             self._closed = True
             self._cond.notify_all()
         self._thread.join()
+        if self._pool is not None:  # every fetch submitted finishes: its buffers are then released
+            self._pool.shutdown(wait=True)
+        for f in self._objects.values():
+            f.close()
+        self._objects.clear()
         unused = [j for j in self._loaded if j >= max(self.keep_from, self._done_until + 1)]
         self.leftover = {self.tensors[j].name: (self._loaded.pop(j), self._held_buffers.pop(j)) for j in unused}
         self._release(lambda j: True)

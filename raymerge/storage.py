@@ -194,19 +194,28 @@ def read_range(path: str, offset: int, length: int) -> bytes:
         return f.read_at(length, offset)
 
 
-def read_into(path: str, offset: int, view: memoryview) -> None:
-    """Fill ``view`` with the object's bytes from ``offset``: large ranged reads, several in flight."""
+def open_input(path: str):
+    """An object opened for ranged reads (``read_into``): open it once, read it many times."""
     fs, key = _resolve(path)
-    with fs.open_input_file(key) as f:
-        def read(pos: int) -> None:
-            n = min(READ_CHUNK, len(view) - pos)
-            data = f.read_at(n, offset + pos)
-            if len(data) != n:
-                raise OSError(f"{path}: unexpected end of file at byte {offset + pos + len(data)}")
-            view[pos:pos + n] = data
+    return fs.open_input_file(key)
 
-        with ThreadPoolExecutor(READS_IN_FLIGHT, thread_name_prefix="raymerge-get") as pool:
-            list(pool.map(read, range(0, len(view), READ_CHUNK)))
+
+def read_into(f, offset: int, view: memoryview) -> None:
+    """Fill ``view`` with an opened object's bytes from ``offset``: large ranged reads, several
+    in flight for a large range (a single GET rarely fills the network)."""
+    def read(pos: int) -> None:
+        n = min(READ_CHUNK, len(view) - pos)
+        data = f.read_at(n, offset + pos)
+        if len(data) != n:
+            raise OSError(f"unexpected end of object at byte {offset + pos + len(data)}")
+        view[pos:pos + n] = data
+
+    starts = range(0, len(view), READ_CHUNK)
+    if len(starts) == 1:
+        read(0)
+        return
+    with ThreadPoolExecutor(READS_IN_FLIGHT, thread_name_prefix="raymerge-get") as pool:
+        list(pool.map(read, starts))
 
 
 def write_bytes(path: str, data: bytes) -> None:

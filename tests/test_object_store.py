@@ -230,3 +230,36 @@ def test_refusals_are_one_line_and_leave_no_model(s3, locked_s3, ray_head, tiny_
     assert proc.returncode == 1
     assert proc.stderr.startswith(f"raymerge: error: {expected}") and proc.stderr.count("\n") == 1, proc.stderr
     assert not _objects(s3.endpoint, "models/refused"), "nothing written"
+
+
+def test_reading_ahead_from_a_bucket_gives_the_bytes_and_every_buffer_back(s3, tiny_parents, monkeypatch):
+    """The read-ahead fetches a bucket's tensors several at once: each is the parent's tensor,
+    and every buffer lent for them is returned, also when a fetch fails (an object cut short)."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from raymerge import storage
+    from raymerge.options import MergeOptions
+    from raymerge.parents import load_parent
+    from raymerge.plan import build_plan
+    from raymerge.readahead import Buffers, ReadAhead
+
+    for k, v in s3_env(s3.endpoint).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(storage, "_filesystems", {})  # this server's, not another test's
+    a, b = "s3://models/parents/a", "s3://models/parents/b"
+    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), MergeOptions(a=a, b=b, out="unused"), 1)
+    local = load_file(os.path.join(tiny_parents[0], "model.safetensors"))
+    buffers = Buffers()
+    with ReadAhead(plan.tensors, buffers) as ahead:
+        for i, t in enumerate(plan.tensors):
+            assert ahead.take(i)[(t.a.file, t.a.name)].equal(local[t.name]), t.name
+    assert buffers.lent_bytes == 0
+    cut = list(plan.tensors)
+    cut[3] = replace(cut[3], a=replace(cut[3].a, start=cut[3].a.start + 10**9, end=cut[3].a.end + 10**9))
+    with pytest.raises(OSError):
+        with ReadAhead(cut, buffers) as ahead:
+            for i in range(len(cut)):
+                ahead.take(i)
+    assert buffers.lent_bytes == 0
