@@ -31,6 +31,8 @@ against the float64 dots they replaced. Each raymerge run's own ``time:`` line g
 sections of bench/realsize.py: tiny parents from prompt to prompt (raymerge as ``pip install .``
 installs it, and with the test extras, against mergekit), and the 7B-shaped pair read from
 storage (parents evicted before every run; skipped with a note when the disk lacks room).
+bench/objectstore.py adds a merge with parents and child in a bucket of a local S3 server against
+the same merge on local disk.
 The results go to BENCHMARKS.md.
 """
 
@@ -56,6 +58,7 @@ sys.path[:0] = [HERE, os.path.join(ROOT, "tests")]
 from mergekit_recipe import (MERGEKIT_FLAGS, compare_outputs, ensure_mergekit,  # noqa: E402
                              mergekit_view, write_recipe)
 from actor_split import split_table  # noqa: E402
+from objectstore import objectstore_section  # noqa: E402
 from reductions import reduction_table  # noqa: E402
 from parents import bench_parents  # noqa: E402
 from raynodes import RayNode  # noqa: E402
@@ -444,6 +447,7 @@ def main() -> None:
     read_fully(weight_files(a) + weight_files(b))
     split = split_table(a, b, args.reps, wait_quiet, rm_env) + [""] + reduction_table()
     lines, targets = tiny_section(args.tiny_reps, rm_env, RAYMERGE, mergekit, work)
+    lines += objectstore_section(args.reps, env=rm_env)
     if not args.no_7b:
         more, more_targets = seven_b_section(args.reps_7b, rm_env, RAYMERGE, mergekit, work)
         lines, targets = lines + more, targets + more_targets

@@ -81,21 +81,21 @@ def same_as_local(env: dict[str, str], uri: str, local: str) -> bool:
     return subprocess.run([sys.executable, "-c", check, uri, local], env=env).returncode == 0
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--layers", type=int, default=8)
-    args = p.parse_args()
-    a, b = parents(args.layers)
+def objectstore_section(reps: int, layers: int = 8, env: dict[str, str] | None = None) -> list[str]:
+    """Markdown lines of the section: the table, and what it measured. ``env``: the runs'
+    environment (bench.py points PYTHONPATH at its frozen copy of raymerge)."""
+    a, b = parents(layers)
     size = sum(os.path.getsize(os.path.join(a, f)) for f in os.listdir(a) if f.endswith(".safetensors"))
     work = tempfile.mkdtemp(prefix="raymerge-bench-s3-", dir="/tmp")
     token = os.path.join(work, "auth_token")
     with open(token, "w") as f:
         f.write(secrets.token_hex(32))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_", "AWS_"))}
+    env = {k: v for k, v in (env or os.environ).items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_", "AWS_"))}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token)  # as bench.py's head
     server = S3Server(os.path.join(work, "moto.log"))
     head = None
+    local, bucket = "local disk", "s3 bucket (local moto server)"
+    times: dict[str, list[float]] = {local: [], bucket: []}
     try:
         server.wait_ready()
         server.create_bucket("bench")
@@ -104,32 +104,37 @@ def main() -> None:
         head = RayNode(os.path.join(work, "head.log"), num_cpus=2, env=env)
         head.wait_ready(timeout=120)
         s3 = {**env, **s3_env(server.endpoint)}
-        times: dict[str, list[float]] = {"local disk": [], "s3 bucket (local moto server)": []}
-        local0 = os.path.join(work, "local-0")
-        for rep in range(args.reps):
-            runs = [("local disk", lambda: timed([RAYMERGE, "merge", a, b, "-o", os.path.join(work, f"local-{rep}"),
-                                                  "--address", head.address, *ARGS], env)),
-                    ("s3 bucket (local moto server)",
-                     lambda: timed([RAYMERGE, "merge", "s3://bench/a", "s3://bench/b", "-o", f"s3://bench/child-{rep}",
-                                    "--address", head.address, *ARGS], s3))]
-            for name, run in runs[rep % 2:] + runs[:rep % 2]:
-                times[name].append(run())
-                print(f"rep {rep + 1}/{args.reps}  {name:32s} {times[name][-1]:6.1f} s", flush=True)
-        identical = all(same_as_local(s3, f"s3://bench/child-{rep}", local0) for rep in range(args.reps))
+        for rep in range(reps):
+            runs = [(local, [RAYMERGE, "merge", a, b, "-o", os.path.join(work, f"local-{rep}")], env),
+                    (bucket, [RAYMERGE, "merge", "s3://bench/a", "s3://bench/b", "-o", f"s3://bench/child-{rep}"], s3)]
+            for name, argv, run_env in runs[rep % 2:] + runs[:rep % 2]:
+                times[name].append(timed([*argv, "--address", head.address, *ARGS], run_env))
+                print(f"objectstore rep {rep + 1}/{reps}  {name:32s} {times[name][-1]:6.1f} s", flush=True)
+        identical = all(same_as_local(s3, f"s3://bench/child-{rep}", os.path.join(work, "local-0"))
+                        for rep in range(reps))
     finally:
         if head is not None:
             head.stop()
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
-    base = statistics.median(times["local disk"])
-    print(f"\nParents: two bf16 Llamas of {size / 1e6:.0f} MB each ({args.layers} layers, hidden 512, vocab 32000); "
-          f"`merge {' '.join(ARGS)}` on a warm Ray head (2 CPUs); {args.reps} reps, round-robin; medians. "
-          f"Every s3 child byte-identical to the local one: {'yes' if identical else 'NO'}.\n")
-    print("| parents and child | median wall s | min / max s | × local disk |")
-    print("|---|---|---|---|")
-    for name, ts in times.items():
-        print(f"| {name} | {statistics.median(ts):.1f} | {min(ts):.1f} / {max(ts):.1f} | "
-              f"{statistics.median(ts) / base:.2f}× |")
+    base = statistics.median(times[local])
+    rows = [f"| {name} | {statistics.median(ts):.1f} | {min(ts):.1f} / {max(ts):.1f} | "
+            f"{statistics.median(ts) / base:.2f}× |" for name, ts in times.items()]
+    return ["## Parents and child in a bucket", "",
+            f"Two bf16 Llamas of {size / 1e6:.0f} MB each ({layers} layers, hidden 512, vocab 32000), merged with "
+            f"`merge {' '.join(ARGS)}` on a warm Ray head (2 CPUs): on local disk (parents in page cache), and "
+            "with parents and child as `s3://` URIs on a local S3 server (moto, in-memory, a Python process on "
+            f"the same 2 CPUs, which spends ~70 ms per request). {reps} reps, round-robin; medians. Every s3 child "
+            f"byte-identical to the local one: {'yes' if identical else 'NO'}.", "",
+            "| parents and child | median wall s | min / max s | × local disk |", "|---|---|---|---|", *rows, ""]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--layers", type=int, default=8)
+    args = p.parse_args()
+    print("\n".join(objectstore_section(args.reps, args.layers)))
 
 
 if __name__ == "__main__":
