@@ -36,8 +36,8 @@ from raymerge.report import tensor_report
 from raymerge.session import RaySession
 from raymerge.slerp import slerp_coefficients
 
-# Each actor call reads and writes about this many bytes together: progress moves, a lost actor
-# costs one call, and no call runs for long.
+# Each reduce call (--eval's first pass) reads about this many bytes: progress moves, a lost actor
+# costs one call, and no call runs for long. A write call is one shard: its one writer.
 CALL_BYTES = 256 * 2**20
 
 
