@@ -33,7 +33,7 @@ INDEX = "model.safetensors.index.json"
 TINY = ("--workers", "2", "--max-shard-size", "200KB")
 SWEEP = ("-t", "0.2", "-t", "0.5", "-t", "0.8")
 SWEEP_DIRS = ("t-0.2", "t-0.5", "t-0.8")
-# medium_parents hold ~116 MB: six shards, and small row blocks make a shard take a while to write.
+# medium_parents hold ~116 MB: five shards, and small row blocks make a shard take a while to write.
 MEDIUM = ("--workers", "2", "--max-shard-size", "20MB", "--block-size", "256KiB")
 
 
@@ -95,9 +95,9 @@ def provenance(c, key: str) -> dict:
 
 
 def assert_written_once(c, key: str, got: dict[str, bytes], sub: str = "") -> set[str]:
-    """Every shard of output ``key``'s index has one writer in its raymerge.json, and the size and
-    CRC-32 of the bytes read back (``got``, relative to ``key``'s parent with ``sub``); returns the
-    writers' Ray nodes."""
+    """Every shard of the index of the output in ``key/sub`` has one writer in its raymerge.json,
+    and the size and CRC-32 of the bytes read back (``got``: the files under ``key``); returns
+    the writers' Ray nodes."""
     index = json.loads(got[os.path.join(sub, INDEX)])
     shard_files = {n: got[os.path.join(sub, n)] for n in set(index["weight_map"].values())}
     recorded = provenance(c, os.path.join(key, sub) if sub else key)["shards"]
@@ -196,13 +196,14 @@ def all_stopped(pid: int) -> bool:
     return all(state(int(t)) in "Tt" for t in threads)
 
 
-def freeze_a_writer(c, out: str) -> tuple[int, str] | None:
+def freeze_a_writer(c, out: str, planned: dict[str, int]) -> tuple[int, str, int] | None:
     """Stop (SIGSTOP) an actor mid-shard: it holds a shard of ``out`` open (it is inside a write
-    call) with some bytes written, and is not in a long system call such as the fsync of
-    ``close``, in which s3fs uploads the whole shard (a thread stops only once its system call
-    returns). Returns the actor and the shard's name, or None if no actor is so now."""
+    call) with some but not all of its ``planned`` bytes written, so it is not yet in the fsync
+    of ``close``, in which s3fs uploads the whole shard. (A thread stops once its system call
+    returns: the size is read when all have.) Returns the actor, the shard's name and its bytes
+    written, or None if no actor is so now."""
     for pid in merge_actor_pids(c):
-        if not any(open_shards(pid, out).values()):
+        if not any(0 < size < planned[shard] for shard, size in open_shards(pid, out).items()):
             continue
         try:
             os.kill(pid, signal.SIGSTOP)
@@ -210,8 +211,8 @@ def freeze_a_writer(c, out: str) -> tuple[int, str] | None:
             continue
         if wait_for(lambda: all_stopped(pid), timeout=0.05, step=0.002):
             for shard, size in open_shards(pid, out).items():
-                if size:
-                    return pid, shard
+                if 0 < size < planned[shard]:
+                    return pid, shard, size
         resume(pid)
     return None
 
@@ -260,9 +261,9 @@ def test_a_merge_killed_mid_shard_then_resumed(medium_parents, bucket_cluster, m
     def finished_shards() -> bool:
         return any(k.endswith(".json") for k in list_objects(c.endpoint, c.bucket, f"{name}/.raymerge/done"))
 
-    def a_writer_after_a_finished_shard() -> tuple[int, str] | None:
+    def a_writer_after_a_finished_shard() -> tuple[int, str, int] | None:
         """A writer frozen mid-shard once some shard is finished (and will be kept by the resume)."""
-        victim = freeze_a_writer(c, out)
+        victim = freeze_a_writer(c, out, planned)
         if victim and not finished_shards():
             resume(victim[0])
             return None
@@ -279,7 +280,7 @@ def test_a_merge_killed_mid_shard_then_resumed(medium_parents, bucket_cluster, m
         driver.wait(timeout=60)
         if victim:
             os.kill(victim[0], signal.SIGKILL)  # a stopped process dies of SIGKILL as it is
-    victim_pid, victim_shard = victim
+    victim_pid, victim_shard, written = victim
     # The kernel releases a killed process's files once it is gone; s3fs then uploads them.
     assert wait_for(lambda: all(state(pid) in "ZX" for pid in actors), timeout=60), "the actors did not stop"
     assert wait_for(lambda: not s3fs_open_files(c.head) and not s3fs_open_files(c.worker), timeout=60), \
@@ -287,12 +288,11 @@ def test_a_merge_killed_mid_shard_then_resumed(medium_parents, bucket_cluster, m
 
     before = list_objects(c.endpoint, c.bucket, name)
     kept = done_records(c, name)
-    print("VICTIM", victim_shard, before.get(victim_shard), planned[victim_shard], sorted(kept))
     assert "config.json" not in before, "an interrupted merge must not look like a model"
     assert kept and victim_shard not in kept, sorted(kept)
     # What the resume must rewrite: the part the killed writer had written, uploaded as the shard.
-    assert 0 < before.get(victim_shard, 0) < planned[victim_shard], \
-        f"{victim_shard} ({planned[victim_shard]} bytes planned) was killed mid-shard; the bucket holds {before}"
+    assert before.get(victim_shard) == written, \
+        f"{victim_shard}: killed with {written} of {planned[victim_shard]} bytes written; the bucket holds {before}"
 
     merge_into_bucket(c, medium_parents, name, MEDIUM, "--resume")
     got = assert_bucket_holds(c, name, medium_reference, tmp_path)
