@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import shutil
 
 from raymerge import __version__, storage
 from raymerge.align import tied
@@ -34,12 +33,7 @@ def fsync_path(path: str) -> None:
 
 
 def write_atomic(path: str, data: str | bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    storage.write_bytes(path, data.encode() if isinstance(data, str) else data)
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -141,9 +135,8 @@ def assemble(out_dir: str, a: Parent, b: Parent, plan: MergePlan, options: Merge
     else:
         tok_parent = a if plan.tokenizer_from == "a" else b
         for name in tok_parent.tokenizer_files():
-            tmp = os.path.join(out_dir, f".{name}.tmp")
-            shutil.copyfile(os.path.join(tok_parent.path, name), tmp)
-            os.replace(tmp, os.path.join(out_dir, name))
+            with open(os.path.join(tok_parent.path, name), "rb") as f:
+                write_atomic(os.path.join(out_dir, name), f.read())
     gen = os.path.join(ids_parent(a, b, plan).path, "generation_config.json")
     if os.path.isfile(gen):
         with open(gen) as f:

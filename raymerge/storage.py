@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
@@ -218,20 +219,36 @@ def read_into(f, offset: int, view: memoryview) -> None:
         list(pool.map(read, starts))
 
 
+# What a file system without rename answers (mountpoint-s3: ENOSYS or EOPNOTSUPP; others EPERM).
+NO_RENAME = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM, errno.EXDEV}
+
+
 def write_bytes(path: str, data: bytes) -> None:
-    """Write a small file whole: locally under a temporary name, synced, then renamed into place;
-    to an object store as one upload, which appears whole or not at all."""
+    """Write a small file whole: locally under a temporary name, synced, then renamed into place
+    (where the file system cannot rename, a mounted bucket, written in place: a reader that finds
+    it cut short, a JSON record or config, refuses it); to an object store as one upload, which
+    appears whole or not at all."""
     if not is_uri(path):
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _write_synced(tmp, data)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            if e.errno not in NO_RENAME:
+                raise
+            os.remove(tmp)
+            _write_synced(path, data)
         return
     fs, key = _resolve(path)
     with fs.open_output_stream(key) as f:
         f.write(data)
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def open_output(path: str):

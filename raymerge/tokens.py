@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from raymerge import storage
 from raymerge.errors import InputError, RaymergeError
 
 # Any of these makes a directory hold a tokenizer transformers can load.
@@ -228,9 +229,10 @@ def write_union_tokenizer(out_dir: str, a_dir: str, vb: Vocab, tmap: TokenMap) -
     is copied alongside (it holds A's pieces; the added tokens live in ``tokenizer.json`` and
     ``tokenizer_config.json``)."""
     tok = union_tokenizer(a_dir, vb, tmap)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".tokenizer-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="raymerge-tokenizer-") as tmp:
         tok.save_pretrained(tmp)
         if os.path.isfile(os.path.join(a_dir, "tokenizer.model")):
             shutil.copyfile(os.path.join(a_dir, "tokenizer.model"), os.path.join(tmp, "tokenizer.model"))
         for name in sorted(os.listdir(tmp)):
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+            with open(os.path.join(tmp, name), "rb") as f:
+                storage.write_bytes(os.path.join(out_dir, name), f.read())

@@ -263,3 +263,26 @@ def test_reading_ahead_from_a_bucket_gives_the_bytes_and_every_buffer_back(s3, t
             for i in range(len(cut)):
                 ahead.take(i)
     assert buffers.lent_bytes == 0
+
+
+def test_small_files_are_written_in_place_where_rename_is_refused(tmp_path, monkeypatch):
+    """A bucket mounted with mountpoint-s3 has no rename (ENOSYS): completion records, configs and
+    tokenizer files are then written in place, leaving no temporary file. (mountpoint-s3 is not
+    packaged for this machine: its refusal is reproduced here.) Any other failure is raised."""
+    import errno
+
+    from raymerge import storage
+
+    def no_rename(src, dst):
+        raise OSError(errno.ENOSYS, "Function not implemented", src)
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    storage.write_bytes(str(tmp_path / "config.json"), b"{}\n")
+    assert os.listdir(tmp_path) == ["config.json"] and (tmp_path / "config.json").read_bytes() == b"{}\n"
+
+    def denied(src, dst):
+        raise OSError(errno.EACCES, "Permission denied", src)
+
+    monkeypatch.setattr(os, "replace", denied)
+    with pytest.raises(PermissionError):
+        storage.write_bytes(str(tmp_path / "other.json"), b"{}\n")
