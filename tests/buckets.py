@@ -152,7 +152,7 @@ class S3Mount:
         self.close()
 
 
-def _pyarrow_s3(endpoint: str):
+def pyarrow_s3(endpoint: str):
     from pyarrow import fs
 
     return fs.S3FileSystem(access_key=ACCESS_KEY, secret_key=SECRET_KEY, region=REGION, scheme="http",
@@ -161,7 +161,7 @@ def _pyarrow_s3(endpoint: str):
 
 def read_object(endpoint: str, bucket: str, key: str) -> bytes:
     """An object's bytes through pyarrow.fs (what actors reading s3:// URIs use), not s3fs."""
-    with _pyarrow_s3(endpoint).open_input_stream(f"{bucket}/{key}") as f:
+    with pyarrow_s3(endpoint).open_input_stream(f"{bucket}/{key}") as f:
         return f.read()
 
 
@@ -170,7 +170,7 @@ def list_objects(endpoint: str, bucket: str, prefix: str) -> dict[str, int]:
     what the bucket holds, whatever any s3fs mount has cached. Empty if there are none."""
     from pyarrow import fs
 
-    infos = _pyarrow_s3(endpoint).get_file_info(fs.FileSelector(f"{bucket}/{prefix}", recursive=True,
+    infos = pyarrow_s3(endpoint).get_file_info(fs.FileSelector(f"{bucket}/{prefix}", recursive=True,
                                                                 allow_not_found=True))
     root = f"{bucket}/{prefix}/"
     return {i.path.removeprefix(root): i.size for i in infos if i.type == fs.FileType.File}

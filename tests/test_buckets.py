@@ -6,7 +6,7 @@ Each output is read back through a third s3fs mount (no cache of the nodes' moun
 pyarrow (past s3fs), and must be byte-identical to the same merge written to a local directory.
 Its ``raymerge.json`` must record, for every shard of the index, one writer (an actor, on one of
 the two nodes) and the size and CRC-32 of the bytes the bucket holds; the writers span both nodes.
-Covered: one t, a sweep of three, and a merge killed mid-shard (driver and a writing actor) then
+Covered: one t, a sweep of three, parents and output as s3:// URIs (no mount), and a merge killed mid-shard (driver and a writing actor) then
 resumed, where the object the killed writer left must be rewritten.
 """
 
@@ -22,7 +22,7 @@ import zlib
 
 import pytest
 
-from buckets import S3Mount, list_objects, read_object, run_in_node, s3fs_open_files, start_in_node
+from buckets import S3Mount, pyarrow_s3, list_objects, read_object, run_in_node, s3fs_open_files, start_in_node
 from raynodes import descendants
 
 CLI = [sys.executable, "-m", "raymerge.cli"]
@@ -148,6 +148,26 @@ def test_a_sweep_into_a_bucket_mounted_on_two_nodes(tiny_parents, bucket_cluster
     got = assert_bucket_holds(c, "sweep", sweep_reference, tmp_path)
     for sub in SWEEP_DIRS:
         assert len(assert_written_once(c, "sweep", got, sub)) == 2, f"{sub}: both nodes wrote shards"
+
+
+def test_s3_parents_and_output_on_two_nodes(tiny_parents, bucket_cluster, tiny_reference, tmp_path):
+    """No mount at all: parents and output as s3:// URIs, the server and credentials in the
+    standard AWS variables. Byte-identical to the local merge, each shard written once, by actors
+    on both nodes. (That the driver hands the variables to actors whose nodes lack them is
+    test_object_store's: its Ray head has none.)"""
+    c = bucket_cluster
+    s3 = pyarrow_s3(c.endpoint)
+    for label, parent in zip("ab", tiny_parents):
+        for name in os.listdir(parent):
+            with open(os.path.join(parent, name), "rb") as f, \
+                    s3.open_output_stream(f"{c.bucket}/parents/{label}/{name}") as o:
+                o.write(f.read())
+    parents = [f"s3://{c.bucket}/parents/a", f"s3://{c.bucket}/parents/b"]
+    merged = subprocess.run(merge_argv(c, parents, f"s3://{c.bucket}/by-uri", TINY), capture_output=True, text=True,
+                            timeout=300, env={**os.environ, **c.env})
+    assert merged.returncode == 0, merged.stderr
+    got = assert_bucket_holds(c, "by-uri", tiny_reference, tmp_path)
+    assert len(assert_written_once(c, "by-uri", got)) == 2, "both nodes wrote shards"
 
 
 # ---- killed mid-shard, then resumed ----------------------------------------------------------

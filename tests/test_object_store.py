@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 import raymerge
-from buckets import S3Server, s3_env
+from buckets import S3Server, pyarrow_s3, s3_env
 
 CLI = [sys.executable, "-m", "raymerge.cli"]
 SHARD = "200KB"  # the tiny parents' ~560 KB of tensors in four shards
@@ -35,7 +35,7 @@ def s3(tmp_path_factory, tiny_parents):
     try:
         server.wait_ready()
         server.create_bucket("models")
-        fs = _fs(server.endpoint)
+        fs = pyarrow_s3(server.endpoint)
         for label, parent in zip("ab", tiny_parents):
             for name in os.listdir(parent):
                 with open(os.path.join(parent, name), "rb") as f, fs.open_output_stream(f"models/parents/{label}/{name}") as o:
@@ -52,19 +52,11 @@ def local_merge(tiny_parents, ray_head, tmp_path_factory):
     return out
 
 
-def _fs(endpoint: str):
-    from pyarrow import fs
-
-    env = s3_env(endpoint)
-    return fs.S3FileSystem(access_key=env["AWS_ACCESS_KEY_ID"], secret_key=env["AWS_SECRET_ACCESS_KEY"],
-                           region=env["AWS_REGION"], scheme="http", endpoint_override=endpoint.removeprefix("http://"))
-
-
 def _objects(endpoint: str, prefix: str) -> dict[str, bytes]:
     """Every object under ``bucket/prefix``, by its key below the prefix."""
     from pyarrow import fs as pafs
 
-    fs = _fs(endpoint)
+    fs = pyarrow_s3(endpoint)
     found = {}
     for info in fs.get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True)):
         if info.type == pafs.FileType.File:
@@ -220,7 +212,7 @@ def test_refusals_are_one_line_and_leave_no_model(s3, locked_s3, ray_head, tiny_
         endpoint = locked_s3.endpoint
         args, expected = ("s3://models/parents/a", b, "-o", out), "parent A: cannot list s3://models/parents/a"
     elif case == "no weights":
-        fs = _fs(endpoint)
+        fs = pyarrow_s3(endpoint)
         with fs.open_output_stream("models/config-only/config.json") as f:
             f.write(open(os.path.join(a, "config.json"), "rb").read())
         args, expected = ("s3://models/config-only", b, "-o", out), "s3://models/config-only: no weights found"
