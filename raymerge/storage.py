@@ -28,13 +28,12 @@ SCHEMES = ("s3://", "gs://", "gcs://")
 READ_CHUNK = 16 * 2**20  # bytes per ranged read of an object
 READS_IN_FLIGHT = 4  # ranged reads of one object at once: a single GET rarely fills the network
 
-_filesystems: dict[str, object] = {}
-_lock = threading.Lock()
-
-
 # The standard variables that configure object-store clients (pyarrow's, like the AWS and Google
 # SDKs'): the driver hands those it has to its actors, wherever Ray places them.
 CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_", "GCS_")
+
+_filesystems: dict[str, object] = {}  # one pyarrow filesystem per scheme and bucket
+_lock = threading.Lock()
 
 
 def actor_runtime_env() -> dict | None:
