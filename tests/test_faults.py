@@ -22,7 +22,9 @@ from raymerge.synthetic import build_parent, llama_config
 from raynodes import descendants
 
 # Small row blocks make the merge of the medium parents take seconds, so a kill lands mid-merge.
-MERGE = dict(t=0.5, workers=2, max_shard_size="20MB", block_bytes=256 * 1024)
+# Shards of 10 MB: a dozen, each written whole by one actor, so that a test can see some finished
+# while most are still to come.
+MERGE = dict(t=0.5, workers=2, max_shard_size="10MB", block_bytes=256 * 1024)
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +235,7 @@ def test_ctrl_c_or_sigterm_stops_cleans_up_and_resumes(medium_parents, ray_head,
     config.json, and --resume completes byte-identical to an undisturbed run."""
     out = str(tmp_path / "out")
     cmd = [sys.executable, "-m", "raymerge.cli", "merge", *medium_parents, "-o", out, "-t", "0.5",
-           "--workers", "2", "--max-shard-size", "20MB", "--block-size", "256KiB", "--address", ray_head.address]
+           "--workers", "2", "--max-shard-size", "10MB", "--block-size", "256KiB", "--address", ray_head.address]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert _wait_for(lambda: _finished_shards(out) and _partial_files(out)), \
         "no shard was finished while others were written"
