@@ -5,10 +5,10 @@ tensor in row blocks and accumulate its float64 reductions (and finiteness, equa
 tensors, the short parent's mean for ``--pad mean``); refuse it, writing nothing more, if a check
 fails; else turn the reductions into coefficients (one set per t), combine the same blocks and
 append the bytes to the shard, for every output. A call is one shard: its only writer, which
-writes it once, front to back, in file order. Every parent byte
-is read from storage once: a background thread reads the next tensors whole while this one is
-worked on (readahead.py; a tensor too large for that is streamed twice, the second time from the
-page cache), and another writes the finished blocks.
+writes it once, front to back, in file order. Every parent byte is read from storage once: a
+background thread reads the next tensors whole while this one is worked on (readahead.py; a
+tensor too large for that is streamed twice, the second time from the page cache), and another
+writes the finished blocks.
 
 ``--eval`` needs every tensor's coefficients before anything is written, so it splits the work
 in two: ``reduce`` returns the reductions of every tensor, the children are scored, and ``write``
@@ -23,9 +23,10 @@ Copied and non-float tensors never go to the GPU; padded rows are built on the C
 is one kernel, which a GPU may compute with a fused multiply-add) and ``--pad mean`` rows summed
 there.
 
-Tensor bytes never travel through Ray: the actor reads the parents and writes the shards on the
-filesystem; Ray carries plans, paths and small records. The class is plain Python so that tests
-and bench/gpu_check.sh can drive it without Ray; ``remote_actor_class`` wraps it for Ray.
+Tensor bytes never travel through Ray: the actor reads the parents and writes the shards itself,
+on a filesystem or in a bucket (storage.py); Ray carries plans, paths and small records. The
+class is plain Python so that tests and bench/gpu_check.sh can drive it without Ray;
+``remote_actor_class`` wraps it for Ray.
 """
 
 from __future__ import annotations
