@@ -235,7 +235,9 @@ def test_ctrl_c_or_sigterm_stops_cleans_up_and_resumes(medium_parents, ray_head,
     config.json, and --resume completes byte-identical to an undisturbed run."""
     out = str(tmp_path / "out")
     cmd = [sys.executable, "-m", "raymerge.cli", "merge", *medium_parents, "-o", out, "-t", "0.5",
-           "--workers", "2", "--max-shard-size", "10MB", "--block-size", "256KiB", "--address", ray_head.address]
+           # Small blocks (which never change an output byte) stretch the merge phase, so that the
+           # interrupt after the first finished shard lands mid-merge even on a busy machine.
+           "--workers", "2", "--max-shard-size", "10MB", "--block-size", "16KiB", "--address", ray_head.address]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert _wait_for(lambda: _finished_shards(out) and _partial_files(out)), \
         "no shard was finished while others were written"
