@@ -52,6 +52,20 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def merge_actor_pids(*nodes) -> list[int]:
+    """The MergeActor processes the nodes have spawned (their command line names the class)."""
+    pids = []
+    for node in nodes:
+        for pid in descendants(node.proc.pid):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().startswith(b"ray::MergeActor"):
+                        pids.append(pid)
+            except OSError:
+                pass
+    return pids
+
+
 class RayNode:
     """``ray start --block`` in its own session; ``stop()`` kills exactly the processes it spawned."""
 

@@ -23,7 +23,7 @@ import zlib
 import pytest
 
 from buckets import S3Mount, pyarrow_s3, list_objects, read_object, run_in_node, s3fs_open_files, start_in_node
-from raynodes import descendants
+from raynodes import merge_actor_pids
 
 CLI = [sys.executable, "-m", "raymerge.cli"]
 PROVENANCE = {"raymerge.json", "README.md"}  # they record the command and paths, which differ
@@ -172,19 +172,6 @@ def test_s3_parents_and_output_on_two_nodes(tiny_parents, bucket_cluster, tiny_r
 
 # ---- killed mid-shard, then resumed ----------------------------------------------------------
 
-def merge_actor_pids(c) -> list[int]:
-    pids = []
-    for node in (c.head, c.worker):
-        for pid in descendants(node.proc.pid):
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::MergeActor"):
-                        pids.append(pid)
-            except OSError:
-                pass
-    return pids
-
-
 def open_shards(pid: int, out: str) -> dict[str, int]:
     """The shards under ``out`` (a path in the nodes' namespaces) that ``pid`` holds open, and
     how many bytes each has so far."""
@@ -222,7 +209,7 @@ def freeze_a_writer(c, out: str, planned: dict[str, int]) -> tuple[int, str, int
     of ``close``, in which s3fs uploads the whole shard. (A thread stops once its system call
     returns: the size is read when all have.) Returns the actor, the shard's name and its bytes
     written, or None if no actor is so now."""
-    for pid in merge_actor_pids(c):
+    for pid in merge_actor_pids(c.head, c.worker):
         if not any(0 < size < planned[shard] for shard, size in open_shards(pid, out).items()):
             continue
         try:
@@ -295,7 +282,7 @@ def test_a_merge_killed_mid_shard_then_resumed(medium_parents, bucket_cluster, m
         assert victim, "no actor was seen mid-shard after a shard was finished"
         assert driver.poll() is None, "the kill must land mid-merge"
     finally:
-        actors = merge_actor_pids(c)
+        actors = merge_actor_pids(c.head, c.worker)
         os.killpg(driver.pid, signal.SIGKILL)  # the driver's whole process group
         driver.wait(timeout=60)
         if victim:

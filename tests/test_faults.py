@@ -19,7 +19,7 @@ import raymerge
 from raymerge.errors import InputError
 from raymerge.schedule import Schedule
 from raymerge.synthetic import build_parent, llama_config
-from raynodes import descendants
+from raynodes import merge_actor_pids
 
 # Small row blocks make the merge of the medium parents take seconds, so a kill lands mid-merge.
 # Shards of 10 MB: a dozen, each written whole by one actor, so that a test can see some finished
@@ -60,18 +60,6 @@ def _partial_files(out: str) -> list[str]:
             and not os.path.exists(os.path.join(done, f"{f}.json"))]
 
 
-def _merge_actor_pids(head) -> list[int]:
-    pids = []
-    for pid in descendants(head.proc.pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().startswith(b"ray::MergeActor"):
-                    pids.append(pid)
-        except OSError:
-            pass
-    return pids
-
-
 def _finished_shards(out: str) -> list[str]:
     """Shards with a completion record: kept by a resume."""
     done = os.path.join(out, ".raymerge", "done")
@@ -102,7 +90,7 @@ def test_actor_killed_mid_merge_is_replaced(medium_parents, ray_head, undisturbe
 
     def freeze_a_writer() -> bool:
         nonlocal victim
-        for pid in _merge_actor_pids(ray_head):
+        for pid in merge_actor_pids(ray_head):
             try:
                 os.kill(pid, signal.SIGSTOP)
             except ProcessLookupError:
