@@ -178,7 +178,7 @@ class OutputDir:
     def remove_unfinished(self, plan: MergePlan) -> None:
         """After a failure or an interrupt: every shard without a completion record goes, so that
         no half-written file stays behind."""
-        if storage.exists(storage.join(self.state_dir, "state.json")):
+        if storage.isfile(storage.join(self.state_dir, "state.json")):
             self.clear_unfinished(plan, set(range(len(plan.shards))) - set(self.finished_shards(plan)))
 
     # ---- as work completes ---------------------------------------------------------------

@@ -103,14 +103,6 @@ def bucket_exists(uri: str) -> bool:
     return fs.get_file_info(key.split("/", 1)[0]).type != pafs.FileType.NotFound
 
 
-def exists(path: str) -> bool:
-    if not is_uri(path):
-        return os.path.exists(path)
-    import pyarrow.fs as pafs
-
-    return _info(path).type != pafs.FileType.NotFound or bool(listdir(path))
-
-
 def isfile(path: str) -> bool:
     if not is_uri(path):
         return os.path.isfile(path)
