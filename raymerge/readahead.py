@@ -352,7 +352,10 @@ class ReadAhead:
             fds = self._fds[file] = (plain, direct)
         return fds
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Stop reading and give back the buffers of every tensor worked on. What was read of the
+        next call's tensors is kept in ``leftover``, unless the call ``failed``: then its buffers
+        are given back too, since no next call will take them."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -362,7 +365,7 @@ class ReadAhead:
         for f in self._objects.values():
             f.close()
         self._objects.clear()
-        unused = [j for j in self._loaded if j >= max(self.keep_from, self._done_until + 1)]
+        unused = [] if failed else [j for j in self._loaded if j >= max(self.keep_from, self._done_until + 1)]
         self.leftover = {self.tensors[j].name: (self._loaded.pop(j), self._held_buffers.pop(j)) for j in unused}
         self._release(lambda j: True)
         # Never m.close(): views of a mapping (carried over to the next call) do not pin it, and
@@ -372,5 +375,5 @@ class ReadAhead:
     def __enter__(self) -> "ReadAhead":
         return self
 
-    def __exit__(self, *_) -> None:
-        self.close()
+    def __exit__(self, exc_type, *_) -> None:
+        self.close(failed=exc_type is not None)

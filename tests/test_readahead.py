@@ -225,3 +225,26 @@ def test_tensors_carried_over_stay_valid_after_their_read_ahead_closes(odd_file,
         assert torch.equal(got[(path, name)], tensors[name]), name
     for m in maps:
         m.close()
+
+
+def test_a_failing_call_gives_back_the_buffers_read_for_the_next_one(odd_file):
+    """Buffers read ahead for the next call are handed over when a call ends well; when it fails
+    (a write refused with ENOSPC, an interrupt), there is no next call to take them: they go
+    back, so that a failure never leaves the read-ahead's budget counted as lent."""
+    path, _ = odd_file
+    _evict(path)  # read from storage into buffers, not viewed in the page cache
+    entries = list(read_header(path).values())
+
+    class T:
+        def __init__(self, e):
+            self.name, self.a, self.b = e.name, e, None
+
+    buffers = Buffers()
+    with pytest.raises(OSError, match="No space left"):
+        with ReadAhead([T(e) for e in entries], buffers, keep_from=1) as ahead:
+            ahead.take(0)
+            ahead._thread.join(timeout=30)  # the next call's tensors are read
+            assert buffers.lent_bytes > 0
+            raise OSError(28, "No space left on device")
+    assert ahead.leftover == {}
+    assert buffers.lent_bytes == 0
