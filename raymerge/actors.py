@@ -118,7 +118,6 @@ class MergeActor:
     def __init__(self, block_bytes: int, num_threads: int = 1, use_gpu: bool = False):
         self.block_bytes = block_bytes
         self.num_threads = max(1, num_threads)
-        _reuse_freed_memory()
         self.gpu_error = _cuda_problem() if use_gpu else None
         self.device = torch.device("cuda") if use_gpu and self.gpu_error is None else torch.device("cpu")
         if self.device.type == "cuda":
@@ -463,6 +462,16 @@ def _open(file: str):
     return safe_open(file, framework="pt")
 
 
+class WorkerMergeActor(MergeActor):
+    """A MergeActor that owns its process (a Ray worker): it tunes the process's allocator for
+    its block buffers. A MergeActor made in someone else's process (a test, a script) leaves it
+    alone."""
+
+    def __init__(self, *args, **kwargs):
+        _reuse_freed_memory()
+        super().__init__(*args, **kwargs)
+
+
 def remote_actor_class(num_cpus: float, num_gpus: float, max_restarts: int = 3):
     """The Ray actor class for MergeActor with its resource request. The driver's object-store
     configuration (AWS_*, GOOGLE_*, GCS_* variables) goes with it to every node."""
@@ -470,4 +479,4 @@ def remote_actor_class(num_cpus: float, num_gpus: float, max_restarts: int = 3):
 
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
                       max_task_retries=max_restarts,
-                      runtime_env=storage.actor_runtime_env())(MergeActor)
+                      runtime_env=storage.actor_runtime_env())(WorkerMergeActor)

@@ -21,6 +21,7 @@ connection: the session neither starts nor stops anything.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -58,6 +59,10 @@ class RaySession:
             self._sigterm = signal.getsignal(signal.SIGTERM)
         self.owns_ray = True
         self.embedded = self.address is None
+        # The environment is only ever extended here, on the calling thread, before Ray's: a
+        # variable added while the main thread imports torch (whose C++ code calls getenv) races
+        # glibc's setenv, which may move the whole environment. Ray's writes then replace values.
+        _prepare_environment(self.embedded)
         self._thread = threading.Thread(target=self._run, name="raymerge-ray", daemon=True)
         self._thread.start()
         return self
@@ -67,8 +72,6 @@ class RaySession:
 
         try:
             if self.embedded:
-                # Read by the raylet: its prestarted workers import torch while the driver plans.
-                os.environ.setdefault("RAY_preload_python_modules", "torch")
                 # "local" starts a new instance even when another `ray start` runs on this machine.
                 ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                          object_store_memory=OBJECT_STORE_BYTES, logging_level="ERROR", log_to_driver=False)
@@ -118,6 +121,31 @@ class RaySession:
 
     def __exit__(self, *_) -> None:
         self.stop()
+
+
+def _prepare_environment(embedded: bool) -> None:
+    """Add, on this thread, the variables ``ray.init`` adds to the driver's environment, with the
+    values it gives them (Ray 2.5x): the debugger hook, and for a new local Ray no usage
+    statistics and token authentication (Ray's own step, which also refreshes its config); for an
+    embedded Ray also the raylet's preload, so that its prestarted workers import torch while
+    the driver plans."""
+    os.environ.setdefault("PYTHONBREAKPOINT", "ray.util.rpdb._driver_set_trace")
+    if not embedded:
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_preload_python_modules", "torch")
+    try:
+        from ray._private.authentication.authentication_token_setup import enable_token_auth_by_default
+    except ImportError:  # another Ray: ray.init sets up authentication itself
+        return
+    # Quiet, as ray.init(logging_level="ERROR") would keep it.
+    logger = logging.getLogger(enable_token_auth_by_default.__module__)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        enable_token_auth_by_default()
+    finally:
+        logger.setLevel(level)
 
 
 def _kill_helpers() -> None:

@@ -1,0 +1,84 @@
+"""What raymerge leaves alone in the process that calls it: the environment is only extended on
+the calling thread (never from Ray's start-up thread while the main thread imports torch), and
+the memory allocator is tuned only in Ray's own worker processes. Each check runs in a fresh
+Python, since both are process-wide and sticky."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def _python(code: str, timeout: float = 120) -> str:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def test_no_variable_is_added_to_the_environment_while_ray_starts_on_its_thread():
+    """glibc's setenv may move the environment while another thread's getenv reads it: a
+    variable added by Ray's start-up thread while torch is imported can crash the driver. Every
+    variable an embedded Ray adds is added before its thread starts; Ray's own writes then only
+    replace values."""
+    added = _python("""
+        import os, sys, threading
+
+        added = []
+
+        def hook(event, args):
+            if event == "os.putenv" and threading.current_thread() is not threading.main_thread():
+                name = os.fsdecode(args[0])
+                if name not in os.environ:
+                    added.append(name)
+
+        sys.addaudithook(hook)
+        os.environ.pop("RAY_ADDRESS", None)
+        from raymerge.session import RaySession
+
+        session = RaySession().start()
+        import torch, transformers  # what the driver imports while Ray starts
+        session.wait()
+        session.stop()
+        print(added)
+    """)
+    assert added == "[]", f"added from Ray's thread: {added}"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_a_merge_actor_made_in_the_callers_process_leaves_its_allocator_alone():
+    """Ray's merge actors keep freed block buffers for reuse (mallopt); a MergeActor built in a
+    caller's own process (a script, a test, the GPU check) must not change that process's
+    allocator. Seen from outside: a 64 MiB allocation is served by its own mmap, as glibc does by
+    default, before and after."""
+    out = _python("""
+        import ctypes
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                       "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype = ctypes.c_void_p
+        libc.free.argtypes = [ctypes.c_void_p]
+        libc.mallinfo2.restype = MallInfo2
+
+        def mmapped_allocation() -> bool:
+            before = libc.mallinfo2().hblks
+            p = libc.malloc(64 * 2**20)
+            mapped = libc.mallinfo2().hblks > before
+            libc.free(p)
+            return mapped
+
+        first = mmapped_allocation()
+        from raymerge.actors import MergeActor, WorkerMergeActor
+
+        MergeActor(2**20)
+        after_library = mmapped_allocation()
+        WorkerMergeActor(2**20)  # what Ray runs: the actor owns its process
+        print(first, after_library, mmapped_allocation())
+    """)
+    assert out == "True True False"
