@@ -115,9 +115,14 @@ class Written:
 class MergeActor:
     """One worker of a merge. Methods take and return plain records; each call is idempotent."""
 
-    def __init__(self, block_bytes: int, num_threads: int = 1, use_gpu: bool = False):
+    def __init__(self, block_bytes: int, num_threads: int = 1, use_gpu: bool = False, owns_process: bool = False):
+        """``owns_process``: the actor is its process's only user (a Ray worker), and tunes the
+        process's allocator for its block buffers; a MergeActor made in someone else's process
+        (a script, a test, the GPU check) leaves it alone."""
         self.block_bytes = block_bytes
         self.num_threads = max(1, num_threads)
+        if owns_process:
+            _reuse_freed_memory()
         self.gpu_error = _cuda_problem() if use_gpu else None
         self.device = torch.device("cuda") if use_gpu and self.gpu_error is None else torch.device("cpu")
         if self.device.type == "cuda":
@@ -462,16 +467,6 @@ def _open(file: str):
     return safe_open(file, framework="pt")
 
 
-class WorkerMergeActor(MergeActor):
-    """A MergeActor that owns its process (a Ray worker): it tunes the process's allocator for
-    its block buffers. A MergeActor made in someone else's process (a test, a script) leaves it
-    alone."""
-
-    def __init__(self, *args, **kwargs):
-        _reuse_freed_memory()
-        super().__init__(*args, **kwargs)
-
-
 def remote_actor_class(num_cpus: float, num_gpus: float, max_restarts: int = 3):
     """The Ray actor class for MergeActor with its resource request. The driver's object-store
     configuration (AWS_*, GOOGLE_*, GCS_* variables) goes with it to every node."""
@@ -479,4 +474,4 @@ def remote_actor_class(num_cpus: float, num_gpus: float, max_restarts: int = 3):
 
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
                       max_task_retries=max_restarts,
-                      runtime_env=storage.actor_runtime_env())(WorkerMergeActor)
+                      runtime_env=storage.actor_runtime_env())(MergeActor)

@@ -161,7 +161,7 @@ def _merge(options: MergeOptions, session: RaySession, started: float, phases: P
     actor_cls = remote_actor_class(shape.num_cpus, shape.num_gpus)
 
     def start_actors() -> list:
-        return [actor_cls.remote(options.block_bytes, shape.threads, shape.num_gpus > 0)
+        return [actor_cls.remote(options.block_bytes, shape.threads, shape.num_gpus > 0, owns_process=True)
                 for _ in range(plan.n_actors)]
 
     actors = start_actors()

@@ -74,11 +74,11 @@ def test_a_merge_actor_made_in_the_callers_process_leaves_its_allocator_alone():
             return mapped
 
         first = mmapped_allocation()
-        from raymerge.actors import MergeActor, WorkerMergeActor
+        from raymerge.actors import MergeActor
 
         MergeActor(2**20)
         after_library = mmapped_allocation()
-        WorkerMergeActor(2**20)  # what Ray runs: the actor owns its process
+        MergeActor(2**20, owns_process=True)  # as Ray's worker runs it
         print(first, after_library, mmapped_allocation())
     """)
     assert out == "True True False"
