@@ -35,7 +35,7 @@ def _interrupt(signum, frame):
 
 def _run_guarded(debug: bool, fn):
     # `ray job stop` and schedulers send SIGTERM: stop as cleanly as on Ctrl-C.
-    signal.signal(signal.SIGTERM, _interrupt)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return fn()
     except (RaymergeError, OSError) as e:  # OSError: unreadable input, full or read-only output
@@ -43,6 +43,8 @@ def _run_guarded(debug: bool, fn):
     except KeyboardInterrupt:
         click.echo("raymerge: interrupted; finished shards are kept: rerun with --resume to continue", err=True)
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @click.group()
@@ -265,38 +267,44 @@ def report_cmd(path, plot_path):
         sys.exit(1)
 
 
-def entry() -> None:
-    """The console entry point: one line for every refusal, then an exit that skips teardown.
+def run(args: list[str] | None = None) -> int:
+    """Run one command line (``args``, default ``sys.argv[1:]``) and return its exit status.
 
     click's own refusals (a missing option, a value of the wrong type) become one
-    ``raymerge: error:`` line and exit status 1, like every other bad input. With torch imported,
-    Python's own teardown takes a noticeable fraction of a second after the work is done; by then
-    the merge is complete, Ray is shut down and every file is closed, so the process flushes its
-    output and leaves at once.
+    ``raymerge: error:`` line and exit status 1, like every other bad input. Tests call this
+    in-process; ``entry`` is the console script around it.
     """
     try:
-        result = main(prog_name="raymerge", standalone_mode=False)
-        code = result if isinstance(result, int) else 0
+        result = main(args=args, prog_name="raymerge", standalone_mode=False)
+        return result if isinstance(result, int) else 0
     except click.UsageError as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # a bare `raymerge`: the help, as click shows it
             print(e.format_message())
-            sys.stdout.flush()
-            os._exit(0)
+            return 0
         command = e.ctx.command_path if e.ctx is not None else "raymerge"
         message = " ".join(e.format_message().split())
         print(f"raymerge: error: {message} (see '{command} --help')", file=sys.stderr)
-        code = 1
+        return 1
     except click.ClickException as e:
         print(f"raymerge: error: {' '.join(e.format_message().split())}", file=sys.stderr)
-        code = 1
+        return 1
     except click.Abort:  # Ctrl-C at a prompt click owns
-        code = 130
+        return 130
     except SystemExit as e:  # commands end this way on errors and interrupts
         if e.code is None or isinstance(e.code, int):
-            code = e.code or 0
-        else:
-            print(e.code, file=sys.stderr)
-            code = 1
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    """The console entry point: ``run``, then an exit that skips teardown.
+
+    With torch imported, Python's own teardown takes a noticeable fraction of a second after the
+    work is done; by then the merge is complete, Ray is shut down and every file is closed, so
+    the process flushes its output and leaves at once.
+    """
+    code = run()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
