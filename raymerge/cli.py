@@ -15,7 +15,7 @@ from raymerge.schedule import parse_range, parse_t_for
 from raymerge.session import RaySession
 
 
-def _fail(err: Exception, debug: bool) -> None:
+def _fail(err: Exception, debug: bool, expected: bool = True) -> None:
     if debug:
         raise err
     # An error raised in an actor comes back wrapped by Ray, remote traceback and all: show the
@@ -25,6 +25,8 @@ def _fail(err: Exception, debug: bool) -> None:
         text = f"{cause.filename}: {cause.strerror}" if cause.filename else cause.strerror
     else:
         text = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if not expected:  # no check foresaw it: say what it was, and where the rest is
+        text = f"{type(cause).__name__}: {text} (rerun with --debug for the traceback)"
     click.echo(f"raymerge: error: {text}", err=True)
     sys.exit(1)
 
@@ -43,6 +45,8 @@ def _run_guarded(debug: bool, fn):
     except KeyboardInterrupt:
         click.echo("raymerge: interrupted; finished shards are kept: rerun with --resume to continue", err=True)
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - a Ray failure or a bug: still one line and exit 1
+        _fail(e, debug, expected=False)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -237,16 +241,21 @@ def run_recipe(recipe, **values):
 @main.command("verify")
 @click.argument("out")
 @click.option("--load", is_flag=True, help="Also load the model with transformers and run a forward pass.")
-def verify_cmd(out, load):
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def verify_cmd(out, load, debug):
     """Check a merged model directory: shards, index, finiteness, vocabulary, provenance."""
-    from raymerge.verify import verify
 
-    problems = verify(out, load=load)
-    for p in problems:
-        click.echo(f"problem: {p}", err=True)
-    if problems:
-        sys.exit(1)
-    click.echo(f"{out}: ok")
+    def go():
+        from raymerge.verify import verify
+
+        problems = verify(out, load=load)
+        for p in problems:
+            click.echo(f"problem: {p}", err=True)
+        if problems:
+            sys.exit(1)
+        click.echo(f"{out}: ok")
+
+    _run_guarded(debug, go)
 
 
 @main.command("report")

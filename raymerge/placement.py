@@ -86,7 +86,8 @@ def cluster_autoscales() -> bool:
     (``gpu_workers``, ``ray.head.default``). The v2 autoscaler (KubeRay) reports the same through
     its status API.
     """
-    mapping = _autoscaler_report().get("node_type_mapping") or {}
+    mapping = _autoscaler_report().get("node_type_mapping")
+    mapping = mapping if isinstance(mapping, dict) else {}
     if any(not _read_only(node, kind) for node, kind in mapping.items()):
         return True
     try:
@@ -134,19 +135,26 @@ def wait_placed(refs: list, timeout_s: float, nodes, show: bool, waits: bool = F
 
 def _autoscaler_report() -> dict:
     """The autoscaler part of the report Ray's monitor publishes in the GCS ({} before its first)."""
-    from ray._private import ray_constants
-    from ray.experimental.internal_kv import _internal_kv_get
+    try:  # Ray's private API: another Ray version may lack it, or publish another shape
+        from ray._private import ray_constants
+        from ray.experimental.internal_kv import _internal_kv_get
 
-    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-    return (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
+        raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+        report = (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
+        return report if isinstance(report, dict) else {}
+    except Exception:  # noqa: BLE001 - no report to read: nothing more to learn
+        return {}
 
 
 def _launching() -> str:
     """What the autoscaler says it is adding, as the end of a progress line."""
     report = _autoscaler_report()
-    launching = dict(report.get("pending_launches") or {})
-    for _node, kind, *_ in report.get("pending_nodes") or []:
-        launching[kind] = launching.get(kind, 0) + 1
+    try:
+        launching = dict(report.get("pending_launches") or {})
+        for _node, kind, *_ in report.get("pending_nodes") or []:
+            launching[kind] = launching.get(kind, 0) + 1
+    except (TypeError, ValueError):  # a report of another shape (another Ray version)
+        return ""
     if not launching:
         return ""
     return "; the autoscaler is adding " + ", ".join(f"{n} {kind}" for kind, n in sorted(launching.items()))
