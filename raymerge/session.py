@@ -21,6 +21,7 @@ connection: the session neither starts nor stops anything.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -63,6 +64,7 @@ class RaySession:
         # variable added while the main thread imports torch (whose C++ code calls getenv) races
         # glibc's setenv, which may move the whole environment. Ray's writes then replace values.
         _prepare_environment(self.embedded)
+        _import_ray_init_modules()
         self._thread = threading.Thread(target=self._run, name="raymerge-ray", daemon=True)
         self._thread.start()
         return self
@@ -121,6 +123,25 @@ class RaySession:
 
     def __exit__(self, *_) -> None:
         self.stop()
+
+
+# What ray.init imports on first use (Ray 2.5x; with what these import in turn, some 270 modules:
+# aiohttp, grpc, pydantic, opentelemetry...). Imported on the calling thread before Ray's starts,
+# in about 0.2 s: two threads importing modules that import each other (the driver's torch and
+# transformers share some) may each be handed the other's module half-initialized, and fail.
+RAY_INIT_MODULES = (
+    "ray._common.usage.usage_lib", "ray._private.runtime_env.uv_runtime_env_hook",
+    "ray._private.thirdparty.pynvml", "ray.autoscaler._private.util", "ray.autoscaler.v2.utils",
+    "ray.core.generated.instance_manager_pb2", "ray.core.generated.usage_pb2", "ray.dashboard.optional_deps",
+)
+
+
+def _import_ray_init_modules() -> None:
+    for name in RAY_INIT_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # another Ray version: its thread imports what it needs
+            pass
 
 
 def _prepare_environment(embedded: bool) -> None:

@@ -19,21 +19,25 @@ def _python(code: str, timeout: float = 120) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-def test_no_variable_is_added_to_the_environment_while_ray_starts_on_its_thread():
-    """glibc's setenv may move the environment while another thread's getenv reads it: a
-    variable added by Ray's start-up thread while torch is imported can crash the driver. Every
-    variable an embedded Ray adds is added before its thread starts; Ray's own writes then only
-    replace values."""
-    added = _python("""
+def test_ray_starts_on_its_thread_without_adding_variables_or_importing_modules():
+    """Ray starts on a thread while the driver imports torch and transformers. glibc's setenv may
+    move the environment while another thread's getenv reads it, and two threads importing
+    modules that import each other may each get the other's half-initialized: so every variable
+    an embedded Ray adds, and every module ray.init imports, is added or imported before its
+    thread starts (Ray's own writes then only replace values; its probes for accelerators that
+    are not installed import nothing)."""
+    added, imported = _python("""
         import os, sys, threading
 
-        added = []
+        added, imported = [], []
 
         def hook(event, args):
-            if event == "os.putenv" and threading.current_thread() is not threading.main_thread():
-                name = os.fsdecode(args[0])
-                if name not in os.environ:
-                    added.append(name)
+            if threading.current_thread() is threading.main_thread():
+                return
+            if event == "os.putenv" and os.fsdecode(args[0]) not in os.environ:
+                added.append(os.fsdecode(args[0]))
+            if event == "import":
+                imported.append(args[0])
 
         sys.addaudithook(hook)
         os.environ.pop("RAY_ADDRESS", None)
@@ -43,9 +47,10 @@ def test_no_variable_is_added_to_the_environment_while_ray_starts_on_its_thread(
         import torch, transformers  # what the driver imports while Ray starts
         session.wait()
         session.stop()
-        print(added)
-    """)
+        print(added, "|", sorted(name for name in set(imported) if name in sys.modules))
+    """).split(" | ")
     assert added == "[]", f"added from Ray's thread: {added}"
+    assert imported == "[]", f"imported on Ray's thread: {imported}"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
