@@ -7,6 +7,7 @@ import os
 import secrets
 import shutil
 import tempfile
+from dataclasses import dataclass
 
 import pytest
 
@@ -72,12 +73,51 @@ def ray_head(session_dir):
     node = RayNode(str(session_dir / "ray-head.log"), num_cpus=2)
     try:
         node.wait_ready()
-        ray.init(address=node.address, logging_level="ERROR")
+        # Actors' output is not forwarded, as the CLI's own Ray does not forward it: an in-process
+        # command's stderr holds what the CLI prints and nothing Ray adds.
+        ray.init(address=node.address, logging_level="ERROR", log_to_driver=False)
         yield node
     finally:
         if ray.is_initialized():
             ray.shutdown()
         node.stop()
+
+
+@dataclass
+class CliResult:
+    """One command line's exit status and what it printed."""
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def cli(ray_head, capfd, monkeypatch):
+    """``cli(*args)``: one ``raymerge`` command line run in this process (``raymerge.cli.run``),
+    without the seconds a new Python spends importing torch, transformers and Ray.
+
+    The process is attached to the session's Ray, so a merge that gets as far as Ray uses it
+    (RaySession neither starts nor stops one) and never starts an embedded Ray here. Output is
+    read at the descriptors (capfd). The real exit path (``entry``, ``os._exit``) is
+    test_cli.py's subprocess test."""
+    import sys
+
+    import raymerge.driver
+    from raymerge import cli as raymerge_cli
+
+    # print_summary's default stream is the sys.stderr of the moment raymerge.driver was
+    # imported: under pytest, a capture file that capfd never reads. The process's own stderr
+    # (descriptor 2, which capfd reads) is where the CLI's summary goes in a process of its own.
+    if getattr(raymerge.driver.print_summary, "__defaults__", None) is not None:
+        monkeypatch.setattr(raymerge.driver.print_summary, "__defaults__", (sys.__stderr__,))
+
+    def run(*args) -> CliResult:
+        capfd.readouterr()  # what the test printed before is not the command's
+        code = raymerge_cli.run([str(a) for a in args])
+        out, err = capfd.readouterr()
+        return CliResult(code, out, err)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@ other bad input, with a pointer to the command's --help."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -21,15 +22,33 @@ CLI = [sys.executable, "-m", "raymerge.cli"]
     (["merge", "a", "b", "-o", "x", "--vocab", "both"],
      "Invalid value for '--vocab': 'both' is not one of 'auto', 'union', 'a', 'b'."),
 ])
-def test_click_refusals_are_one_line_and_exit_1(args, message, tmp_path):
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+def test_click_refusals_are_one_line_and_exit_1(cli, args, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    proc = cli(*args)
     assert proc.returncode == 1
     assert proc.stderr.splitlines() == [f"raymerge: error: {message} (see 'raymerge {args[0]} --help')"]
     assert proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_run_shares_the_merge_options():
-    proc = subprocess.run([*CLI, "run", "--help"], capture_output=True, text=True, timeout=60)
+def test_the_console_entry_exits_with_the_status_and_flushes_its_line(tmp_path):
+    """The real exit path, in a process of its own: ``entry`` leaves with os._exit (no Python
+    teardown), so the status and the flushed error line are what the shell sees. The refusal
+    comes while the embedded Ray is still starting on its thread (no --address), as a user's
+    first mistake does. Every other refusal is checked in-process through ``raymerge.cli.run``,
+    which ``entry`` wraps."""
+    missing = tmp_path / "no-such-parent"
+    proc = subprocess.run([*CLI, "merge", str(missing), str(tmp_path / "b"), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert proc.returncode == 1
+    assert proc.stderr == f"raymerge: error: parent A: {missing} is not a directory\n", proc.stderr
+    assert proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_shares_the_merge_options(cli):
+    proc = cli("run", "--help")
     assert proc.returncode == 0
     for option in ("--report", "--tokenizer-from", "--vocab", "--pad", "--resume", "--quiet"):
         assert option in proc.stdout, option
