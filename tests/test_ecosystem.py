@@ -67,7 +67,8 @@ def test_hub_ids_from_an_offline_cache(tiny_parents, ray_head, plain_merge, tmp_
 
     assert ModelCard.load(out / "README.md").data.base_model == ["raymerge-test/tiny-a", "raymerge-test/tiny-b"]
     missing = subprocess.run([*CLI, "merge", "raymerge-test/not-cached", "raymerge-test/tiny-b", "-o",
-                              str(tmp_path / "o2")], capture_output=True, text=True, timeout=300, env=env)
+                              str(tmp_path / "o2"), "--address", ray_head.address], capture_output=True, text=True,
+                             timeout=300, env=env)
     lines = missing.stderr.splitlines()
     assert missing.returncode == 1 and len(lines) == 1 and lines[0].startswith("raymerge: error: "), missing.stderr
     assert "raymerge-test/not-cached is not a local directory" in lines[0], missing.stderr
@@ -108,15 +109,14 @@ class _Hostile:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_hostile_pickle_is_refused_and_runs_nothing(tiny_parents, tmp_path):
+def test_hostile_pickle_is_refused_and_runs_nothing(tiny_parents, cli, tmp_path):
     marker = tmp_path / "pwned"
     a = str(tmp_path / "evil")
     shutil.copytree(tiny_parents[0], a, ignore=shutil.ignore_patterns("model*.safetensors*"))
     # torch.save writes the zip format a real checkpoint has, with the hostile object in data.pkl.
     torch.save({"model.embed_tokens.weight": _Hostile(str(marker))}, os.path.join(a, "pytorch_model.bin"))
     assert not marker.exists()
-    proc = subprocess.run([*CLI, "merge", a, tiny_parents[1], "-o", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300)
+    proc = cli("merge", a, tiny_parents[1], "-o", tmp_path / "out")
     lines = proc.stderr.splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("raymerge: error: "), proc.stderr
     assert "not a loadable PyTorch checkpoint" in lines[0] and "UnpicklingError" in lines[0], proc.stderr
@@ -174,14 +174,13 @@ def test_model_card_and_provenance(tiny_parents, ray_head, plain_merge, tmp_path
     assert prov_other["plan_fingerprint"] != prov["plan_fingerprint"]
 
 
-def test_python_api_and_cli_give_identical_shards(tiny_parents, ray_head, plain_merge, tmp_path):
-    proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(tmp_path / "cli"), "-t", "0.4",
-                           "--address", ray_head.address, "--quiet"], capture_output=True, text=True, timeout=300)
+def test_python_api_and_cli_give_identical_shards(tiny_parents, cli, plain_merge, tmp_path):
+    proc = cli("merge", *tiny_parents, "-o", tmp_path / "cli", "-t", "0.4", "--quiet")
     assert proc.returncode == 0, proc.stderr
     same_shards(str(tmp_path / "cli"), plain_merge)
 
 
-def test_per_tensor_report(tiny_parents, ray_head, tmp_path):
+def test_per_tensor_report(tiny_parents, cli, tmp_path):
     import pyarrow.parquet as pq
 
     report = tmp_path / "out" / "report.parquet"
@@ -192,6 +191,6 @@ def test_per_tensor_report(tiny_parents, ray_head, tmp_path):
     assert 0 < q["angle_deg"] < 90 and q["linear_fallback"] is False and q["t"] == [0.4]
     w = load_file(os.path.join(tiny_parents[0], "model.safetensors"))["model.layers.1.self_attn.q_proj.weight"]
     assert q["norm_a"] == pytest.approx(float(w.double().norm()), rel=1e-12)
-    proc = subprocess.run([*CLI, "report", str(report)], capture_output=True, text=True, timeout=120)
+    proc = cli("report", report)
     assert proc.returncode == 0, proc.stderr
     assert "layer 3" in proc.stdout and "linear fallbacks: 0" in proc.stdout and "padded tensors: 0" in proc.stdout

@@ -7,8 +7,6 @@ import json
 import math
 import os
 import random
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -22,7 +20,6 @@ from raymerge.parents import load_parent
 from raymerge.plan import build_plan
 from raymerge.slerp import slerp_coefficients
 
-CLI = [sys.executable, "-m", "raymerge.cli"]
 CONTEXT = 64
 TS = [0.0, 0.5, 1.0]
 
@@ -135,15 +132,15 @@ def test_the_plot_has_one_point_per_t_and_the_table_repeats(sweep_all, tiny_pare
     assert drop(again.scores.to_pylist()) == drop(result.scores.to_pylist())
 
 
-def _refused(args, tmp_path) -> str:
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+def _refused(cli, args) -> str:
+    proc = cli(*args)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("raymerge: error: "), proc.stderr
     return lines[0]
 
 
-def test_bad_evaluation_inputs_are_refused_before_any_work(tiny_parents, tmp_path):
+def test_bad_evaluation_inputs_are_refused_before_any_work(tiny_parents, cli, tmp_path):
     a, b = tiny_parents
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
@@ -169,18 +166,17 @@ def test_bad_evaluation_inputs_are_refused_before_any_work(tiny_parents, tmp_pat
         ([*sweep, "--eval", str(short), "--keep", "3"], "--keep 3: the sweep has only 2 value(s) of t"),
     ]
     for args, message in cases:
-        assert message in _refused(args, tmp_path), args
+        assert message in _refused(cli, args), args
         assert not out.exists()
 
 
-def test_a_recipe_is_scored_against_the_parents(tiny_parents, ray_head, text, tmp_path):
+def test_a_recipe_is_scored_against_the_parents(tiny_parents, cli, text, tmp_path):
     a, b = tiny_parents
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\n"
                       "parameters:\n  t:\n    - filter: self_attn\n      value: [0, 0.5, 1]\n    - value: 0.3\n")
     out = tmp_path / "out"
-    proc = subprocess.run([*CLI, "run", str(recipe), "-o", str(out), "--eval", text, "--context", str(CONTEXT),
-                           "--address", ray_head.address], capture_output=True, text=True, timeout=300)
+    proc = cli("run", recipe, "-o", out, "--eval", text, "--context", CONTEXT)
     assert proc.returncode == 0, proc.stderr
     rows = pq.read_table(out / "sweep.parquet").to_pylist()
     assert [(r["kind"], r["name"]) for r in rows] == [
@@ -188,13 +184,12 @@ def test_a_recipe_is_scored_against_the_parents(tiny_parents, ray_head, text, tm
     assert (out / "config.json").exists() and (out / "sweep.png").exists()
 
 
-def test_report_plots_the_angles_per_layer(tiny_parents, ray_head, tmp_path):
+def test_report_plots_the_angles_per_layer(tiny_parents, cli, tmp_path):
     a, b = tiny_parents
     report = tmp_path / "report.parquet"
     raymerge.merge(a, b, str(tmp_path / "child"), t=0.5, report=str(report), workers=1)
     png = tmp_path / "angles.png"
-    proc = subprocess.run([*CLI, "report", str(report), "--plot", str(png)], capture_output=True, text=True,
-                          timeout=120)
+    proc = cli("report", report, "--plot", png)
     assert proc.returncode == 0, proc.stderr
     assert f"plot written to {png}" in proc.stdout
     with open(png, "rb") as f:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,6 @@ import raymerge
 from hfparents import edit_config, save_parent, tiny_config
 from reference import assert_within_one_ulp, check_merged, load_dir, mergekit_style_slerp
 
-CLI = [sys.executable, "-m", "raymerge.cli"]
 ARCHITECTURES = ["llama", "mistral", "qwen2", "gemma", "phi3", "gpt2", "gpt_neox", "opt", "falcon", "mixtral"]
 
 
@@ -52,12 +49,8 @@ def test_each_architecture_merges_and_loads(arch, ray_head, tmp_path):
             assert torch.equal(state[name].to(tensor.dtype), tensor), name
 
 
-def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=180)
-
-
-def _one_line_error(*args) -> str:
-    proc = _cli(*args)
+def _one_line_error(cli, *args) -> str:
+    proc = cli(*args)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("raymerge: error: "), proc.stderr
@@ -90,21 +83,21 @@ def test_config_without_tie_follows_the_class_default(arch, tied, ray_head, tmp_
     ("mixtral", {"num_local_experts": 2}, "num_local_experts"),
     ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}, "rope"),
 ])
-def test_configs_that_disagree_are_refused_before_any_work(arch, override, attribute, tmp_path):
+def test_configs_that_disagree_are_refused_before_any_work(arch, override, attribute, cli, tmp_path):
     a = save_parent(str(tmp_path / "a"), tiny_config(arch), seed=1)
     b = save_parent(str(tmp_path / "b"), tiny_config(arch, **override), seed=2)
     out = tmp_path / "out"
-    msg = _one_line_error("merge", a, b, "-o", str(out), "-t", "0.5")
+    msg = _one_line_error(cli, "merge", a, b, "-o", out, "-t", "0.5")
     assert attribute in msg and "cannot be merged" in msg, msg
     assert not out.exists(), "nothing is written"
 
 
-def test_a_harmless_difference_is_merged_with_a_note(ray_head, tmp_path):
+def test_a_harmless_difference_is_merged_with_a_note(cli, tmp_path):
     a = save_parent(str(tmp_path / "a"), tiny_config("llama"), seed=1)
     b = save_parent(str(tmp_path / "b"), tiny_config("llama", max_position_embeddings=4096), seed=1, noise_seed=2)
     edit_config(b, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     out = str(tmp_path / "child")
-    proc = _cli("merge", a, b, "-o", out, "-t", "0.5", "--quiet")
+    proc = cli("merge", a, b, "-o", out, "-t", "0.5", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert "note: config: rope_theta differs (A 10000.0, B 500000.0); the child takes A's value" in proc.stderr
     assert "note: config: max_position_embeddings differs (A 2048, B 4096)" in proc.stderr
@@ -118,28 +111,28 @@ def test_a_harmless_difference_is_merged_with_a_note(ray_head, tmp_path):
     check_merged(out, a, b, 0.5)
 
 
-def test_untied_config_without_a_head_is_refused(tmp_path):
+def test_untied_config_without_a_head_is_refused(cli, tmp_path):
     a = save_parent(str(tmp_path / "a"), tiny_config("gpt2"), seed=1)  # tied: no lm_head in the files
     b = save_parent(str(tmp_path / "b"), tiny_config("gpt2"), seed=1, noise_seed=2)
     edit_config(b, tie_word_embeddings=False)
-    msg = _one_line_error("merge", a, b, "-o", str(tmp_path / "out"))
+    msg = _one_line_error(cli, "merge", a, b, "-o", tmp_path / "out")
     assert "parent B" in msg and os.path.join(os.path.realpath(b), "config.json") in msg
     assert "tie_word_embeddings is false" in msg and "lm_head.weight" in msg
 
 
-def test_a_layer_only_one_parents_files_hold_is_refused(tmp_path):
+def test_a_layer_only_one_parents_files_hold_is_refused(cli, tmp_path):
     a = save_parent(str(tmp_path / "a"), tiny_config("llama", num_hidden_layers=3), seed=1)
     edit_config(a, num_hidden_layers=2)  # files hold 3 layers, the config says 2
     b = save_parent(str(tmp_path / "b"), tiny_config("llama"), seed=1, noise_seed=2)
-    msg = _one_line_error("merge", a, b, "-o", str(tmp_path / "out"))
+    msg = _one_line_error(cli, "merge", a, b, "-o", tmp_path / "out")
     assert "layer 2" in msg and "only parent A" in msg and "2 layers" in msg
 
 
-def test_tensor_shapes_that_disagree_with_equal_configs_are_refused_with_both_shapes(tmp_path):
+def test_tensor_shapes_that_disagree_with_equal_configs_are_refused_with_both_shapes(cli, tmp_path):
     a = save_parent(str(tmp_path / "a"), tiny_config("llama"), seed=1)
     b = save_parent(str(tmp_path / "b"), tiny_config("llama", intermediate_size=48), seed=2)
     edit_config(b, intermediate_size=64)  # the config hides the difference; the files do not
-    msg = _one_line_error("merge", a, b, "-o", str(tmp_path / "out"))
+    msg = _one_line_error(cli, "merge", a, b, "-o", tmp_path / "out")
     assert "A [32, 64] vs B [32, 48]" in msg, msg
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import filecmp
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ from raymerge.options import t_dirname
 from raymerge.schedule import Schedule, parse_range
 from reference import assert_within_one_ulp, check_merged, load_dir, mergekit_style_slerp
 
-CLI = [sys.executable, "-m", "raymerge.cli"]
 CLASSIC = {"self_attn": (0.0, 0.5, 0.3, 0.7, 1.0), "mlp": (1.0, 0.5, 0.7, 0.3, 0.0)}
 
 
@@ -46,13 +43,12 @@ def test_t_range_values_and_directory_names():
     assert [t_dirname(t) for t in (0.0, 0.25, 0.5, 1.0, 0.1 + 0.2)] == ["t-0", "t-0.25", "t-0.5", "t-1", "t-0.3"]
 
 
-def test_cli_sweep_from_t_range_and_repeated_t(tiny_parents, ray_head, tmp_path):
+def test_cli_sweep_from_t_range_and_repeated_t(tiny_parents, cli, tmp_path):
     """`-t 0.25 -t 1 --t-range 0.1:0.3:0.1` through the CLI: five models in the directories the
     README names, each listed in the summary, t=1 exactly parent B, t=0.3 recorded as 0.3."""
     a, b = tiny_parents
     out = tmp_path / "sweep"
-    proc = subprocess.run([*CLI, "merge", a, b, "-o", str(out), "-t", "0.25", "-t", "1", "--t-range", "0.1:0.3:0.1",
-                           "--address", ray_head.address, "--quiet"], capture_output=True, text=True, timeout=300)
+    proc = cli("merge", a, b, "-o", out, "-t", "0.25", "-t", "1", "--t-range", "0.1:0.3:0.1", "--quiet")
     assert proc.returncode == 0, proc.stderr
     names = ["t-0.25", "t-1", "t-0.1", "t-0.2", "t-0.3"]
     assert sorted(os.listdir(out)) == sorted(names), "one directory per t and nothing else (no working state)"
@@ -72,9 +68,8 @@ def test_cli_sweep_from_t_range_and_repeated_t(tiny_parents, ray_head, tmp_path)
     (["-t", "0.2", "-t", "0.8", "--t-for", "mlp=0.3"], "--t-for takes at most one -t (the default), not a sweep"),
     (["--t-range", "0:1:0.5", "--t-for", "mlp=0.3"], "--t-for takes at most one -t (the default), not a sweep"),
 ])
-def test_duplicate_t_and_a_schedule_with_a_sweep_are_refused(tiny_parents, tmp_path, args, expected):
-    proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(tmp_path / "out"), *args],
-                          capture_output=True, text=True, timeout=120)
+def test_duplicate_t_and_a_schedule_with_a_sweep_are_refused(tiny_parents, cli, tmp_path, args, expected):
+    proc = cli("merge", *tiny_parents, "-o", tmp_path / "out", *args)
     lines = proc.stderr.splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("raymerge: error: "), proc.stderr
     assert expected in lines[0], proc.stderr
@@ -123,17 +118,15 @@ dtype: bfloat16
 """
 
 
-def test_recipe_equals_t_for_flags_and_the_reference(tiny_parents, ray_head, tmp_path):
+def test_recipe_equals_t_for_flags_and_the_reference(tiny_parents, cli, tmp_path):
     a, b = tiny_parents
     recipe = tmp_path / "slerp.yml"
     recipe.write_text(RECIPE.format(a=a, b=b))
-    common = ["--address", ray_head.address, "--quiet", "--max-shard-size", "200KB"]
-    r1 = subprocess.run([*CLI, "run", str(recipe), "-o", str(tmp_path / "recipe"), *common],
-                        capture_output=True, text=True, timeout=300)
+    common = ["--quiet", "--max-shard-size", "200KB"]
+    r1 = cli("run", recipe, "-o", tmp_path / "recipe", *common)
     assert r1.returncode == 0, r1.stderr
-    r2 = subprocess.run([*CLI, "merge", a, b, "-o", str(tmp_path / "flags"), "-t", "0.5",
-                         "--t-for", "self_attn=0,0.5,0.3,0.7,1", "--t-for", "mlp=1,0.5,0.7,0.3,0", *common],
-                        capture_output=True, text=True, timeout=300)
+    r2 = cli("merge", a, b, "-o", tmp_path / "flags", "-t", "0.5",
+             "--t-for", "self_attn=0,0.5,0.3,0.7,1", "--t-for", "mlp=1,0.5,0.7,0.3,0", *common)
     assert r2.returncode == 0, r2.stderr
     assert "schedule self_attn=[0, 0.5, 0.3, 0.7, 1]; mlp=[1, 0.5, 0.7, 0.3, 0]; default=0.5" in r2.stderr
     same_model_files(str(tmp_path / "recipe"), str(tmp_path / "flags"))
@@ -144,13 +137,12 @@ def test_recipe_equals_t_for_flags_and_the_reference(tiny_parents, ray_head, tmp
         assert_within_one_ulp(got, mergekit_style_slerp(t, pa[name], pb[name]), name)
 
 
-def test_models_form_recipe_equals_a_plain_merge(tiny_parents, ray_head, tmp_path):
+def test_models_form_recipe_equals_a_plain_merge(tiny_parents, cli, tmp_path):
     a, b = tiny_parents
     recipe = tmp_path / "models.yml"
     recipe.write_text(f"models:\n  - model: {a}\n  - model: {b}\nmerge_method: slerp\nbase_model: {a}\n"
                       "parameters:\n  t: 0.3\ndtype: bfloat16\n")
-    proc = subprocess.run([*CLI, "run", str(recipe), "-o", str(tmp_path / "r"), "--address", ray_head.address,
-                           "--quiet"], capture_output=True, text=True, timeout=300)
+    proc = cli("run", recipe, "-o", tmp_path / "r", "--quiet")
     assert proc.returncode == 0, proc.stderr
     raymerge.merge(a, b, str(tmp_path / "m"), t=0.3)
     same_model_files(str(tmp_path / "r"), str(tmp_path / "m"))
@@ -192,12 +184,11 @@ BAD_RECIPES = [
 
 
 @pytest.mark.parametrize("text,expected", BAD_RECIPES)
-def test_bad_recipes_are_refused(tiny_parents, tmp_path, text, expected):
+def test_bad_recipes_are_refused(tiny_parents, cli, tmp_path, text, expected):
     a, b = tiny_parents
     recipe = tmp_path / "bad.yml"
     recipe.write_text(text.format(a=a, b=b))
-    proc = subprocess.run([*CLI, "run", str(recipe), "-o", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120)
+    proc = cli("run", recipe, "-o", tmp_path / "out")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and expected in lines[0], proc.stderr
     assert not (tmp_path / "out").exists()
