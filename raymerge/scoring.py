@@ -34,50 +34,82 @@ MAX_CONTEXT = 2048
 
 
 def read_text(path: str, column: str = "text", max_bytes: int = DEFAULT_EVAL_BYTES) -> str:
-    """The evaluation text (step 1 of the protocol), refusing what cannot be scored."""
+    """The evaluation text (step 1 of the protocol), refusing what cannot be scored.
+
+    Only the first ``max_bytes`` are scored, and only about that much is read: Parquet row group
+    by row group, JSON Lines line by line, plain text up to four bytes per byte scored.
+    """
     if not os.path.isfile(path):
         raise InputError(f"--eval {path}: no such file")
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # pyarrow's own refusal: not a Parquet file
-            raise InputError(f"--eval {path}: not a readable Parquet file ({type(e).__name__})") from None
-        if column not in table.column_names:
-            raise InputError(f"--eval {path}: no column {column!r} (columns: {', '.join(table.column_names)})")
-        docs = [d for d in table.column(column).to_pylist() if d]
-        if not all(isinstance(d, str) for d in docs):
-            raise InputError(f"--eval {path}: column {column!r} does not hold text")
-        text = "\n\n".join(docs)
+        text = "\n\n".join(_parquet_docs(path, column, max_bytes))
+    elif path.endswith(".jsonl"):
+        text = "\n\n".join(_jsonl_docs(path, column, max_bytes))
     else:
         with open(path, "rb") as f:
-            raw = f.read(max_bytes * 4 if not path.endswith(".jsonl") else -1)
+            raw = f.read(max_bytes * 4)
         try:
-            decoded = raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            if path.endswith(".jsonl") or e.start < max_bytes:
+            if e.start < max_bytes:
                 raise InputError(f"--eval {path}: not UTF-8 text (byte {e.start})") from None
-            decoded = raw[:e.start].decode("utf-8")
-        if path.endswith(".jsonl"):
-            docs = []
-            for n, line in enumerate(decoded.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    raise InputError(f"--eval {path}: line {n} is not JSON") from None
-                if not isinstance(record, dict) or not isinstance(record.get(column), str):
-                    raise InputError(f"--eval {path}: line {n} has no text field {column!r}")
-                docs.append(record[column])
-            text = "\n\n".join(d for d in docs if d)
-        else:
-            text = decoded
+            text = raw[:e.start].decode("utf-8")
     text = text.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
     if not text.strip():
         raise InputError(f"--eval {path}: no text to score")
     return text
+
+
+def _enough(docs: list[str], max_bytes: int) -> bool:
+    """Whether the documents, joined by blank lines, hold ``max_bytes`` bytes."""
+    return sum(len(d.encode("utf-8")) + 2 for d in docs) >= max_bytes
+
+
+def _parquet_docs(path: str, column: str, max_bytes: int) -> list[str]:
+    """The non-empty texts of a Parquet column, read row group by row group until ``max_bytes``."""
+    import pyarrow.parquet as pq
+
+    docs: list[str] = []
+    try:
+        f = pq.ParquetFile(path)
+        if column not in f.schema_arrow.names:
+            raise InputError(f"--eval {path}: no column {column!r} (columns: {', '.join(f.schema_arrow.names)})")
+        for group in range(f.num_row_groups):  # read one by one (iter_batches reads ahead)
+            values = [d for d in f.read_row_group(group, columns=[column]).column(0).to_pylist() if d]
+            if not all(isinstance(d, str) for d in values):
+                raise InputError(f"--eval {path}: column {column!r} does not hold text")
+            docs += values
+            if _enough(docs, max_bytes):
+                break
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow's own refusal: not a Parquet file, a corrupt page
+        raise InputError(f"--eval {path}: not a readable Parquet file ({type(e).__name__})") from None
+    return docs
+
+
+def _jsonl_docs(path: str, column: str, max_bytes: int) -> list[str]:
+    """The non-empty texts of a JSON Lines field, read line by line until ``max_bytes``."""
+    docs: list[str] = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"--eval {path}: not UTF-8 text (line {n}, byte {e.start})") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise InputError(f"--eval {path}: line {n} is not JSON") from None
+            if not isinstance(record, dict) or not isinstance(record.get(column), str):
+                raise InputError(f"--eval {path}: line {n} has no text field {column!r}")
+            if record[column]:
+                docs.append(record[column])
+            if _enough(docs, max_bytes):
+                break
+    return docs
 
 
 @dataclass(frozen=True)
