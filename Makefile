@@ -18,7 +18,7 @@ demo: install
 	$(BIN)/python examples/demo.py
 
 test: install
-	$(BIN)/python -m pytest -q --doctest-modules raymerge tests
+	$(BIN)/python -m pytest -q --durations=15 --doctest-modules raymerge tests
 
 bench: install
 	$(BIN)/python bench/bench.py --reps 3 --scale2
