@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,6 @@ import raymerge
 from hfparents import save_parent, tiny_config
 from reference import assert_within_one_ulp, load_dir, mergekit_style_slerp
 
-CLI = [sys.executable, "-m", "raymerge.cli"]
 CORPUS = [f"the quick brown fox {i} jumps over the lazy dog, and the cat sat on mat number {i * 7}."
           for i in range(200)]
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -205,7 +202,7 @@ def _files(path: str) -> dict[str, bytes]:
             if n not in ("raymerge.json", "README.md")}
 
 
-def test_union_ids_and_bytes_are_the_same_every_run_and_from_a_recipe(kinds, ray_head, tmp_path):
+def test_union_ids_and_bytes_are_the_same_every_run_and_from_a_recipe(kinds, cli, tmp_path):
     a, b = kinds["byte-level"]
     raymerge.merge(a, b, str(tmp_path / "one"), t=0.5, vocab="union", workers=1)
     raymerge.merge(a, b, str(tmp_path / "two"), t=0.5, vocab="union", workers=2)
@@ -213,8 +210,7 @@ def test_union_ids_and_bytes_are_the_same_every_run_and_from_a_recipe(kinds, ray
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\n"
                       f"parameters:\n  t: 0.5\ntokenizer_source: union\n")
-    proc = subprocess.run([*CLI, "run", str(recipe), "-o", str(tmp_path / "recipe"), "--quiet"],
-                          capture_output=True, text=True, timeout=300)
+    proc = cli("run", recipe, "-o", tmp_path / "recipe", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert _files(str(tmp_path / "recipe")) == _files(str(tmp_path / "one"))
 
@@ -243,10 +239,9 @@ def test_union_fills_missing_tokens_as_asked(kinds, fill, ray_head, tmp_path):
     _check_child(out, a, b, 0.5, "union", fill)
 
 
-def test_gradient_is_refused_with_rows_aligned_by_string(kinds, tmp_path):
+def test_gradient_is_refused_with_rows_aligned_by_string(kinds, cli, tmp_path):
     a, b = kinds["sentencepiece"]
-    proc = subprocess.run([*CLI, "merge", a, b, "-o", str(tmp_path / "out"), "--pad", "gradient"],
-                          capture_output=True, text=True, timeout=120)
+    proc = cli("merge", a, b, "-o", tmp_path / "out", "--pad", "gradient")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "raymerge: error: --pad gradient extends appended ids only; rows aligned by token string take "
@@ -254,12 +249,12 @@ def test_gradient_is_refused_with_rows_aligned_by_string(kinds, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_plan_shows_the_alignment_and_saves_the_token_map(kinds, tmp_path):
+def test_plan_shows_the_alignment_and_saves_the_token_map(kinds, cli, tmp_path):
     import pyarrow.parquet as pq
 
     a, b = kinds["sentencepiece"]
     save = tmp_path / "plan.parquet"
-    proc = subprocess.run([*CLI, "plan", a, b, "--save", str(save)], capture_output=True, text=True, timeout=120)
+    proc = cli("plan", a, b, "--save", save)
     assert proc.returncode == 0, proc.stderr
     n = len(_vocab(a))
     assert f"the tokenizers first differ at id {n - 2}" in proc.stdout
@@ -272,18 +267,17 @@ def test_plan_shows_the_alignment_and_saves_the_token_map(kinds, tmp_path):
     assert by_token["<|im_start|>"]["b_row"] == -1 and by_token["<tool>"]["a_row"] == -1
 
 
-def test_an_unreadable_tokenizer_falls_back_to_ids_unless_string_alignment_is_asked(kinds, tmp_path):
+def test_an_unreadable_tokenizer_falls_back_to_ids_unless_string_alignment_is_asked(kinds, cli, tmp_path):
     a, b = kinds["sentencepiece"]
     broken = tmp_path / "broken"
     shutil.copytree(b, broken)
     (broken / "tokenizer.json").write_text("{not json")
     os.remove(broken / "tokenizer.model")
-    proc = subprocess.run([*CLI, "plan", a, str(broken)], capture_output=True, text=True, timeout=120)
+    proc = cli("plan", a, broken)
     assert proc.returncode == 0, proc.stderr
     assert "note: parent B: " in proc.stdout and "transformers cannot load its tokenizer" in proc.stdout
     assert "rows are matched by id" in proc.stdout
-    proc = subprocess.run([*CLI, "plan", a, str(broken), "--vocab", "union"], capture_output=True, text=True,
-                          timeout=120)
+    proc = cli("plan", a, broken, "--vocab", "union")
     lines = proc.stderr.splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("raymerge: error: "), proc.stderr
     assert "cannot load its tokenizer" in lines[0], proc.stderr

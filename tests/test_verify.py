@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file, save_file
 
 import raymerge
 
-CLI = [sys.executable, "-m", "raymerge.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -23,12 +20,8 @@ def good(tiny_parents, ray_head, tmp_path_factory):
     return out
 
 
-def _verify(path, *extra):
-    return subprocess.run([*CLI, "verify", path, *extra], capture_output=True, text=True, timeout=300)
-
-
-def test_good_output_passes_with_load(good):
-    proc = _verify(good, "--load")
+def test_good_output_passes_with_load(good, cli):
+    proc = cli("verify", good, "--load")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith(": ok")
 
@@ -71,10 +64,10 @@ DAMAGE = [
 
 
 @pytest.mark.parametrize("damage,expected", DAMAGE)
-def test_damaged_outputs_are_named(good, tmp_path, damage, expected):
+def test_damaged_outputs_are_named(good, cli, tmp_path, damage, expected):
     copy = str(tmp_path / "copy")
     shutil.copytree(good, copy)
     damage(copy)
-    proc = _verify(copy)
+    proc = cli("verify", copy)
     assert proc.returncode == 1
     assert expected in proc.stderr, proc.stderr

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,6 @@ from raymerge.align import PadSpec, pad_rows
 from raymerge.synthetic import build_parent, llama_config
 from reference import assert_within_one_ulp, load_dir, mergekit_style_slerp
 
-CLI = [sys.executable, "-m", "raymerge.cli"]
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
              num_key_value_heads=1)
 
@@ -150,8 +147,8 @@ def test_one_tied_gives_an_untied_child(tied_parents, ray_head, tmp_path, tied_f
     assert torch.equal(model.lm_head.weight, child["lm_head.weight"])
 
 
-def _cli_error(*args) -> str:
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+def _cli_error(cli, *args) -> str:
+    proc = cli(*args)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("raymerge: error: "), proc.stderr
@@ -159,20 +156,19 @@ def _cli_error(*args) -> str:
     return lines[0]
 
 
-def test_hidden_size_mismatch_is_refused_naming_the_attribute(vocab_parents, session_dir, tmp_path):
+def test_hidden_size_mismatch_is_refused_naming_the_attribute(vocab_parents, session_dir, cli, tmp_path):
     wide = build_parent(str(session_dir / "vocab" / "wide"),
                         llama_config(vocab_size=32000, **{**SMALL, "hidden_size": 48}), seed=32)
-    msg = _cli_error("merge", vocab_parents[32000], wide, "-o", str(tmp_path / "out"), "-t", "0.5")
+    msg = _cli_error(cli, "merge", vocab_parents[32000], wide, "-o", tmp_path / "out", "-t", "0.5")
     assert "hidden_size (A 32, B 48)" in msg
     assert not (tmp_path / "out").exists()
 
 
-def test_plan_shows_padding_and_saves_parquet(vocab_parents, tmp_path):
+def test_plan_shows_padding_and_saves_parquet(vocab_parents, cli, tmp_path):
     import pyarrow.parquet as pq
 
     save = tmp_path / "plan.parquet"
-    proc = subprocess.run([*CLI, "plan", vocab_parents[32000], vocab_parents[32032], "--pad", "mean",
-                           "--save", str(save)], capture_output=True, text=True, timeout=120)
+    proc = cli("plan", vocab_parents[32000], vocab_parents[32032], "--pad", "mean", "--save", save)
     assert proc.returncode == 0, proc.stderr
     assert "model.embed_tokens.weight: parent A 32000 -> 32032 rows on axis 0 (mean)" in proc.stdout
     assert "tokenizer from parent B" in proc.stdout
@@ -194,13 +190,13 @@ def _with_extra_tensor(src: str, dst: str, name: str, tensor: torch.Tensor) -> s
     return dst
 
 
-def test_a_vocabulary_axis_other_than_the_first_is_refused(vocab_parents, tmp_path):
+def test_a_vocabulary_axis_other_than_the_first_is_refused(vocab_parents, cli, tmp_path):
     """A tensor whose only differing axis is axis 1, with the vocabulary sizes 32000 and 32032
     there: the padder extends rows only, so it is refused, naming the tensor and both shapes."""
     name = "model.vocab_proj.weight"
     a = _with_extra_tensor(vocab_parents[32000], str(tmp_path / "a"), name, torch.zeros(32, 32000, dtype=torch.bfloat16))
     b = _with_extra_tensor(vocab_parents[32032], str(tmp_path / "b"), name, torch.zeros(32, 32032, dtype=torch.bfloat16))
-    msg = _cli_error("merge", a, b, "-o", str(tmp_path / "out"))
+    msg = _cli_error(cli, "merge", a, b, "-o", tmp_path / "out")
     assert msg == (f"raymerge: error: tensor '{name}': shapes differ, A [32, 32000] vs B [32, 32032]: "
                    "the vocabulary axis must be the first one"), msg
     assert not (tmp_path / "out").exists()
