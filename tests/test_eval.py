@@ -40,6 +40,15 @@ def sweep_all(tiny_parents, ray_head, text, session_dir):
     return out, result
 
 
+@pytest.fixture(scope="module")
+def sweep_best(tiny_parents, ray_head, text, session_dir):
+    """The same sweep keeping the best child only, on one actor (two above)."""
+    a, b = tiny_parents
+    out = str(session_dir / "eval-best")
+    result = raymerge.merge(a, b, out, t=TS, eval_text=text, context=CONTEXT, keep="best", workers=1)
+    return out, result
+
+
 def _shards(path: str) -> dict[str, bytes]:
     return {n: open(os.path.join(path, n), "rb").read() for n in sorted(os.listdir(path)) if n.endswith(".safetensors")}
 
@@ -98,15 +107,18 @@ def test_an_in_memory_child_has_the_written_childs_logits(sweep_all, tiny_parent
         assert torch.equal(in_memory(ids).logits, written(ids).logits)
 
 
-def test_keep_writes_exactly_the_chosen_children(sweep_all, tiny_parents, ray_head, text, tmp_path):
+def test_keep_writes_exactly_the_chosen_children(sweep_all, sweep_best, tiny_parents, ray_head, text, tmp_path):
     out_all, result = sweep_all
     assert sorted(d for d in os.listdir(out_all) if d.startswith("t-")) == ["t-0", "t-0.5", "t-1"]
     ranked = [r["name"] for r in sorted((r for r in result.scores.to_pylist() if r["kind"] == "child"),
                                         key=lambda r: r["bits_per_byte"])]
     a, b = tiny_parents
     for keep, expected in (("best", ranked[:1]), ("2", ranked[:2])):
-        out = str(tmp_path / keep)
-        raymerge.merge(a, b, out, t=TS, eval_text=text, context=CONTEXT, keep=keep, workers=2)
+        if keep == "best":
+            out = sweep_best[0]
+        else:
+            out = str(tmp_path / keep)
+            raymerge.merge(a, b, out, t=TS, eval_text=text, context=CONTEXT, keep=keep, workers=2)
         assert sorted(d for d in os.listdir(out) if d.startswith("t-")) == sorted(f"t-{n}" for n in expected)
         for name in expected:
             assert _shards(os.path.join(out, f"t-{name}")) == _shards(os.path.join(out_all, f"t-{name}"))
@@ -115,7 +127,7 @@ def test_keep_writes_exactly_the_chosen_children(sweep_all, tiny_parents, ray_he
     assert _shards(plain) == _shards(os.path.join(out_all, "t-0.5")), "a kept child is a plain merge"
 
 
-def test_the_plot_has_one_point_per_t_and_the_table_repeats(sweep_all, tiny_parents, ray_head, text, tmp_path):
+def test_the_plot_has_one_point_per_t_and_the_table_repeats(sweep_all, sweep_best, tmp_path):
     out, result = sweep_all
     with open(os.path.join(out, "sweep.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -125,9 +137,7 @@ def test_the_plot_has_one_point_per_t_and_the_table_repeats(sweep_all, tiny_pare
     from raymerge.report import plot_sweep
 
     assert plot_sweep(result.scores, str(tmp_path / "again.png")) == TS
-    a, b = tiny_parents
-    again = raymerge.merge(a, b, str(tmp_path / "again"), t=TS, eval_text=text, context=CONTEXT, keep="best",
-                           workers=1)
+    _, again = sweep_best
     drop = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]  # noqa: E731
     assert drop(again.scores.to_pylist()) == drop(result.scores.to_pylist())
 
