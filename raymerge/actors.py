@@ -45,6 +45,7 @@ from safetensors import safe_open
 
 from raymerge import storage
 from raymerge.align import pad_rows
+from raymerge.placement import cuda_problem
 from raymerge.plan import MergePlan, TensorPlan
 from raymerge.readahead import Buffers, ReadAhead
 from raymerge.shards import TORCH_DTYPES, ShardFile, TensorEntry, WriteBehind, close_all, numel
@@ -123,7 +124,7 @@ class MergeActor:
         self.num_threads = max(1, num_threads)
         if owns_process:
             _reuse_freed_memory()
-        self.gpu_error = _cuda_problem() if use_gpu else None
+        self.gpu_error = cuda_problem() if use_gpu else None
         self.device = torch.device("cuda") if use_gpu and self.gpu_error is None else torch.device("cpu")
         if self.device.type == "cuda":
             # A 1 MiB block suits a CPU's cache; a GPU wants few, large kernels and copies.
@@ -427,19 +428,6 @@ def _process() -> dict:
     ray = sys.modules.get("ray")
     node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
     return {"host": socket.gethostname(), "pid": os.getpid(), "node": node}
-
-
-def _cuda_problem() -> str | None:
-    """Why this process's torch cannot compute on the GPU Ray gave it, or None when it can."""
-    if torch.version.cuda is None:
-        return f"this torch ({torch.__version__}) is built without CUDA"
-    try:
-        torch.cuda.init()
-    except Exception as e:  # noqa: BLE001 - the reason is the message (e.g. a driver too old)
-        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if torch.cuda.device_count() == 0:
-        return "no CUDA device is visible (CUDA_VISIBLE_DEVICES is empty)"
-    return None
 
 
 def _reuse_freed_memory() -> None:

@@ -26,7 +26,9 @@ from raymerge.actors import MergeActor
 from raymerge.errors import InputError
 from raymerge.options import MergeOptions
 from raymerge.parents import Parent
+from raymerge.placement import check_reports, cuda_problem, live_nodes, scoring_shape, wait_placed
 from raymerge.plan import MergePlan
+from raymerge.pool import ActorPool
 from raymerge.scoring import Score, Windows, default_context, make_windows, read_text, score
 from raymerge.slerp import Coefficients
 
@@ -68,7 +70,14 @@ class EvalActor:
     def __init__(self, block_bytes: int, num_threads: int, use_gpu: bool = False):
         self.merger = MergeActor(block_bytes, num_threads)
         self.num_threads = num_threads
-        self.device = torch.device("cuda") if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+        # Like a merge actor: a GPU it was given but cannot use is reported (where), never
+        # replaced by the CPU.
+        self.gpu_error = cuda_problem() if use_gpu else None
+        self.device = torch.device("cuda") if use_gpu and self.gpu_error is None else torch.device("cpu")
+
+    def where(self) -> dict:
+        """This actor's host, node and the GPU problem it has, if any (placement.check_reports)."""
+        return {**self.merger.where([]), "gpu_error": self.gpu_error}
 
     def score_child(self, plan: MergePlan, coefficients: dict[str, Coefficients], means: dict,
                     config: dict, windows: Windows) -> tuple[Score, float, float]:
@@ -109,56 +118,36 @@ def load_child(config: dict, state: dict[str, torch.Tensor]):
     return model
 
 
-def _actor_shape(nodes: list[dict], tasks: int, child_bytes: int, device: str = "auto") -> tuple[int, float, float]:
-    """(actors, CPUs each, GPUs each): one per GPU (unless ``--device cpu``), else actors of up to
-    8 CPUs of one node."""
-    memory = max(n.get("memory", 0) for n in nodes)
-    if memory and memory < 2 * child_bytes:
-        raise InputError(f"no node can hold a child in memory to score it: the child is "
-                         f"{child_bytes / 1e9:.2f} GB, the largest node offers {memory / 1e9:.2f} GB to Ray "
-                         "(twice the child is needed)")
-    gpus = sum(int(n.get("GPU", 0)) for n in nodes) if device != "cpu" else 0
-    if gpus:
-        return min(tasks, gpus), 0, 1
-    per = min(8.0, max(n.get("CPU", 1) for n in nodes))
-    count = int(max(1, min(tasks, sum(int(n.get("CPU", 0) // per) for n in nodes))))
-    return count, per, 0
-
-
 def evaluate(options: MergeOptions, plan: MergePlan, inputs: EvalInputs, a: Parent, b: Parent,
              coefficients: dict[str, tuple[Coefficients, ...]], means: dict, labels: list[str]) -> pa.Table:
     """Score every output (one per label) and both parents on Ray actors; return the table."""
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    tasks = len(labels) + 2
-    count, cpus, gpus = _actor_shape(nodes, tasks, plan.total_size(), options.device)
-    actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=1, max_task_retries=1,
+    shape = scoring_shape(live_nodes(), len(labels) + 2, plan.total_size(), options.device)
+    actor_cls = ray.remote(num_cpus=shape.num_cpus, num_gpus=shape.num_gpus, max_restarts=1, max_task_retries=1,
                            runtime_env=storage.actor_runtime_env())(EvalActor)
-    actors = [actor_cls.remote(options.block_bytes, max(1, int(cpus)), gpus > 0) for _ in range(count)]
-    plan_ref = ray.put(plan)
-    child_windows = ray.put(inputs.child)
-    pending = {}
+    pool = ActorPool(actor_cls, shape.count, options.block_bytes, shape.threads, shape.num_gpus > 0)
+    rows = []
+
+    def scored(task, result):
+        (kind, label), (value, build_s, score_s) = task, result
+        rows.append(_row(kind, label, value, build_s, score_s))
+        if options.progress:
+            name = f"t={label}" if kind == "child" else f"parent {label}"
+            print(f"eval: {name}: {value.bits_per_byte:.4f} bits/byte, perplexity {value.perplexity:.3f} "
+                  f"(built in {build_s:.1f} s, scored in {score_s:.1f} s)", file=sys.stderr, flush=True)
+
     try:
+        check_reports(wait_placed(pool, (), options.schedule_timeout_s, live_nodes, show=options.progress))
+        plan_ref, child_windows = ray.put(plan), ray.put(inputs.child)
         for i, label in enumerate(labels):
             coefs = {name: c[i] for name, c in coefficients.items()}
-            ref = actors[i % count].score_child.remote(plan_ref, coefs, means, inputs.child_config, child_windows)
-            pending[ref] = ("child", label)
+            pool.submit(i % shape.count, "score_child", plan_ref, coefs, means, inputs.child_config, child_windows,
+                        tag=("child", label))
         for j, p in enumerate((a, b)):
-            ref = actors[(len(labels) + j) % count].score_parent.remote(p.path, inputs.parents[p.label])
-            pending[ref] = ("parent", p.label)
-        rows = []
-        remaining = list(pending)
-        while remaining:
-            ready, remaining = ray.wait(remaining, num_returns=1)
-            kind, label = pending[ready[0]]
-            result, build_s, score_s = ray.get(ready[0])
-            rows.append(_row(kind, label, result, build_s, score_s))
-            if options.progress:
-                name = f"t={label}" if kind == "child" else f"parent {label}"
-                print(f"eval: {name}: {result.bits_per_byte:.4f} bits/byte, perplexity {result.perplexity:.3f} "
-                      f"(built in {build_s:.1f} s, scored in {score_s:.1f} s)", file=sys.stderr, flush=True)
+            pool.submit((len(labels) + j) % shape.count, "score_parent", p.path, inputs.parents[p.label],
+                        tag=("parent", p.label))
+        pool.wait(scored)
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        pool.stop()
     order = {label: i for i, label in enumerate(labels)}
     rows.sort(key=lambda r: (r["kind"] != "parent", r["name"] if r["kind"] == "parent" else order[r["name"]]))
     return pa.Table.from_pylist(rows)

@@ -2,6 +2,7 @@
 
 Layout while a merge runs::
 
+    OUT/.raymerge/lock                   held (flock) by the merge writing into OUT, for its life
     OUT/.raymerge/state.json             the plan fingerprint (a resume must match it)
     OUT/.raymerge/done/<shard>.json      a finished shard: each output's size and CRC-32, its writer
     OUT/<sub>/<shard>                    the shards, each written in place by one actor
@@ -19,9 +20,14 @@ looks like a model; a merge refused midway (a NaN in a parent tensor) removes ev
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 
@@ -31,6 +37,7 @@ from raymerge.errors import InputError
 from raymerge.plan import MergePlan
 
 STATE_DIR = ".raymerge"
+LOCK_NAME = "lock"
 
 
 def _json(path: str) -> dict | None:
@@ -51,6 +58,13 @@ class OutputDir:
         self.root = storage.normalize(out)
         self.subdirs = subdirs
         self.made = False  # whether this merge created the directory (or replaced it: --overwrite)
+        self._lock_fd: int | None = None
+
+    def keeping(self, subdirs: list[str]) -> "OutputDir":
+        """This output directory, writing only the outputs ``subdirs`` (those ``--eval`` kept)."""
+        kept = copy.copy(self)
+        kept.subdirs = list(subdirs)
+        return kept
 
     @property
     def is_uri(self) -> bool:
@@ -92,6 +106,64 @@ class OutputDir:
             if storage.within(p, self.root):
                 raise InputError(f"parent {p} lies inside output {self.root}: choose another output directory")
 
+    def lock(self) -> None:
+        """Take OUT for this merge: a second merge into the same OUT is refused until this one
+        ends. The lock is the kernel's (``flock`` on ``.raymerge/lock``, which NFS clients share):
+        it goes with the process, so a merge killed outright never blocks its ``--resume``. A
+        bucket has no locks: on a URI, nothing is taken (see the docs: one merge per OUT)."""
+        if self.is_uri:
+            return
+        self.made = not os.path.isdir(self.root)
+        path = os.path.join(self.state_dir, LOCK_NAME)
+        try:
+            os.makedirs(self.state_dir, exist_ok=True)
+            while True:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as e:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                    os.close(fd)
+                    if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                        raise InputError(f"output {self.root} is being written by another merge "
+                                         f"({holder or 'a process'}): wait for it, or choose another output") from None
+                    raise
+                try:  # the file the lock is on may have been removed by a merge that just ended
+                    if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+        except OSError as e:
+            raise InputError(f"cannot write into output {self.root}: {storage.describe(e)}") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Let OUT go. What the lock added goes with it: the lock file (unless another merge's
+        has taken its place), and OUT itself when this merge made it and nothing else is there."""
+        if self._lock_fd is None:
+            return
+        path = os.path.join(self.state_dir, LOCK_NAME)
+        try:
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == os.fstat(self._lock_fd).st_ino:
+                    os.remove(path)
+            for directory in [self.state_dir] + ([self.root] if self.made else []):
+                with contextlib.suppress(OSError):  # not empty, or gone: left as it is
+                    os.rmdir(directory)
+        finally:
+            os.close(self._lock_fd)  # the lock goes with the descriptor
+            self._lock_fd = None
+
+    def _own_entries(self) -> list[str]:
+        """What OUT holds, but for this merge's own lock (and the state directory holding only it)."""
+        entries = storage.listdir(self.root)
+        if self._lock_fd is not None and STATE_DIR in entries and os.listdir(self.state_dir) == [LOCK_NAME]:
+            entries = [e for e in entries if e != STATE_DIR]
+        return entries
+
     def _recorded_fingerprint(self) -> str | None:
         for path in (storage.join(self.state_dir, "state.json"),
                      storage.join(self.output_path(self.subdirs[0]), PROVENANCE_NAME)):
@@ -108,7 +180,7 @@ class OutputDir:
                 raise InputError(f"output {self.root}: no such bucket")
             if storage.isfile(self.root):
                 raise InputError(f"output {self.root} exists and is not a directory")
-            if not storage.listdir(self.root):
+            if not self._own_entries():
                 return
         except OSError as e:
             raise InputError(f"cannot read output {self.root}: {storage.describe(e)}") from None
@@ -126,16 +198,35 @@ class OutputDir:
     def create(self, fingerprint: str, overwrite: bool) -> None:
         """Create the directories and record the fingerprint a later resume must match."""
         try:
-            if overwrite and storage.listdir(self.root):
-                storage.rmtree(self.root)
+            if overwrite and self._own_entries():
+                self._clear_for_overwrite()
             # A bucket prefix exists only through its keys: an empty one was made by no one.
-            self.made = not storage.listdir(self.root) if self.is_uri else not os.path.isdir(self.root)
+            if self.is_uri:
+                self.made = not storage.listdir(self.root)
+            elif self._lock_fd is None:
+                self.made = not os.path.isdir(self.root)
             storage.makedirs(storage.join(self.state_dir, "done"))
             for sub in self.subdirs:
                 storage.makedirs(self.output_path(sub))
             _write_json(storage.join(self.state_dir, "state.json"), {"plan_fingerprint": fingerprint})
         except OSError as e:
             raise InputError(f"cannot write into output {self.root}: {storage.describe(e)}") from None
+
+    def _clear_for_overwrite(self) -> None:
+        """Remove the earlier output (checked to be raymerge's), keeping this merge's lock."""
+        if self.is_uri or self._lock_fd is None:
+            storage.rmtree(self.root)
+            return
+        for parent, keep in ((self.root, STATE_DIR), (self.state_dir, LOCK_NAME)):
+            for name in os.listdir(parent):
+                path = os.path.join(parent, name)
+                if name == keep:
+                    continue
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+        self.made = True
 
     def finished_shards(self, plan: MergePlan) -> dict[int, dict]:
         """Shards finished by an earlier run (kept on resume), by index, with their records: a

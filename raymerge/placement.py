@@ -1,9 +1,14 @@
-"""Where the actors go: how many, what each asks of Ray, and waiting for them to be placed.
+"""Where the actors go and on which device, for the merge and for scoring alike: how many, what
+each asks of Ray, waiting for them to be placed, and what each placed actor reports about itself
+(the device it can use, the parents it can read, the output it can write).
 
 The shape comes from the live nodes' resources. A request the live nodes cannot hold is refused at
 once on a fixed cluster; on an autoscaling one (Ray's autoscaler watches it, with node types it
 can launch) the actors are created anyway, and their pending demand is what makes the autoscaler
 add nodes: the merge waits, saying so, until every actor is placed or the schedule timeout ends.
+
+An actor given a GPU computes there or not at all: one whose torch cannot use CUDA stops the
+merge (never a silent fallback to a CPU it did not ask for, slowly and unseen).
 """
 
 from __future__ import annotations
@@ -27,6 +32,25 @@ class ActorShape:
     num_gpus: float
     threads: int
     waits: bool = False  # the live nodes cannot hold every actor: an autoscaler must add nodes
+
+
+def live_nodes() -> list[dict]:
+    """The resources of each live node of the cluster Ray is connected to."""
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n["Alive"]]
+
+
+def merge_shape(options: MergeOptions) -> ActorShape:
+    """The merge actors' shape from the live nodes; a request they cannot hold waits for an
+    autoscaler if one watches the cluster, else is refused at once."""
+    nodes = live_nodes()
+    try:
+        return actor_shape(options, nodes)
+    except InputError:
+        if not cluster_autoscales():
+            raise
+        return actor_shape(options, nodes, autoscales=True)
 
 
 def cluster_text(nodes: list[dict]) -> str:
@@ -106,31 +130,87 @@ def _read_only(node_id: str, node_type: str) -> bool:
     return not node_type or node_type in (node_id, f"node_{node_id}")
 
 
-def wait_placed(refs: list, timeout_s: float, nodes, show: bool, waits: bool = False, stream=None) -> list:
-    """The values of the actors' first calls (``where``), waiting until every actor is placed.
+def scoring_shape(nodes: list[dict], tasks: int, child_bytes: int, device: str = "auto") -> ActorShape:
+    """The scoring actors (``--eval``): one per GPU (unless ``--device cpu``), else actors of up
+    to 8 CPUs of one node; never more than ``tasks``. Each builds a whole child in memory, so a
+    node must offer twice its size."""
+    memory = max(n.get("memory", 0) for n in nodes)
+    if memory and memory < 2 * child_bytes:
+        raise InputError(f"no node can hold a child in memory to score it: the child is "
+                         f"{child_bytes / 1e9:.2f} GB, the largest node offers {memory / 1e9:.2f} GB to Ray "
+                         "(twice the child is needed)")
+    gpus = sum(int(n.get("GPU", 0)) for n in nodes) if device != "cpu" else 0
+    if gpus:
+        return ActorShape(min(tasks, gpus), 0, 1, 1)
+    per = min(8.0, max(n.get("CPU", 1) for n in nodes))
+    count = int(max(1, min(tasks, sum(int(n.get("CPU", 0) // per) for n in nodes))))
+    return ActorShape(count, per, 0, max(1, int(per)))
+
+
+def cuda_problem() -> str | None:
+    """Why this process's torch cannot compute on the GPU Ray gave it, or None when it can (run
+    in the actor)."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    try:
+        torch.cuda.init()
+    except Exception as e:  # noqa: BLE001 - the reason is the message (e.g. a driver too old)
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if torch.cuda.device_count() == 0:
+        return "no CUDA device is visible (CUDA_VISIBLE_DEVICES is empty)"
+    return None
+
+
+def check_reports(reports: list[dict], write_path: str | None = None) -> None:
+    """Refuse, in one line, what a placed actor reports it cannot do: use its GPU, read a parent,
+    write the output. (Each report is an actor's ``where``: host, node, gpu_error, missing,
+    read_error, write_error.)"""
+    for info in reports:
+        if info.get("gpu_error"):
+            raise InputError(f"actor on node {info['node']} (host {info['host']}) holds a GPU but torch cannot "
+                             f"use CUDA: {info['gpu_error']}; run with --device cpu, or fix the node's torch")
+        if info.get("read_error"):
+            raise InputError(f"an actor on host {info['host']} cannot read {info['missing'][0]}: {info['read_error']}")
+        if info.get("missing"):
+            raise InputError(f"an actor on host {info['host']} cannot see {info['missing'][0]}: "
+                             "parents must sit on storage every node sees, at the same path")
+        error = info.get("write_error")
+        if error == "not visible on this node":
+            raise InputError(f"an actor on host {info['host']} cannot see {write_path}: "
+                             "the output must sit on storage every node sees, at the same path")
+        if error:
+            raise InputError(f"an actor on host {info['host']} cannot write into {write_path}: {error}")
+
+
+def wait_placed(pool, where_args: tuple, timeout_s: float, nodes, show: bool, waits: bool = False,
+                stream=None) -> list[dict]:
+    """Every actor's report (its ``where``), waiting until every actor is placed.
 
     While some are not, a line every few seconds says how many are and what the autoscaler is
     adding (at once when the shape ``waits`` for an autoscaler); after ``timeout_s`` the merge
     stops, naming what the cluster has (``nodes()``).
     """
-    import ray
-
     stream = stream or sys.stderr
     deadline = time.monotonic() + timeout_s
-    pending = list(refs)
-    first = 0.0 if waits else WAIT_REPORT_S
-    while pending:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise InputError(f"{len(pending)} of {len(refs)} actor(s) were not scheduled within {timeout_s:g} s; "
+    reports: dict[int, dict] = {}
+    for i in range(len(pool)):
+        pool.submit(i, "where", *where_args, tag=i)
+
+    def waiting(pending: int) -> None:
+        if time.monotonic() >= deadline:
+            raise InputError(f"{pending} of {len(pool)} actor(s) were not scheduled within {timeout_s:g} s; "
                              f"{cluster_text(nodes())}")
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(first, left))
-        first = WAIT_REPORT_S
-        if pending and show:
-            stream.write(f"waiting for resources: {len(refs) - len(pending)} of {len(refs)} actor(s) placed; "
+        if show:
+            stream.write(f"waiting for resources: {len(pool) - pending} of {len(pool)} actor(s) placed; "
                          f"{cluster_text(nodes())}{_launching()}\n")
             stream.flush()
-    return ray.get(list(refs))
+
+    if waits:
+        waiting(len(pool))
+    pool.wait(reports.__setitem__, every_s=min(WAIT_REPORT_S, timeout_s), on_tick=waiting)
+    return [reports[i] for i in range(len(pool))]
 
 
 def _autoscaler_report() -> dict:
