@@ -150,16 +150,51 @@ def test_an_actor_holding_a_gpu_it_cannot_use_stops_the_merge(tiny_parents, fake
     assert not (tmp_path / "out").exists()
 
 
-def test_device_cpu_on_a_gpu_node_merges_the_same_bytes(tiny_parents, fake_gpu_head, ray_head, tmp_path):
+def test_scoring_actors_holding_a_gpu_they_cannot_use_stop_the_sweep(tiny_parents, fake_gpu_head, tmp_path):
+    """`--eval`'s scoring actors follow the merge's rule: placed on the declared GPU, with a torch
+    that has no CUDA, they stop the sweep in the same line a merge actor does (they used to score
+    on the CPU instead, silently). Driven directly: on this one-node cluster the merge actors,
+    placed first on the same GPU, would refuse before scoring starts."""
+    import torch
+
+    text = tmp_path / "heldout.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    script = f"""
+import ray
+from raymerge.errors import InputError
+from raymerge import evaluation
+from raymerge.options import MergeOptions
+from raymerge.parents import load_parent
+from raymerge.plan import build_plan
+
+ray.init(address={fake_gpu_head.address!r}, logging_level="ERROR")
+options = MergeOptions(a={tiny_parents[0]!r}, b={tiny_parents[1]!r}, out="unused", eval_text={str(text)!r},
+                       schedule_timeout_s=60, progress=False)
+a, b = load_parent(options.a, "A"), load_parent(options.b, "B")
+plan = build_plan(a, b, options, 1)
+try:
+    evaluation.evaluate(options, plan, evaluation.prepare(options, a, b, plan), a, b, {{}}, {{}}, [])
+    print("scored")
+except InputError as e:
+    print(e)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(r"actor on node [0-9a-f]+ \(host [^)]+\) holds a GPU but torch cannot use "
+                        rf"CUDA: this torch \({re.escape(torch.__version__)}\) is built without CUDA; run with "
+                        r"--device cpu, or fix the node's torch\n", proc.stdout), proc.stdout
+
+
+def test_device_cpu_on_a_gpu_node_merges_the_same_bytes(tiny_parents, fake_gpu_head, cli, tmp_path):
     """`--device cpu` runs CPU actors on the GPU node; the output equals a merge on a node without
-    GPUs byte for byte (the session's head)."""
-    outs = {}
-    for name, head, extra in (("gpu-node", fake_gpu_head, ["--device", "cpu"]), ("plain", ray_head, [])):
-        out = tmp_path / name
-        proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(out), "-t", "0.4", "--quiet",
-                               "--address", head.address, *extra], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        outs[name] = out
+    GPUs byte for byte (the session's head, in this process)."""
+    outs = {"gpu-node": tmp_path / "gpu-node", "plain": tmp_path / "plain"}
+    proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(outs["gpu-node"]), "-t", "0.4", "--quiet",
+                           "--address", fake_gpu_head.address, "--device", "cpu"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    plain = cli("merge", *tiny_parents, "-o", outs["plain"], "-t", "0.4", "--quiet")
+    assert plain.returncode == 0, plain.stderr
     for f in sorted(os.listdir(outs["plain"])):
         if f.endswith(".safetensors"):
             assert (outs["gpu-node"] / f).read_bytes() == (outs["plain"] / f).read_bytes(), f
