@@ -143,9 +143,7 @@ def test_driver_killed_then_resumed(medium_parents, ray_head, undisturbed, tmp_p
         proc.wait(timeout=60)
     assert not os.path.exists(os.path.join(out, "config.json"))
     kept = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in _finished_shards(out)}
-    again = subprocess.run([*_driver(medium_parents, out, resume=True), ray_head.address],
-                           capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr
+    raymerge.merge(*medium_parents, out, resume=True, **MERGE)  # here, on the session's Ray
     same_shards(out, undisturbed)
     for f, mtime in kept.items():
         assert os.stat(os.path.join(out, f)).st_mtime_ns == mtime, f"{f} was finished and should have been kept"
@@ -160,10 +158,8 @@ def test_truncated_shard_is_redone_on_resume(medium_parents, ray_head, undisturb
     same_shards(out, undisturbed)
 
 
-def test_resume_into_a_different_merge_is_refused(medium_parents, ray_head, undisturbed, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "raymerge.cli", "merge", *medium_parents, "-o", undisturbed,
-                           "-t", "0.7", "--resume", "--address", ray_head.address], capture_output=True, text=True,
-                          timeout=300)
+def test_resume_into_a_different_merge_is_refused(medium_parents, cli, undisturbed, tmp_path):
+    proc = cli("merge", *medium_parents, "-o", undisturbed, "-t", "0.7", "--resume")
     assert proc.returncode == 1
     assert proc.stderr == (f"raymerge: error: output {os.path.realpath(undisturbed)} holds a different merge (other "
                            "parents, t or options): refusing to resume into it\n"), proc.stderr
@@ -218,7 +214,7 @@ def test_resume_with_the_same_merge_is_accepted(tiny_parents, tiny_done, tmp_pat
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_ctrl_c_or_sigterm_stops_cleans_up_and_resumes(medium_parents, ray_head, undisturbed, tmp_path, signum):
+def test_ctrl_c_or_sigterm_stops_cleans_up_and_resumes(medium_parents, ray_head, cli, undisturbed, tmp_path, signum):
     """Ctrl-C, or SIGTERM as `ray job stop` sends it, mid-merge: exit 130, no partial shards, no
     config.json, and --resume completes byte-identical to an undisturbed run."""
     out = str(tmp_path / "out")
@@ -240,7 +236,8 @@ def test_ctrl_c_or_sigterm_stops_cleans_up_and_resumes(medium_parents, ray_head,
     assert not os.path.exists(os.path.join(out, "config.json"))
     kept = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in _finished_shards(out)}
     assert kept and sorted(kept) == sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
-    again = subprocess.run([*cmd, "--resume", "--quiet"], capture_output=True, text=True, timeout=600)
+    # The interrupted merge's own command line, resumed in this process (on the session's Ray).
+    again = cli(*cmd[3:], "--resume", "--quiet")
     assert again.returncode == 0, again.stderr
     same_shards(out, undisturbed)
     for f, mtime in kept.items():
