@@ -22,6 +22,7 @@ import zlib
 
 import pytest
 
+from raymerge import cli as raymerge_cli
 from buckets import S3Mount, pyarrow_s3, list_objects, read_object, run_in_node, s3fs_open_files, start_in_node
 from raynodes import merge_actor_pids
 
@@ -53,9 +54,10 @@ def merge_into_bucket(c, parents, name: str, options, *more: str) -> str:
     return out
 
 
-def merge_locally(c, parents, out: str, options) -> dict[str, bytes]:
-    """The same merge on the same cluster into a local directory: the reference; returns its files."""
-    subprocess.run(merge_argv(c, parents, out, options), check=True, capture_output=True, text=True, timeout=600)
+def merge_locally(parents, out: str, options) -> dict[str, bytes]:
+    """The same merge into a local directory, in this process on the session's Ray (output
+    bytes never depend on the cluster): the reference; returns its files."""
+    assert raymerge_cli.run(["merge", *parents, "-o", out, *options, "--quiet"]) == 0
     return files(out)
 
 
@@ -114,8 +116,8 @@ def assert_written_once(c, key: str, got: dict[str, bytes], sub: str = "") -> se
 # ---- one t, and a sweep ----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny_reference(tiny_parents, bucket_cluster, tmp_path_factory):
-    expected = merge_locally(bucket_cluster, tiny_parents, str(tmp_path_factory.mktemp("local") / "child"), TINY)
+def tiny_reference(tiny_parents, bucket_cluster, ray_head, tmp_path_factory):
+    expected = merge_locally(tiny_parents, str(tmp_path_factory.mktemp("local") / "child"), TINY)
     assert sum(n.endswith(".safetensors") for n in expected) > 2, "several shards"
     assert INDEX in expected
     return expected
@@ -134,8 +136,8 @@ def test_a_merge_into_a_bucket_mounted_on_two_nodes(tiny_parents, bucket_cluster
 
 
 @pytest.fixture(scope="module")
-def sweep_reference(tiny_parents, bucket_cluster, tmp_path_factory):
-    expected = merge_locally(bucket_cluster, tiny_parents, str(tmp_path_factory.mktemp("local") / "sweep"),
+def sweep_reference(tiny_parents, bucket_cluster, ray_head, tmp_path_factory):
+    expected = merge_locally(tiny_parents, str(tmp_path_factory.mktemp("local") / "sweep"),
                              (*TINY, *SWEEP))
     assert {n.split(os.sep)[0] for n in expected} == set(SWEEP_DIRS)
     return expected
@@ -248,8 +250,8 @@ def done_records(c, name: str) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def medium_reference(medium_parents, bucket_cluster, tmp_path_factory):
-    return merge_locally(bucket_cluster, medium_parents, str(tmp_path_factory.mktemp("local") / "medium"), MEDIUM)
+def medium_reference(medium_parents, bucket_cluster, ray_head, tmp_path_factory):
+    return merge_locally(medium_parents, str(tmp_path_factory.mktemp("local") / "medium"), MEDIUM)
 
 
 def test_a_merge_killed_mid_shard_then_resumed(medium_parents, bucket_cluster, medium_reference, tmp_path):
