@@ -10,7 +10,8 @@ import sys
 import click
 
 from raymerge.errors import InputError, RaymergeError
-from raymerge.options import DEVICE_CHOICES, DTYPE_CHOICES, PAD_STRATEGIES, VOCAB_MODES, MergeOptions, parse_size
+from raymerge.options import (DEFAULT_SIZES, DEVICE_CHOICES, DTYPE_CHOICES, PAD_STRATEGIES, VOCAB_MODES, MergeOptions,
+                              parse_size)
 from raymerge.schedule import parse_range, parse_t_for
 from raymerge.session import RaySession
 
@@ -67,7 +68,7 @@ def run_options(f):
     """How a merge runs and where it writes: shared by `merge` and `run`."""
     return _apply(f, [
         click.option("-o", "--out", required=True, help="Output directory."),
-        click.option("--max-shard-size", default="5GB", show_default=True,
+        click.option("--max-shard-size", default=DEFAULT_SIZES["max_shard_size"], show_default=True,
                      help="Largest output shard, e.g. 500MB, 5GB, 2GiB."),
         click.option("--vocab", type=click.Choice(VOCAB_MODES), default=None,
                      help="Vocabulary alignment: auto (by id when one tokenizer extends the other, else "
@@ -81,19 +82,19 @@ def run_options(f):
                      help="Parent to take tokenizer files from (default: the one with the merged vocabulary)."),
         click.option("--workers", type=int, default=None,
                      help="Number of actors (default: one per CPU, or one per GPU on a GPU cluster)."),
-        click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto", show_default=True,
+        click.option("--device", type=click.Choice(DEVICE_CHOICES), default=MergeOptions.device, show_default=True,
                      help="Where actors compute: auto (GPUs where the cluster has them, else CPUs), cpu "
                           "(CPU actors even on GPU nodes) or gpu."),
-        click.option("--gpus-per-actor", type=float, default=1.0, show_default=True,
+        click.option("--gpus-per-actor", type=float, default=MergeOptions.gpus_per_actor, show_default=True,
                      help="GPUs each GPU actor asks for, at most 1 (0.5: two actors share a GPU)."),
-        click.option("--block-size", default="1MiB", show_default=True,
+        click.option("--block-size", default=DEFAULT_SIZES["block_bytes"], show_default=True,
                      help="Row block each CPU actor streams, as float32 bytes: 1MiB keeps temporaries in "
                           "CPU cache (GPU actors use at least 64MiB). Never changes an output byte."),
         click.option("--address", default=None,
                      help="Ray cluster to attach to ('auto', 'ray://host:10001', host:port). "
                           "Default: RAY_ADDRESS if set, else an embedded local Ray."),
-        click.option("--schedule-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0,
-                     show_default=True, help="Seconds the actors may wait for resources (an autoscaler "
+        click.option("--schedule-timeout", type=click.FloatRange(min=0, min_open=True),
+                     default=MergeOptions.schedule_timeout_s, show_default=True, help="Seconds the actors may wait for resources (an autoscaler "
                                              "adding nodes) before the merge stops."),
         click.option("--resume", is_flag=True, help="Continue an interrupted merge into OUT."),
         click.option("--overwrite", is_flag=True, help="Replace an earlier raymerge output in OUT."),
@@ -105,9 +106,9 @@ def run_options(f):
                           "byte and perplexity; writes OUT/sweep.parquet and OUT/sweep.png."),
         click.option("--keep", default=None,
                      help="With --eval: which children are written: best (default), all, or N (the N best)."),
-        click.option("--eval-bytes", default="1MB", show_default=True,
+        click.option("--eval-bytes", default=DEFAULT_SIZES["eval_bytes"], show_default=True,
                      help="Score the text's first bytes only."),
-        click.option("--eval-column", default="text", show_default=True,
+        click.option("--eval-column", default=MergeOptions.eval_column, show_default=True,
                      help="The text field of a .jsonl, or column of a .parquet."),
         click.option("--context", type=int, default=None,
                      help="Tokens per scoring window (default: the model's context, at most 2048)."),
@@ -132,27 +133,28 @@ def t_options(f):
     ])
 
 
-def build_options(*, a: str, b: str, out: str, t_values=(), t_range=None, t_for=(), schedule=None,
-                  dtype=None, max_shard_size="5GB", vocab=None, pad=None, tokenizer_from=None, workers=None,
-                  gpus_per_actor=1.0, device="auto", block_size="1MiB", address=None, schedule_timeout=300.0, resume=False, overwrite=False,
-                  quiet=False, report=None, eval_text=None, keep=None, eval_bytes="1MB", eval_column="text",
-                  context=None, debug=False) -> MergeOptions:
-    """MergeOptions from the command line's values (``debug`` is the CLI's own business)."""
+# The command line's names for MergeOptions' fields, where they differ (sizes are parsed).
+_RENAMED = {"block_size": "block_bytes", "schedule_timeout": "schedule_timeout_s"}
+_SIZES = ("max_shard_size", "block_bytes", "eval_bytes")
+
+
+def build_options(*, a: str, b: str, out: str, t_values=(), t_range=None, t_for=(), quiet: bool = False,
+                  debug: bool = False, **values) -> MergeOptions:
+    """MergeOptions from the command line's values: an option not given (None) keeps
+    MergeOptions' default (``debug`` is the CLI's own business)."""
     t = tuple(t_values) + (parse_range(t_range) if t_range else ())
     if t_for:
         if len(t) > 1:
             raise InputError("--t-for takes at most one -t (the default), not a sweep")
-        schedule = parse_t_for(t_for, t)
-    elif schedule is None and not t:
+        values["schedule"] = parse_t_for(t_for, t)
+    elif values.get("schedule") is None and not t:
         t = (0.5,)
-    return MergeOptions(
-        a=a, b=b, out=out, t=t, schedule=schedule, dtype=dtype,
-        max_shard_size=parse_size(max_shard_size), workers=workers, address=address,
-        gpus_per_actor=gpus_per_actor, device=device, block_bytes=parse_size(block_size), pad=pad, vocab=vocab or "auto",
-        schedule_timeout_s=schedule_timeout, tokenizer_from=tokenizer_from, resume=resume, overwrite=overwrite, progress=not quiet, report=report,
-        eval_text=eval_text, keep=keep, eval_bytes=parse_size(eval_bytes), eval_column=eval_column, context=context,
-        command=" ".join(shlex.quote(x) for x in ["raymerge", *sys.argv[1:]]),
-    )
+    fields = {_RENAMED.get(k, k): v for k, v in values.items() if v is not None}
+    for key in _SIZES:
+        if key in fields:
+            fields[key] = parse_size(fields[key])
+    return MergeOptions(a=a, b=b, out=out, t=t, progress=not quiet, **fields,
+                        command=" ".join(shlex.quote(x) for x in ["raymerge", *sys.argv[1:]]))
 
 
 @main.command()
@@ -178,7 +180,7 @@ def merge(**values):
               help="Vocabulary alignment (see `raymerge merge --help`).")
 @click.option("--pad", type=click.Choice(PAD_STRATEGIES), default=None, help="Pad or fill strategy.")
 @click.option("--tokenizer-from", type=click.Choice(["a", "b"]), default=None)
-@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--max-shard-size", default=DEFAULT_SIZES["max_shard_size"], show_default=True)
 @click.option("--workers", type=int, default=None, help="Number of actors the plan is balanced over.")
 @click.option("--save", "save_path", default=None,
               help="Write the plan table as Parquet (and, with rows aligned by token string, the token "

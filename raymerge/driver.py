@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from raymerge import evaluation, split
 from raymerge.actors import remote_actor_class
 from raymerge.assemble import assemble
-from raymerge.options import MergeOptions
+from raymerge.options import ClusterOptions, MergeOptions
 from raymerge.outdir import OutputDir
 from raymerge.parents import Parent, load_parent
 from raymerge.passes import check_stats, coefficients, reduce_pass, write_pass
@@ -111,14 +111,14 @@ def _merge_into(out: OutputDir, a: Parent, b: Parent, plan: MergePlan, options: 
     fingerprint = plan.fingerprint(options)
     out.check_existing(fingerprint, options.resume, options.overwrite)
     t_by_name = {t.name: options.t_for(t.name, plan.n_layers) for t in plan.tensors if t.op == "slerp"}
-    eval_inputs = evaluation.prepare(options, a, b, plan) if options.eval_text else None
+    eval_inputs = evaluation.prepare(options.scoring, a, b, plan) if options.scoring else None
     phases.lap("plan")
 
     session.wait()
     phases.lap("start Ray")
-    shape = merge_shape(options)
+    shape = merge_shape(options.cluster)
     plan = assign_actors(plan, shape.count)
-    pool = _start_actors(options, shape, plan.n_actors)
+    pool = _start_actors(options.cluster, shape, plan.n_actors)
     try:
         read_paths = sorted({e.file for t in plan.tensors for e in (t.a, t.b) if e is not None})
         placed = wait_placed(pool, (read_paths, out.probe_dir()), options.schedule_timeout_s, live_nodes,
@@ -136,7 +136,7 @@ def _merge_into(out: OutputDir, a: Parent, b: Parent, plan: MergePlan, options: 
             pool.stop()
             coefs, means = coefficients(stats, t_by_name), {n: s.means for n, s in stats.items() if s.means}
             choice = _score_and_choose(options, plan, eval_inputs, a, b, coefs, means)
-            pool = _start_actors(options, shape, plan.n_actors)
+            pool = _start_actors(options.cluster, shape, plan.n_actors)
             phases.lap("score")
         kept = choice.indices
         out = out.keeping([out.subdirs[i] for i in kept])
@@ -179,7 +179,7 @@ def _merge_into(out: OutputDir, a: Parent, b: Parent, plan: MergePlan, options: 
                        choice.scores, score_files, actor_seconds=done.actor_seconds)
 
 
-def _start_actors(options: MergeOptions, shape: ActorShape, count: int) -> ActorPool:
+def _start_actors(options: ClusterOptions, shape: ActorShape, count: int) -> ActorPool:
     actor_cls = remote_actor_class(shape.num_cpus, shape.num_gpus)
     return ActorPool(actor_cls, count, options.block_bytes, shape.threads, shape.num_gpus > 0, owns_process=True)
 
@@ -188,8 +188,8 @@ def _score_and_choose(options: MergeOptions, plan: MergePlan, inputs, a: Parent,
                       coefs: dict, means: dict) -> Choice:
     """Score every child (and both parents); the children ``--keep`` writes."""
     labels = options.t_labels()
-    scores = evaluation.evaluate(options, plan, inputs, a, b, coefs, means, labels)
-    kept = set(evaluation.kept_labels(scores, options.kept))
+    scores = evaluation.evaluate(options.cluster, plan, inputs, a, b, coefs, means, labels)
+    kept = set(evaluation.kept_labels(scores, options.scoring.keep))
     return Choice(tuple(i for i, label in enumerate(labels) if label in kept), scores)
 
 

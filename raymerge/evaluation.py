@@ -24,7 +24,7 @@ import torch
 from raymerge import storage
 from raymerge.actors import MergeActor
 from raymerge.errors import InputError
-from raymerge.options import MergeOptions
+from raymerge.options import ClusterOptions, ScoringOptions
 from raymerge.parents import Parent
 from raymerge.placement import check_reports, cuda_problem, live_nodes, scoring_shape, wait_placed
 from raymerge.plan import MergePlan
@@ -43,7 +43,7 @@ class EvalInputs:
     context: int
 
 
-def prepare(options: MergeOptions, a: Parent, b: Parent, plan: MergePlan) -> EvalInputs:
+def prepare(options: ScoringOptions, a: Parent, b: Parent, plan: MergePlan) -> EvalInputs:
     """Read and tokenize the evaluation text before any work: every refusal happens here."""
     from raymerge.assemble import child_config
     from raymerge.tokens import union_tokenizer
@@ -51,7 +51,7 @@ def prepare(options: MergeOptions, a: Parent, b: Parent, plan: MergePlan) -> Eva
     for p in (a, b):
         if p.vocab is None:
             raise InputError(f"--eval needs the parents' tokenizers; parent {p.label} ({p.path}) ships none")
-    text = read_text(options.eval_text, options.eval_column, options.eval_bytes)
+    text = read_text(options.text, options.column, options.max_bytes)
     if plan.token_map is not None and plan.token_map.mode == "union":
         child_tok = union_tokenizer(a.path, b.vocab, plan.token_map)
     else:
@@ -118,7 +118,7 @@ def load_child(config: dict, state: dict[str, torch.Tensor]):
     return model
 
 
-def evaluate(options: MergeOptions, plan: MergePlan, inputs: EvalInputs, a: Parent, b: Parent,
+def evaluate(options: ClusterOptions, plan: MergePlan, inputs: EvalInputs, a: Parent, b: Parent,
              coefficients: dict[str, tuple[Coefficients, ...]], means: dict, labels: list[str]) -> pa.Table:
     """Score every output (one per label) and both parents on Ray actors; return the table."""
     shape = scoring_shape(live_nodes(), len(labels) + 2, plan.total_size(), options.device)

@@ -13,7 +13,9 @@ DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64
 PAD_STRATEGIES = ("gradient", "zeros", "copy", "mean")
 VOCAB_MODES = ("auto", "union", "a", "b")
 DEVICE_CHOICES = ("auto", "cpu", "gpu")
-DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
+# The sizes' defaults as users write them: the command line shows these, MergeOptions holds them
+# parsed. Every other default is MergeOptions' own.
+DEFAULT_SIZES = {"max_shard_size": "5GB", "block_bytes": "1MiB", "eval_bytes": "1MB"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -53,11 +55,35 @@ def t_dirname(t: float) -> str:
 
 
 @dataclass(frozen=True)
+class ClusterOptions:
+    """Where and how the actors run: what placement and the actor pools need."""
+
+    workers: int | None
+    address: str | None
+    gpus_per_actor: float
+    device: str
+    block_bytes: int
+    schedule_timeout_s: float
+    progress: bool
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """What ``--eval`` needs: the text, how much of it, the window, and the children it keeps."""
+
+    text: str
+    column: str
+    max_bytes: int
+    context: int | None
+    keep: str  # "all", "best" or a number N (the N best)
+
+
+@dataclass(frozen=True)
 class MergeOptions:
     """Everything that decides a merge. Frozen: the driver and actors get it read-only.
 
     Attributes:
-        a, b: parents (local directories); ``a`` is the base, reproduced at t=0.
+        a, b: parents (directories, hub ids or bucket URIs); ``a`` is the base, reproduced at t=0.
         out: the output directory.
         t: one or more interpolation factors in [0, 1]; several make a sweep into ``out/t-<t>``.
         schedule: per-tensor t (filters and gradients across layers); excludes a sweep.
@@ -91,7 +117,7 @@ class MergeOptions:
     t: tuple[float, ...] = (0.5,)
     schedule: Schedule | None = None
     dtype: str | None = None
-    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    max_shard_size: int = parse_size(DEFAULT_SIZES["max_shard_size"])
     workers: int | None = None
     address: str | None = None
     gpus_per_actor: float = 1.0
@@ -101,13 +127,13 @@ class MergeOptions:
     tokenizer_from: str | None = None
     resume: bool = False
     overwrite: bool = False
-    block_bytes: int = 2**20
+    block_bytes: int = parse_size(DEFAULT_SIZES["block_bytes"])
     schedule_timeout_s: float = 300.0
     progress: bool = True
     report: str | None = None
     eval_text: str | None = None
     eval_column: str = "text"
-    eval_bytes: int = 1_000_000
+    eval_bytes: int = parse_size(DEFAULT_SIZES["eval_bytes"])
     context: int | None = None
     keep: str | None = None
     command: str = field(default="", compare=False)
@@ -161,11 +187,17 @@ class MergeOptions:
         return [format(t, "g") for t in self.t]
 
     @property
-    def kept(self) -> str:
-        """Which outputs are written: ``all`` unless scores choose (``--eval``, ``--keep``)."""
+    def cluster(self) -> ClusterOptions:
+        """What placement and the actor pools need."""
+        return ClusterOptions(self.workers, self.address, self.gpus_per_actor, self.device, self.block_bytes,
+                              self.schedule_timeout_s, self.progress)
+
+    @property
+    def scoring(self) -> ScoringOptions | None:
+        """What ``--eval`` needs, or None without ``--eval``."""
         if self.eval_text is None:
-            return "all"
-        return self.keep or "best"
+            return None
+        return ScoringOptions(self.eval_text, self.eval_column, self.eval_bytes, self.context, self.keep or "best")
 
     def output_dirs(self) -> list[str]:
         """Sub-directories of ``out`` holding the models, one per t ("" for a single t, or a

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from raymerge.errors import InputError
-from raymerge.options import MergeOptions
+from raymerge.options import ClusterOptions, MergeOptions
 
 # How often a merge waiting for resources says so.
 WAIT_REPORT_S = 5.0
@@ -41,7 +41,7 @@ def live_nodes() -> list[dict]:
     return [n["Resources"] for n in ray.nodes() if n["Alive"]]
 
 
-def merge_shape(options: MergeOptions) -> ActorShape:
+def merge_shape(options: ClusterOptions) -> ActorShape:
     """The merge actors' shape from the live nodes; a request they cannot hold waits for an
     autoscaler if one watches the cluster, else is refused at once."""
     nodes = live_nodes()
@@ -59,7 +59,7 @@ def cluster_text(nodes: list[dict]) -> str:
     return f"the cluster has {cpus:g} CPUs and {gpus:g} GPUs on {len(nodes)} node(s)"
 
 
-def actor_shape(options: MergeOptions, nodes: list[dict], autoscales: bool = False) -> ActorShape:
+def actor_shape(options: ClusterOptions, nodes: list[dict], autoscales: bool = False) -> ActorShape:
     """How many actors, and what each asks of Ray, given each live node's resources.
 
     ``--device auto``: one actor per GPU where the live nodes have GPUs (``--gpus-per-actor`` each:
@@ -69,7 +69,7 @@ def actor_shape(options: MergeOptions, nodes: list[dict], autoscales: bool = Fal
     actors, one by default, and the autoscaler adds the nodes).
 
     Example:
-        >>> actor_shape(MergeOptions(a="a", b="b", out="o"), [{"CPU": 16.0, "GPU": 2.0}])
+        >>> actor_shape(MergeOptions(a="a", b="b", out="o").cluster, [{"CPU": 16.0, "GPU": 2.0}])
         ActorShape(count=2, num_cpus=0, num_gpus=1.0, threads=8, waits=False)
     """
     cpus = sum(n.get("CPU", 0) for n in nodes)
