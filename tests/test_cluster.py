@@ -14,7 +14,7 @@ import pytest
 
 from raymerge.placement import actor_shape
 from raymerge.errors import InputError
-from raymerge.options import MergeOptions
+from raymerge.options import ClusterOptions, MergeOptions
 from raynodes import RayNode, descendants
 from reference import check_merged
 
@@ -22,8 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [sys.executable, "-m", "raymerge.cli"]
 
 
-def _options(**kw) -> MergeOptions:
-    return MergeOptions(a="a", b="b", out="o", **kw)
+def _options(**kw) -> ClusterOptions:
+    return MergeOptions(a="a", b="b", out="o", **kw).cluster
 
 
 def test_actor_shape_cpu_and_gpu_clusters():
@@ -173,7 +173,7 @@ options = MergeOptions(a={tiny_parents[0]!r}, b={tiny_parents[1]!r}, out="unused
 a, b = load_parent(options.a, "A"), load_parent(options.b, "B")
 plan = build_plan(a, b, options, 1)
 try:
-    evaluation.evaluate(options, plan, evaluation.prepare(options, a, b, plan), a, b, {{}}, {{}}, [])
+    evaluation.evaluate(options.cluster, plan, evaluation.prepare(options.scoring, a, b, plan), a, b, {{}}, {{}}, [])
     print("scored")
 except InputError as e:
     print(e)
