@@ -49,9 +49,9 @@ from raymerge.placement import cuda_problem
 from raymerge.plan import MergePlan, TensorPlan
 from raymerge.readahead import Buffers, ReadAhead
 from raymerge.shards import TORCH_DTYPES, ShardFile, TensorEntry, WriteBehind, close_all, numel
-from raymerge.split import Split
 from raymerge.slerp import (Coefficients, Reductions, chunk_elems, chunk_rows, chunk_sums, combine_block,
                             slerp_coefficients, to_work, total)
+from raymerge.timing import CallTimer
 
 # Row blocks of a GPU actor, as float32 bytes (the block size never changes an output byte).
 GPU_BLOCK_BYTES = 64 * 2**20
@@ -108,7 +108,7 @@ class Written:
     nbytes: int
     stats: tuple[TensorStats, ...]
     refused: TensorStats | None = None  # a tensor that failed its checks: the call stopped there
-    seconds: dict[str, float] = field(default_factory=dict)  # where the call's time went (split.py)
+    seconds: dict[str, float] = field(default_factory=dict)  # where the call's time went (timing.py)
     files: tuple[tuple[int, int], ...] = ()  # per shard path: (size, CRC-32), once closed
     writer: dict = field(default_factory=dict)  # host, pid and Ray node of the writing process
 
@@ -136,7 +136,7 @@ class MergeActor:
         self._buffers = Buffers(pin=self.device.type == "cuda")
         self._carried: dict = {}  # the next call's first tensors, read by this one (readahead.py)
         self._on_device: dict[int, tuple] = {}  # a GPU's copy of the current tensor's blocks, by first row
-        self._clock = Split(self.device)  # the current call's time per phase
+        self._clock = CallTimer(self.device)  # the current call's time per phase
 
     # ---- set-up checks -------------------------------------------------------------------
 
@@ -290,7 +290,7 @@ class MergeActor:
     def reduce(self, tensors: list[TensorPlan]) -> list[TensorStats]:
         """The float64 reductions of each tensor, and its checks (``--eval``'s first pass)."""
         torch.set_num_threads(self.num_threads)
-        self._clock = Split(self.device)
+        self._clock = CallTimer(self.device)
         stats = []
         with ReadAhead(tensors, self._buffers) as ahead:
             for i, t in enumerate(tensors):
@@ -334,7 +334,7 @@ class MergeActor:
         """
         files: list[ShardFile] = []
         written, stats, refused = 0, [], None
-        clock = self._clock = Split(self.device)
+        clock = self._clock = CallTimer(self.device)
         try:
             for path in job.shard_paths:
                 files.append(ShardFile(path, job.header, job.size))

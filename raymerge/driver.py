@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymerge import evaluation, split
+from raymerge import evaluation, timing
 from raymerge.actors import remote_actor_class
 from raymerge.assemble import assemble
 from raymerge.options import ClusterOptions, MergeOptions
@@ -48,7 +48,7 @@ class MergeResult:
     phases: tuple[tuple[str, float], ...] = ()  # (phase, wall seconds), in order
     scores: pa.Table | None = None  # --eval: one row per child and parent (evaluation.py)
     score_files: tuple[str, ...] = ()  # OUT/sweep.parquet, OUT/sweep.png
-    actor_seconds: dict[str, float] = field(default_factory=dict)  # summed over the actors' calls (split.py)
+    actor_seconds: dict[str, float] = field(default_factory=dict)  # summed over the actors' calls (timing.py)
 
 
 @dataclass(frozen=True)
@@ -57,20 +57,6 @@ class Choice:
 
     indices: tuple[int, ...]  # into options.t_labels() and options.output_dirs()
     scores: pa.Table | None = None
-
-
-class Phases:
-    """Wall time spent in each phase of a merge: the summary's "time:" line and the benchmarks."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._last = time.monotonic()
-
-    def lap(self, phase: str) -> None:
-        """Charge the time since the previous lap to ``phase``."""
-        now = time.monotonic()
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
-        self._last = now
 
 
 def load_parents(options: MergeOptions) -> tuple[Parent, Parent]:
@@ -89,7 +75,7 @@ def merge(options: MergeOptions, session: RaySession | None = None) -> MergeResu
         >>> merge(MergeOptions(a="parent-a", b="parent-b", out="child", t=(0.5,)))  # doctest: +SKIP
     """
     started = time.monotonic()
-    phases = Phases()
+    phases = timing.Phases()
     session = session or RaySession(options.address).start()
     try:
         a, b = load_parents(options)
@@ -106,7 +92,7 @@ def merge(options: MergeOptions, session: RaySession | None = None) -> MergeResu
 
 
 def _merge_into(out: OutputDir, a: Parent, b: Parent, plan: MergePlan, options: MergeOptions,
-                session: RaySession, phases: Phases, started: float) -> MergeResult:
+                session: RaySession, phases: timing.Phases, started: float) -> MergeResult:
     """The merge, once OUT is held: check it, plan the actors, (score), write, assemble."""
     fingerprint = plan.fingerprint(options)
     out.check_existing(fingerprint, options.resume, options.overwrite)
@@ -221,5 +207,5 @@ def print_summary(result: MergeResult, stream=sys.stderr) -> None:
     if result.phases:
         print("  time: " + ", ".join(f"{name} {s:.1f} s" for name, s in result.phases), file=stream)
     if result.actor_seconds:
-        print(f"  actors: {split.describe(result.actor_seconds)} (summed over {result.actors} actors)", file=stream)
+        print(f"  actors: {timing.describe(result.actor_seconds)} (summed over {result.actors} actors)", file=stream)
 

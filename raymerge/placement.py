@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from raymerge.errors import InputError
-from raymerge.options import ClusterOptions, MergeOptions
+from raymerge.options import ClusterOptions
 
 # How often a merge waiting for resources says so.
 WAIT_REPORT_S = 5.0
@@ -69,6 +69,7 @@ def actor_shape(options: ClusterOptions, nodes: list[dict], autoscales: bool = F
     actors, one by default, and the autoscaler adds the nodes).
 
     Example:
+        >>> from raymerge.options import MergeOptions
         >>> actor_shape(MergeOptions(a="a", b="b", out="o").cluster, [{"CPU": 16.0, "GPU": 2.0}])
         ActorShape(count=2, num_cpus=0, num_gpus=1.0, threads=8, waits=False)
     """

@@ -1,4 +1,4 @@
-"""split.py: where an actor call's time goes, phases nested, on a clock the test drives."""
+"""timing.py: where an actor call's time goes, phases nested, on a clock the test drives."""
 
 import time
 
@@ -9,12 +9,12 @@ from raymerge.options import MergeOptions
 from raymerge.parents import load_parent
 from raymerge.plan import build_plan
 from raymerge.shards import WriteBehind
-from raymerge.split import Split, describe
+from raymerge.timing import CallTimer, describe
 
 
 def test_an_inner_phase_counts_for_itself_only():
     now = [0.0]
-    split = Split(torch.device("cpu"), clock=lambda: now[0])
+    split = CallTimer(torch.device("cpu"), clock=lambda: now[0])
     with split.phase("combine"):
         now[0] += 2.0
         with split.phase("write"):

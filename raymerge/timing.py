@@ -1,9 +1,11 @@
-"""Where an actor's time goes: wall seconds per phase of a ``write`` call, and on a GPU the
-device's own time for copies in, maths and copies back (CUDA events, read once the call's work is
-done). The driver sums them over calls and actors for the summary's ``actors:`` line.
+"""Where a merge's time goes: the driver's wall time per phase of the merge (``Phases``: the
+summary's "time:" line), and each actor call's wall seconds per phase (``CallTimer``: read,
+reduce, combine, write), with on a GPU the device's own time for copies in, maths and copies back
+(CUDA events, read once the call's work is done). The driver sums the calls' over calls and
+actors for the summary's ``actors:`` line.
 
-Phases nest: time spent in an inner phase (a write waiting for the queue, inside a combination)
-counts for the inner phase only.
+Phases of a call nest: time spent in an inner phase (a write waiting for the queue, inside a
+combination) counts for the inner phase only.
 """
 
 from __future__ import annotations
@@ -19,7 +21,21 @@ PHASES = ("read", "reduce", "combine", "write")
 GPU_PHASES = ("gpu copy", "gpu maths", "gpu copy back")
 
 
-class Split:
+class Phases:
+    """Wall time spent in each phase of a merge, as the driver sees it."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap to ``phase``."""
+        now = time.monotonic()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self._last
+        self._last = now
+
+
+class CallTimer:
     """Seconds per phase for one actor call."""
 
     def __init__(self, device: torch.device, clock=time.perf_counter):
