@@ -35,14 +35,28 @@ def test_reductions_do_not_depend_on_the_actor_thread_count(float32_parents, tmp
     assert results[0] == results[1] == results[2]
 
 
-def test_one_two_and_three_actors_write_the_same_bytes(float32_parents, ray_head, tmp_path):
+@pytest.fixture(scope="module")
+def written(float32_parents, ray_head, tmp_path_factory):
+    """``written(workers, block_bytes)``: the shards and index of the merge at t=0.37 in shards of
+    2 MB, each merge done once for the tests below."""
     a, b = float32_parents
-    outputs = []
-    for workers in (1, 2, 3):  # on the 2-CPU head: 2 threads, 1 thread, a fraction of a CPU each
-        out = str(tmp_path / f"w{workers}")
-        raymerge.merge(a, b, out, t=0.37, workers=workers, max_shard_size="2MB")
-        outputs.append({n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))
-                        if n.endswith(".safetensors") or n.endswith(".index.json")})
+    root = tmp_path_factory.mktemp("determinism")
+    done = {}
+
+    def get(workers: int, block: int) -> dict[str, bytes]:
+        if (workers, block) not in done:
+            out = str(root / f"w{workers}-b{block}")
+            raymerge.merge(a, b, out, t=0.37, workers=workers, block_bytes=block, max_shard_size="2MB")
+            done[workers, block] = {n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))
+                                    if n.endswith(".safetensors") or n.endswith(".index.json")}
+        return done[workers, block]
+
+    return get
+
+
+def test_one_two_and_three_actors_write_the_same_bytes(written):
+    # On the 2-CPU head: 2 threads, 1 thread, a fraction of a CPU each.
+    outputs = [written(workers, 2**20) for workers in (1, 2, 3)]
     assert len(outputs[0]) > 2, "several shards"
     assert outputs[0] == outputs[1] == outputs[2]
 
@@ -62,12 +76,6 @@ def test_block_sizes_give_the_fixed_order_reductions(float32_parents, tmp_path):
             assert reduce_tensor(*rows) == results[0][t.name], t.name
 
 
-def test_block_size_never_changes_a_byte(float32_parents, ray_head, tmp_path):
-    a, b = float32_parents
-    outputs = []
-    for block in (2**16, 2**20):
-        out = str(tmp_path / f"b{block}")
-        raymerge.merge(a, b, out, t=0.37, workers=2, block_bytes=block)
-        outputs.append({n: open(os.path.join(out, n), "rb").read() for n in sorted(os.listdir(out))
-                        if n.endswith(".safetensors")})
-    assert outputs[0] == outputs[1]
+def test_block_size_never_changes_a_byte(written):
+    # The 1 MiB merge on two actors is the one the test above made.
+    assert written(2, 2**16) == written(2, 2**20)
