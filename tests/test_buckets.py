@@ -25,6 +25,7 @@ import pytest
 from raymerge import cli as raymerge_cli
 from buckets import S3Mount, pyarrow_s3, list_objects, read_object, run_in_node, s3fs_open_files, start_in_node
 from raynodes import merge_actor_pids
+from reference import check_merged
 
 CLI = [sys.executable, "-m", "raymerge.cli"]
 PROVENANCE = {"raymerge.json", "README.md"}  # they record the command and paths, which differ
@@ -117,7 +118,9 @@ def assert_written_once(c, key: str, got: dict[str, bytes], sub: str = "") -> se
 
 @pytest.fixture(scope="module")
 def tiny_reference(tiny_parents, bucket_cluster, ray_head, tmp_path_factory):
-    expected = merge_locally(tiny_parents, str(tmp_path_factory.mktemp("local") / "child"), TINY)
+    local = str(tmp_path_factory.mktemp("local") / "child")
+    expected = merge_locally(tiny_parents, local, TINY)
+    check_merged(local, *tiny_parents, t=0.5)  # so the bucket's copy is every tensor's SLERP too
     assert sum(n.endswith(".safetensors") for n in expected) > 2, "several shards"
     assert INDEX in expected
     return expected
@@ -125,7 +128,9 @@ def tiny_reference(tiny_parents, bucket_cluster, ray_head, tmp_path_factory):
 
 def test_a_merge_into_a_bucket_mounted_on_two_nodes(tiny_parents, bucket_cluster, tiny_reference, tmp_path):
     """The merge is byte-identical to a local one; each shard was written by one actor, whole
-    (its recorded size and CRC-32 are those of the object), and both nodes wrote shards."""
+    (its recorded size and CRC-32 are those of the object), and both nodes wrote shards. This is
+    also the suite's two-node loopback cluster (a head and a worker of 1 CPU each): its actors
+    run on both nodes, and the fixture's teardown finds no process of theirs left."""
     c = bucket_cluster
     out = os.path.join(c.mount, "child")
     merged = run_in_node(c.head, merge_argv(c, tiny_parents, out, TINY), env=c.env, timeout=300)

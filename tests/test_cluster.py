@@ -15,7 +15,7 @@ import pytest
 from raymerge.placement import actor_shape
 from raymerge.errors import InputError
 from raymerge.options import ClusterOptions, MergeOptions
-from raynodes import RayNode, descendants
+from raynodes import RayNode
 from reference import check_merged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -200,63 +200,56 @@ def test_device_cpu_on_a_gpu_node_merges_the_same_bytes(tiny_parents, fake_gpu_h
             assert (outs["gpu-node"] / f).read_bytes() == (outs["plain"] / f).read_bytes(), f
 
 
-def test_two_node_cluster_runs_actors_on_both_nodes(tiny_parents, tmp_path):
-    head = RayNode(str(tmp_path / "head.log"), num_cpus=1)
-    worker = None
-    try:
-        head.wait_ready()
-        worker = RayNode(str(tmp_path / "worker.log"), head=False, address=head.address, num_cpus=1)
-        worker.wait_ready()
-        out = tmp_path / "out"
-        # Several shards (one writer each), so that both nodes' actors have one.
-        proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(out), "-t", "0.6", "--max-shard-size", "200KB",
-                               "--address", head.address], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        assert "with 2 actors on 2 node(s)" in proc.stderr
-        check_merged(str(out), *tiny_parents, t=0.6)
-    finally:
-        spawned = [p for n in (worker, head) if n for p in [n.proc.pid, *descendants(n.proc.pid)]]
-        for n in (worker, head):
-            if n:
-                n.stop()
-    time.sleep(0.5)
-    alive = [p for p in spawned if os.path.exists(f"/proc/{p}") and "Z" not in _state(p)]
-    assert not alive, f"processes left running: {alive}"
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
-
-
-def _local_job(*args):
-    """Run cluster/local-job.sh in its own process group, and stop that group if it hangs."""
+def _start_local_job(log, *args) -> subprocess.Popen:
+    """Start cluster/local-job.sh in its own process group (it starts a head of its own on free
+    ports), its output to the file ``log``."""
     env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    proc = subprocess.Popen(["bash", os.path.join(ROOT, "cluster", "local-job.sh"), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(["bash", os.path.join(ROOT, "cluster", "local-job.sh"), *args], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, log_path) -> tuple[int, str]:
+    """The script's exit status and output; its process group is stopped if it hangs."""
     try:
-        out, err = proc.communicate(timeout=400)
+        proc.wait(timeout=400)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
-        pytest.fail(f"local-job.sh hung:\n{out}\n{err}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        proc.wait(timeout=60)
+        pytest.fail(f"local-job.sh hung:\n{open(log_path).read()}")
+    return proc.returncode, open(log_path).read()
 
 
-def test_ray_job_submit_good_merge_succeeds(tiny_parents, tmp_path):
-    out = tmp_path / "out"
-    proc = _local_job(*tiny_parents, str(out), "-t", "0.25", "--workers", "2")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCEEDED" in proc.stdout
+@pytest.fixture(scope="module")
+def jobs(tiny_parents, tmp_path_factory):
+    """A good and a bad merge submitted through local-job.sh at the same time, each to the head
+    the script starts: much of a script's time is spent waiting for its head and its job, so
+    the two overlap. Maps "good"/"bad" to (OUT, exit status, output)."""
+    root = tmp_path_factory.mktemp("jobs")
+    runs = {"good": (*tiny_parents, str(root / "good"), "-t", "0.25", "--workers", "2"),
+            "bad": (str(root / "no-such-parent"), tiny_parents[1], str(root / "bad"))}
+    started = {}
+    try:
+        for name, args in runs.items():
+            with open(root / f"{name}.log", "w") as log:  # the child has its own descriptor
+                started[name] = _start_local_job(log, *args)
+        return {name: (root / name, *_finish(proc, root / f"{name}.log")) for name, proc in started.items()}
+    finally:
+        for proc in started.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+
+
+def test_ray_job_submit_good_merge_succeeds(tiny_parents, jobs):
+    out, returncode, output = jobs["good"]
+    assert returncode == 0, output
+    assert "SUCCEEDED" in output
     check_merged(str(out), *tiny_parents, t=0.25)
 
 
-def test_ray_job_submit_bad_merge_fails(tiny_parents, tmp_path):
-    proc = _local_job(str(tmp_path / "no-such-parent"), tiny_parents[1], str(tmp_path / "out"))
-    assert proc.returncode != 0
-    assert "is not a directory" in proc.stdout + proc.stderr
-    assert "FAILED" in proc.stdout
-
+def test_ray_job_submit_bad_merge_fails(jobs):
+    out, returncode, output = jobs["bad"]
+    assert returncode != 0
+    assert "is not a directory" in output
+    assert "FAILED" in output
+    assert not out.exists()
