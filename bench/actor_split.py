@@ -6,11 +6,12 @@ Drives one MergeActor in-process (no Ray) over the benchmark parents: one ``writ
 (each tensor read, reduced, combined and written into one shard file per shard, fsynced).
 Each run is a fresh process, in one of three variants, alternated rep by rep:
 
-- ``before``: the actor as it was before these two changes: blocks written inline, with all the
-  actor's threads given to torch, and glibc's default allocator behaviour;
-- ``kept buffers``: the same, with freed block buffers kept for reuse (``_reuse_freed_memory``);
-- ``now``: what raymerge runs: kept buffers, and blocks written on a background thread while
-  torch computes the next ones on the remaining CPUs.
+- ``inline``: blocks written inline, with all the actor's threads given to torch, and glibc's
+  default allocator behaviour;
+- ``kept buffers``: the same, with freed block buffers kept for reuse (``_reuse_freed_memory``,
+  what ``owns_process=True`` turns on);
+- ``kept buffers, writer thread``: what raymerge's Ray actors run: kept buffers, and blocks
+  written on a background thread while torch computes the next ones on the remaining CPUs.
 
 For 2 threads (one actor owning this machine) and 1 thread (one of two actors). Reports medians of
 the wall time and of the process's minor page faults.
@@ -30,7 +31,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-VARIANTS = ("before", "kept buffers", "now")
+VARIANTS = ("inline", "kept buffers", "kept buffers, writer thread")
 
 
 def one_run(a_dir: str, b_dir: str, threads: int, variant: str) -> dict:
@@ -42,10 +43,10 @@ def one_run(a_dir: str, b_dir: str, threads: int, variant: str) -> dict:
     from raymerge.parents import load_parent
     from raymerge.plan import build_plan
 
-    if variant == "before":
+    if variant == "inline":
         actors._reuse_freed_memory = lambda: None
-    if variant != "now":
-        class Inline:  # writes each block before computing the next, as the actor used to
+    if variant != "kept buffers, writer thread":
+        class Inline:  # writes each block before computing the next
             def __init__(self, depth: int = 0):
                 pass
 
@@ -63,7 +64,7 @@ def one_run(a_dir: str, b_dir: str, threads: int, variant: str) -> dict:
 
         actors.WriteBehind = Inline
         torch.set_num_threads(threads)
-        torch.set_num_threads = lambda n: None  # keep every thread for torch, as before
+        torch.set_num_threads = lambda n: None  # keep every thread for torch
     out = tempfile.mkdtemp(prefix="actor-split-", dir="/tmp")
     try:
         options = MergeOptions(a=a_dir, b=b_dir, out=out, t=(0.5,))
@@ -96,7 +97,7 @@ def split_table(a_dir: str, b_dir: str, reps: int, quiet_wait=None, env: dict | 
                     raise RuntimeError(f"actor_split {variant}: {got.stderr[-2000:]}")
                 r = json.loads(got.stdout.strip().splitlines()[-1])
                 results.setdefault((threads, variant), []).append(r)
-                print(f"actor split rep {rep + 1}/{reps}  threads {threads}  {variant:12s}  "
+                print(f"actor split rep {rep + 1}/{reps}  threads {threads}  {variant:28s}  "
                       f"{r['merge_s']:5.2f} s  faults {r['faults']}", flush=True)
     lines = ["| threads | variant | merge s | minor page faults | runs |", "|---|---|---|---|---|"]
     for (threads, variant), rs in results.items():

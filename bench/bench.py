@@ -113,7 +113,7 @@ def snapshot(work: str, worktree: bool) -> tuple[str, str]:
         archive = subprocess.Popen(git + ["archive", "HEAD", "raymerge"], stdout=subprocess.PIPE)
         subprocess.run(["tar", "-x", "-C", src], stdin=archive.stdout, check=True)
         archive.wait()
-        return src, f"raymerge at commit {head} (git HEAD)"
+        return src, f"raymerge at commit {head}"
     shutil.copytree(os.path.join(ROOT, "raymerge"), os.path.join(src, "raymerge"),
                     ignore=shutil.ignore_patterns("__pycache__"))
     dirty = subprocess.run(git + ["status", "--porcelain", "raymerge"], capture_output=True, text=True).stdout.strip()
@@ -257,10 +257,12 @@ def correctness(kept: dict[str, str]) -> list[str]:
     return lines
 
 
-def machine() -> str:
+def machine(note: str = "") -> str:
+    """The machine and when: what BENCHMARKS.md's Machine line says (``note``: what the bench
+    cannot see for itself, such as a disk shared with other machines)."""
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     mem = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return (f"{os.cpu_count()} CPUs ({cpu}), {mem / 2**20:.1f} GiB RAM, no GPU; "
+    return (f"{os.cpu_count()} CPUs ({cpu}), {mem / 2**20:.1f} GiB RAM, no GPU{', ' + note if note else ''};\n  "
             f"{datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}")
 
 
@@ -328,10 +330,11 @@ def report(cs: list[Contender], checks: list[str], scale2: Run | None, split: li
         ("no raymerge process > 1.5 GB (1431 MiB)", raymerge_peak and raymerge_peak / MIB, lambda v: v <= 1.5e9 / 2**20, " MiB"),
         *sections[1],
     ]
-    lines = ["# Benchmarks", "", f"Machine: {machine()}.", "",
-             f"Command: `{' '.join(['.venv/bin/python bench/bench.py'] + sys.argv[1:])}` "
-             f"({args.reps} reps per contender, round-robin; medians).", "",
-             f"Code: {args.code}, imported from a copy made when the bench started.", "",
+    lines = ["# Benchmarks", "", "Every figure below comes from one run:", "",
+             f"- Command: `{' '.join(['.venv/bin/python bench/bench.py'] + sys.argv[1:])}` "
+             f"({args.reps} reps per contender, round-robin; medians).",
+             f"- Code: {args.code}, imported from a copy made when the bench started.",
+             f"- Machine: {machine(args.machine_note)}.", "",
              f"Parents: `{parents[0]}` and `{parents[1]}` (bench/parents.py, scale {args.scale}; "
              f"{sum(map(os.path.getsize, weight_files(parents[0]))) / 1e9:.2f} GB of bf16 weights each). "
              "Single t = 0.5.", "",
@@ -356,10 +359,11 @@ def report(cs: list[Contender], checks: list[str], scale2: Run | None, split: li
     lines += ["## Inside one actor", "",
               "bench/actor_split.py: one MergeActor driven in-process (no Ray) over the same parents, one `write` "
               "call per shard (each tensor read, reduced, combined and written; fsynced); each run a fresh process, "
-              "variants alternated. *before*: blocks written "
+              "variants alternated. *inline*: blocks written "
               "inline, all threads to torch, glibc's default allocator; *kept buffers*: the same with freed block "
-              "buffers kept for reuse (mallopt); *now*: kept buffers and blocks written on a background thread "
-              "while torch computes on the other CPUs. Medians.", "", *split, ""]
+              "buffers kept for reuse (mallopt); *kept buffers, writer thread* (what raymerge does): kept buffers "
+              "and blocks written on a background thread while torch computes on the other CPUs. Medians.", "",
+              *split, ""]
     lines += ["## Targets", "", "| target | measured | |", "|---|---|---|"]
     for label, value, ok, unit in targets:
         lines.append(f"| {label} | {fmt(value, '.2f' if unit == '×' else '.0f', unit)} | "
@@ -373,8 +377,8 @@ def report(cs: list[Contender], checks: list[str], scale2: Run | None, split: li
               "(up to 5 min) for the machine to be nearly idle, and a run with other load above "
               f"{CONTENDED} CPUs is repeated (at most twice; the least contended attempt counts).",
               "- Every contender's run is preceded by an untimed full read of both parents, so all start with "
-              "the parents in the page cache (a merge straight after a download reads them from disk: see the "
-              "README's note on read-ahead). raymerge fsyncs its shards; "
+              "the parents in the page cache (a merge straight after a download reads them from disk: see "
+              "docs/how-it-works.md on reading ahead). raymerge fsyncs its shards; "
               "the I/O floor fsyncs its file; mergekit does not fsync.",
               f"- The I/O floor writes {sum(map(os.path.getsize, weight_files(parents[0])))} bytes (parent A's "
               "weight files; the merged model's header differs by a few bytes).",
@@ -415,6 +419,8 @@ def main() -> None:
     p.add_argument("--worktree", action="store_true",
                    help="measure raymerge/ as it is in the working tree (default: git HEAD)")
     p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    p.add_argument("--machine-note", default="",
+                   help="what the Machine line adds that the bench cannot see (e.g. 'a disk shared with other machines')")
     args = p.parse_args()
 
     a, b = bench_parents(args.scale)
