@@ -93,6 +93,7 @@ NOT_RUN = {
     "make test": _make_target("test"),  # this very suite
     "make demo": _make_target("demo"),  # examples/demo.py: minutes of training on 2 CPUs
     "make bench": _make_target("bench"),  # an hour, 42 GB of disk
+    "make docs": _make_target("docs"),  # mkdocs build --strict: test_mkdocs_build_strict
     # pytest inside pytest: the files (and the -k expression's tests) must exist
     ".venv/bin/python -m pytest -q tests/test_slerp.py tests/test_shards.py":
         _exists("tests/test_slerp.py", "tests/test_shards.py"),
