@@ -192,7 +192,9 @@ def _write_report(options: MergeOptions, plan: MergePlan, pool: ActorPool, stats
                                  coefficients(stats, t_by_name), t_by_name), options.report)
 
 
-def print_summary(result: MergeResult, stream=sys.stderr) -> None:
+def print_summary(result: MergeResult, stream=None) -> None:
+    """The summary a merge ends with, on ``stream`` (default: the stderr of the moment)."""
+    stream = stream or sys.stderr
     for note in result.notes:
         print(f"note: {note}", file=stream)
     print(f"merged {result.tensors} tensors with {result.actors} actors on {result.nodes} node(s) "

@@ -92,7 +92,7 @@ class CliResult:
 
 
 @pytest.fixture
-def cli(ray_head, capfd, monkeypatch):
+def cli(ray_head, capfd):
     """``cli(*args)``: one ``raymerge`` command line run in this process (``raymerge.cli.run``),
     without the seconds a new Python spends importing torch, transformers and Ray.
 
@@ -100,16 +100,7 @@ def cli(ray_head, capfd, monkeypatch):
     (RaySession neither starts nor stops one) and never starts an embedded Ray here. Output is
     read at the descriptors (capfd). The real exit path (``entry``, ``os._exit``) is
     test_cli.py's subprocess test."""
-    import sys
-
-    import raymerge.driver
     from raymerge import cli as raymerge_cli
-
-    # print_summary's default stream is the sys.stderr of the moment raymerge.driver was
-    # imported: under pytest, a capture file that capfd never reads. The process's own stderr
-    # (descriptor 2, which capfd reads) is where the CLI's summary goes in a process of its own.
-    if getattr(raymerge.driver.print_summary, "__defaults__", None) is not None:
-        monkeypatch.setattr(raymerge.driver.print_summary, "__defaults__", (sys.__stderr__,))
 
     def run(*args) -> CliResult:
         capfd.readouterr()  # what the test printed before is not the command's
