@@ -21,7 +21,7 @@ test: install
 	$(BIN)/python -m pytest -q --durations=15 --doctest-modules raymerge tests
 
 bench: install
-	$(BIN)/python bench/bench.py --reps 3 --scale2
+	$(BIN)/python bench/bench.py --reps 3 --scale2 --machine-note 'a disk shared with other machines'
 
 docs: install
 	$(BIN)/mkdocs build --strict
