@@ -94,8 +94,9 @@ def run_options(f):
                      help="Ray cluster to attach to ('auto', 'ray://host:10001', host:port). "
                           "Default: RAY_ADDRESS if set, else an embedded local Ray."),
         click.option("--schedule-timeout", type=click.FloatRange(min=0, min_open=True),
-                     default=MergeOptions.schedule_timeout_s, show_default=True, help="Seconds the actors may wait for resources (an autoscaler "
-                                             "adding nodes) before the merge stops."),
+                     default=MergeOptions.schedule_timeout_s, show_default=True,
+                     help="Seconds the actors may wait for resources (an autoscaler adding nodes) before "
+                          "the merge stops."),
         click.option("--resume", is_flag=True, help="Continue an interrupted merge into OUT."),
         click.option("--overwrite", is_flag=True, help="Replace an earlier raymerge output in OUT."),
         click.option("--quiet", is_flag=True, help="No progress output."),

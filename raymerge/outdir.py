@@ -113,6 +113,8 @@ class OutputDir:
         bucket has no locks: on a URI, nothing is taken (see the docs: one merge per OUT)."""
         if self.is_uri:
             return
+        if os.path.lexists(self.root) and not os.path.isdir(self.root):
+            raise InputError(f"output {self.root} exists and is not a directory")
         self.made = not os.path.isdir(self.root)
         path = os.path.join(self.state_dir, LOCK_NAME)
         try:

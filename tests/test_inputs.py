@@ -118,6 +118,7 @@ def test_bad_inputs_get_one_line_and_exit_1(tiny_parents, cli, tmp_path):
         (["merge", a, b, "-o", str(tmp_path / "o3"), "-t", "1.5"], "outside [0, 1]"),
         (["merge", a, b, "-o", os.path.join(a, "child")], "lies inside parent"),
         (["merge", a, b, "-o", str(nonempty)], "is not empty"),
+        (["merge", a, b, "-o", str(nonempty / "keep.txt")], "exists and is not a directory"),
         (["merge", a, b, "-o", str(nonempty), "--overwrite"], "not a raymerge output"),
         (["merge", a, b, "-o", str(tmp_path / "o4"), "--max-shard-size", "lots"], "cannot read size"),
     ]
