@@ -138,6 +138,17 @@ class MergeActor:
         self._on_device: dict[int, tuple] = {}  # a GPU's copy of the current tensor's blocks, by first row
         self._clock = CallTimer(self.device)  # the current call's time per phase
 
+    def reset(self) -> None:
+        """Forget the last merge before the next (an actor kept for reuse, pool.py): its open
+        parent files (a parent rewritten in place is read anew) and what it read ahead."""
+        self._handles.clear()
+        self._loaded = {}
+        self._on_device.clear()
+        for _, bufs in self._carried.values():
+            for buf in bufs:
+                self._buffers.put(buf)
+        self._carried = {}
+
     # ---- set-up checks -------------------------------------------------------------------
 
     def where(self, read_paths: list[str], write_dir: str | None = None) -> dict:

@@ -12,6 +12,7 @@ tensor's coefficients), scores the children, then writes the ones it keeps.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raymerge import evaluation, timing
+from raymerge import evaluation, storage, timing
 from raymerge.actors import remote_actor_class
 from raymerge.assemble import assemble
 from raymerge.options import ClusterOptions, MergeOptions
@@ -104,7 +105,7 @@ def _merge_into(out: OutputDir, a: Parent, b: Parent, plan: MergePlan, options: 
     phases.lap("start Ray")
     shape = merge_shape(options.cluster)
     plan = assign_actors(plan, shape.count)
-    pool = _start_actors(options.cluster, shape, plan.n_actors)
+    pool = _start_actors(options.cluster, shape, plan.n_actors, keep=not session.owns_ray)
     try:
         read_paths = sorted({e.file for t in plan.tensors for e in (t.a, t.b) if e is not None})
         placed = wait_placed(pool, (read_paths, out.probe_dir()), options.schedule_timeout_s, live_nodes,
@@ -122,7 +123,7 @@ def _merge_into(out: OutputDir, a: Parent, b: Parent, plan: MergePlan, options: 
             pool.stop()
             coefs, means = coefficients(stats, t_by_name), {n: s.means for n, s in stats.items() if s.means}
             choice = _score_and_choose(options, plan, eval_inputs, a, b, coefs, means)
-            pool = _start_actors(options.cluster, shape, plan.n_actors)
+            pool = _start_actors(options.cluster, shape, plan.n_actors, keep=not session.owns_ray)
             phases.lap("score")
         kept = choice.indices
         out = out.keeping([out.subdirs[i] for i in kept])
@@ -140,7 +141,7 @@ def _merge_into(out: OutputDir, a: Parent, b: Parent, plan: MergePlan, options: 
         pool.stop()
         out.remove_unfinished(plan)
         raise
-    pool.stop()
+    pool.release()
     # With --eval, the tensors were read and reduced before scoring: this is the writing.
     phases.lap("write" if options.eval_text else "merge")
     session.stop()
@@ -165,9 +166,13 @@ def _merge_into(out: OutputDir, a: Parent, b: Parent, plan: MergePlan, options: 
                        choice.scores, score_files, actor_seconds=done.actor_seconds)
 
 
-def _start_actors(options: ClusterOptions, shape: ActorShape, count: int) -> ActorPool:
+def _start_actors(options: ClusterOptions, shape: ActorShape, count: int, keep: bool) -> ActorPool:
+    """The merge actors. ``keep``: this process keeps its Ray after the merge (the caller's own
+    ray.init: a Python session, a test suite), so they may be kept for its next merge (pool.py)."""
     actor_cls = remote_actor_class(shape.num_cpus, shape.num_gpus)
-    return ActorPool(actor_cls, count, options.block_bytes, shape.threads, shape.num_gpus > 0, owns_process=True)
+    key = ("MergeActor", shape, options.block_bytes, json.dumps(storage.actor_runtime_env(), sort_keys=True))
+    return ActorPool(actor_cls, count, options.block_bytes, shape.threads, shape.num_gpus > 0, owns_process=True,
+                     keep_for=key if keep else None)
 
 
 def _score_and_choose(options: MergeOptions, plan: MergePlan, inputs, a: Parent, b: Parent,

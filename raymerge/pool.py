@@ -6,10 +6,18 @@ call to its caller's function as it finishes, and ``stop`` kills the actors and 
 for all of them together, until the calls they were running have ended (a killed actor's calls
 fail once its process is gone). Stopping never calls a killed actor again: Ray would retry such
 a call, and print that it was retried, in the middle of a run that went well.
+
+Starting an actor costs about two seconds (a Ray worker process importing torch), which is most
+of a small merge. A process that merges again and again on a Ray it keeps (a Python session, a
+test suite) may keep a pass's actors when the pass ends well (``keep_for``, ``release``): the next
+pool with the same key, within ``IDLE_S``, takes them (``reset`` first) instead of starting new
+ones. Kept actors hold their CPUs and GPUs, so any other pool lets them go first, and they go by
+themselves after ``IDLE_S``.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,14 +26,34 @@ import ray
 
 # How long ``stop`` waits, at most, for the calls of killed actors to end.
 STOP_TIMEOUT_S = 60.0
+# How long actors kept for reuse wait for their next pass before they are stopped.
+IDLE_S = 3.0
+
+_idle_lock = threading.Lock()
+_idle: dict[tuple, list] = {}  # (Ray job, key) -> actors kept after a pass that ended well
+_idle_timer: threading.Timer | None = None
 
 
 class ActorPool:
-    """``count`` actors of ``actor_cls`` (a Ray actor class), each made with ``args``."""
+    """``count`` actors of ``actor_cls`` (a Ray actor class), each made with ``args``.
 
-    def __init__(self, actor_cls, count: int, *args, **kwargs):
-        self.actors = [actor_cls.remote(*args, **kwargs) for _ in range(count)]
+    ``keep_for``: a key saying what the actors are (class, resources, arguments); with it, the
+    pool takes actors another pool of the same key kept, and ``release`` keeps its own. Actors
+    taken are ``reset`` (a method they must have) before use.
+    """
+
+    def __init__(self, actor_cls, count: int, *args, keep_for: tuple | None = None, **kwargs):
+        self.key = (ray.get_runtime_context().get_job_id(), keep_for) if keep_for is not None else None
         self._in_flight: dict[Any, Any] = {}  # ref -> the caller's tag for it
+        self.actors = _take_idle(self.key, count)
+        try:
+            for i in range(len(self.actors)):
+                self.submit(i, "reset")
+            self.wait(lambda tag, value: None)
+        except ray.exceptions.RayError:  # a kept actor died meanwhile: start afresh
+            self.stop()
+            self.actors = []
+        self.actors += [actor_cls.remote(*args, **kwargs) for _ in range(count - len(self.actors))]
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -60,12 +88,53 @@ class ActorPool:
         self.wait(values.__setitem__)
         return [values[i] for i in range(len(self.actors))]
 
+    def release(self) -> None:
+        """The pass ended well: keep the actors for the next pool of the same key (for
+        ``IDLE_S``), or stop them when the pool has no key."""
+        if self.key is None or self._in_flight:
+            self.stop()
+            return
+        global _idle_timer
+        with _idle_lock:
+            _idle.setdefault(self.key, []).extend(self.actors)
+            if _idle_timer is not None:
+                _idle_timer.cancel()
+            _idle_timer = threading.Timer(IDLE_S, release_idle)
+            _idle_timer.daemon = True
+            _idle_timer.start()
+        self.actors = []
+
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Kill every actor (no restart), and return once the calls they were running have ended,
         so that nothing of theirs still writes."""
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
+        _kill(self.actors)
         pending = list(self._in_flight)
         self._in_flight.clear()
         if pending:
             ray.wait(pending, num_returns=len(pending), timeout=timeout_s)
+
+
+def release_idle() -> None:
+    """Stop every actor kept for reuse (they hold CPUs and GPUs another pool may need)."""
+    with _idle_lock:
+        actors = [a for kept in _idle.values() for a in kept]
+        _idle.clear()
+    if actors and ray.is_initialized():
+        _kill(actors)
+
+
+def _take_idle(key: tuple | None, count: int) -> list:
+    """Up to ``count`` actors kept under ``key``; every other kept actor is stopped."""
+    with _idle_lock:
+        kept = _idle.pop(key, []) if key is not None else []
+    release_idle()
+    _kill(kept[count:])
+    return kept[:count]
+
+
+def _kill(actors: list) -> None:
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - gone already, or from a Ray this process has left
+            pass
