@@ -30,7 +30,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_back_to_back_merges_reuse_actors_that_read_parents_anew(tiny_parents, ray_head, tmp_path):
+def test_back_to_back_merges_reuse_actors_that_read_parents_anew(tiny_parents, ray_head, tmp_path, monkeypatch):
+    # A wider window than the product's 3 s, so that a busy machine's pause between the two
+    # merges cannot turn reuse into a new start.
+    monkeypatch.setattr(pool, "IDLE_S", 8.0)
     a, b = tiny_parents
     b2 = str(tmp_path / "b")
     shutil.copytree(b, b2)
