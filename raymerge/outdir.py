@@ -110,7 +110,8 @@ class OutputDir:
         """Take OUT for this merge: a second merge into the same OUT is refused until this one
         ends. The lock is the kernel's (``flock`` on ``.raymerge/lock``, which NFS clients share):
         it goes with the process, so a merge killed outright never blocks its ``--resume``. A
-        bucket has no locks: on a URI, nothing is taken (see the docs: one merge per OUT)."""
+        bucket has no locks: on a URI, nothing is taken (see the docs: one merge per OUT). A
+        local OUT is locked before anything else is done with it."""
         if self.is_uri:
             return
         if os.path.lexists(self.root) and not os.path.isdir(self.root):
@@ -162,7 +163,7 @@ class OutputDir:
     def _own_entries(self) -> list[str]:
         """What OUT holds, but for this merge's own lock (and the state directory holding only it)."""
         entries = storage.listdir(self.root)
-        if self._lock_fd is not None and STATE_DIR in entries and os.listdir(self.state_dir) == [LOCK_NAME]:
+        if not self.is_uri and STATE_DIR in entries and os.listdir(self.state_dir) == [LOCK_NAME]:
             entries = [e for e in entries if e != STATE_DIR]
         return entries
 
@@ -202,11 +203,10 @@ class OutputDir:
         try:
             if overwrite and self._own_entries():
                 self._clear_for_overwrite()
-            # A bucket prefix exists only through its keys: an empty one was made by no one.
+            # A bucket prefix exists only through its keys: an empty one was made by no one. (A
+            # local OUT's is known since lock(), which may have made the directory.)
             if self.is_uri:
                 self.made = not storage.listdir(self.root)
-            elif self._lock_fd is None:
-                self.made = not os.path.isdir(self.root)
             storage.makedirs(storage.join(self.state_dir, "done"))
             for sub in self.subdirs:
                 storage.makedirs(self.output_path(sub))
@@ -216,7 +216,7 @@ class OutputDir:
 
     def _clear_for_overwrite(self) -> None:
         """Remove the earlier output (checked to be raymerge's), keeping this merge's lock."""
-        if self.is_uri or self._lock_fd is None:
+        if self.is_uri:
             storage.rmtree(self.root)
             return
         for parent, keep in ((self.root, STATE_DIR), (self.state_dir, LOCK_NAME)):

@@ -60,9 +60,9 @@ def read_text(path: str, column: str = "text", max_bytes: int = DEFAULT_EVAL_BYT
     return text
 
 
-def _enough(docs: list[str], max_bytes: int) -> bool:
-    """Whether the documents, joined by blank lines, hold ``max_bytes`` bytes."""
-    return sum(len(d.encode("utf-8")) + 2 for d in docs) >= max_bytes
+def _joined_bytes(docs: list[str]) -> int:
+    """The bytes of documents joined by blank lines (a separator counted after each)."""
+    return sum(len(d.encode("utf-8")) + 2 for d in docs)
 
 
 def _parquet_docs(path: str, column: str, max_bytes: int) -> list[str]:
@@ -70,6 +70,7 @@ def _parquet_docs(path: str, column: str, max_bytes: int) -> list[str]:
     import pyarrow.parquet as pq
 
     docs: list[str] = []
+    held = 0  # bytes of docs, joined
     try:
         f = pq.ParquetFile(path)
         if column not in f.schema_arrow.names:
@@ -79,7 +80,8 @@ def _parquet_docs(path: str, column: str, max_bytes: int) -> list[str]:
             if not all(isinstance(d, str) for d in values):
                 raise InputError(f"--eval {path}: column {column!r} does not hold text")
             docs += values
-            if _enough(docs, max_bytes):
+            held += _joined_bytes(values)
+            if held >= max_bytes:
                 break
     except InputError:
         raise
@@ -91,6 +93,7 @@ def _parquet_docs(path: str, column: str, max_bytes: int) -> list[str]:
 def _jsonl_docs(path: str, column: str, max_bytes: int) -> list[str]:
     """The non-empty texts of a JSON Lines field, read line by line until ``max_bytes``."""
     docs: list[str] = []
+    held = 0  # bytes of docs, joined
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
@@ -107,7 +110,8 @@ def _jsonl_docs(path: str, column: str, max_bytes: int) -> list[str]:
                 raise InputError(f"--eval {path}: line {n} has no text field {column!r}")
             if record[column]:
                 docs.append(record[column])
-            if _enough(docs, max_bytes):
+                held += _joined_bytes(docs[-1:])
+            if held >= max_bytes:
                 break
     return docs
 
