@@ -4,7 +4,8 @@
 # evicted from the page cache before each merge; then the same merge on CPU actors, compared byte
 # for byte; everything it wrote is removed at the end.
 #
-#   bash bench/gpu_check.sh     (a few minutes: most of it builds the two 1.9 GB parents)
+#   bash bench/gpu_check.sh         (a few minutes: most of it builds the two 1.9 GB parents)
+#   bash bench/gpu_check.sh --7b    (the 7B-shaped pair: 27 GB of parents, 55 GB of disk in all)
 #
 # Prints each merge's wall time, GB/s of parent bytes read, raymerge's own phases, the actors'
 # split (read, reduce, combine, write; on GPUs also the device's copy, maths and copy-back time
@@ -18,7 +19,7 @@ WORK=$(mktemp -d /tmp/gpu-check-XXXXXX)
 export RAYMERGE_BENCH_CACHE=${RAYMERGE_BENCH_CACHE:-$WORK/parents}
 trap 'rm -rf "$WORK"' EXIT
 $PY -c 'import torch; assert torch.cuda.is_available(), "no CUDA device visible"; print("GPUs:", torch.cuda.device_count(), "x", torch.cuda.get_device_name(0))'
-read -r A B < <($PY bench/parents.py)
+read -r A B < <($PY bench/parents.py "$@")
 $PY - "$A" "$B" "$WORK" <<'PY'
 import glob, os, subprocess, sys, time
 
@@ -51,6 +52,19 @@ def merge(device):
     return out
 
 
+def read_floor():
+    """Seconds to read every parent byte once from storage (evicted first), 64 MiB at a time."""
+    evict()
+    started = time.monotonic()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(64 << 20):
+                pass
+    return time.monotonic() - started
+
+
+floor = read_floor()
+print(f"read floor: {parent_bytes / 1e9:.1f} GB of parents read once in {floor:.1f} s ({parent_bytes / floor / 1e9:.2f} GB/s)")
 gpu, cpu = merge("gpu"), merge("cpu")
 shards = sorted(f for f in os.listdir(cpu) if f.endswith(".safetensors"))
 same = all(subprocess.run(["cmp", "-s", os.path.join(gpu, f), os.path.join(cpu, f)]).returncode == 0 for f in shards)
