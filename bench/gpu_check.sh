@@ -9,8 +9,9 @@
 #
 # Prints each merge's wall time, GB/s of parent bytes read, raymerge's own phases, the actors'
 # split (read, reduce, combine, write; on GPUs also the device's copy, maths and copy-back time
-# from CUDA events), and whether the GPU and CPU outputs are identical. The machine brings its own CUDA torch, safetensors,
-# transformers, tokenizers and ray (and no network): its python3 runs this checkout.
+# from CUDA events), and whether the GPU and CPU outputs are identical. Its python3 runs this
+# checkout (no install, no network): it needs a CUDA torch, ray, safetensors, transformers,
+# tokenizers, click and pyarrow importable there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
