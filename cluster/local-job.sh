@@ -31,8 +31,12 @@ GCS_PORT=$(free_port) DASH_PORT=$(free_port) CLIENT_PORT=$(free_port) AGENT_PORT
 
 # Every port chosen free: the dashboard agent's default (52365) is taken by any other Ray node on
 # this machine, and a head without its agent cannot accept `ray job submit`.
+# A temporary directory of its own: the job's driver finds its head through the head's temporary
+# directory (RAY_ADDRESS=auto), and in the shared /tmp/ray that is the head started last on this
+# machine, which need not be this one.
 # In this script's process group: whoever stops the script's group stops the head with it.
-"$RAY" start --head --block --node-ip-address=127.0.0.1 --port="$GCS_PORT" \
+: > "$WORK/head.log"
+"$RAY" start --head --block --node-ip-address=127.0.0.1 --port="$GCS_PORT" --temp-dir="$WORK/ray" \
   --dashboard-host=127.0.0.1 --dashboard-port="$DASH_PORT" --ray-client-server-port="$CLIENT_PORT" \
   --dashboard-agent-listen-port="$AGENT_PORT" \
   --disable-usage-stats > "$WORK/head.log" 2>&1 &

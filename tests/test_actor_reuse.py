@@ -44,11 +44,13 @@ def test_back_to_back_merges_reuse_actors_that_read_parents_anew(tiny_parents, r
     weights = os.path.join(b2, "model.safetensors")
     tensors = {name: -t if t.is_floating_point() else t for name, t in load_file(weights).items()}
     save_file(tensors, weights, metadata={"format": "pt"})
+    # The first merge's actors wait under the wide window; the second's are let go 0.5 s after it.
+    monkeypatch.setattr(pool, "IDLE_S", 0.5)
     raymerge.merge(a, b2, str(tmp_path / "second"), **options)
     first, second = _writers(str(tmp_path / "first")), _writers(str(tmp_path / "second"))
     assert len(first) == 2 and second == first, "the second merge's shards were written by the first's actors"
     check_merged(str(tmp_path / "second"), a, b2, t=0.5)
-    deadline = time.monotonic() + pool.IDLE_S + 30
+    deadline = time.monotonic() + 30
     while any(_alive(p) for p in first) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_alive(p) for p in first), "kept actors stop once nothing has used them for IDLE_S"

@@ -1,11 +1,10 @@
-"""Cluster paths on this machine: a two-node loopback cluster, `ray job submit`, fail-fast
-resource checks. Every Ray process a test starts, it stops by process id."""
+"""Cluster paths on this machine: an autoscaler, a head declaring a GPU this machine lacks, fail-fast
+resource checks (`ray job submit`: test_jobs.py). Every Ray process a test starts, it stops by process id."""
 
 from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -16,7 +15,6 @@ from raymerge.placement import actor_shape
 from raymerge.errors import InputError
 from raymerge.options import ClusterOptions, MergeOptions
 from raynodes import RayNode
-from reference import check_merged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLI = [sys.executable, "-m", "raymerge.cli"]
@@ -198,58 +196,3 @@ def test_device_cpu_on_a_gpu_node_merges_the_same_bytes(tiny_parents, fake_gpu_h
     for f in sorted(os.listdir(outs["plain"])):
         if f.endswith(".safetensors"):
             assert (outs["gpu-node"] / f).read_bytes() == (outs["plain"] / f).read_bytes(), f
-
-
-def _start_local_job(log, *args) -> subprocess.Popen:
-    """Start cluster/local-job.sh in its own process group (it starts a head of its own on free
-    ports), its output to the file ``log``."""
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    return subprocess.Popen(["bash", os.path.join(ROOT, "cluster", "local-job.sh"), *args], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _finish(proc: subprocess.Popen, log_path) -> tuple[int, str]:
-    """The script's exit status and output; its process group is stopped if it hangs."""
-    try:
-        proc.wait(timeout=400)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-        pytest.fail(f"local-job.sh hung:\n{open(log_path).read()}")
-    return proc.returncode, open(log_path).read()
-
-
-@pytest.fixture(scope="module")
-def jobs(tiny_parents, tmp_path_factory):
-    """A good and a bad merge submitted through local-job.sh at the same time, each to the head
-    the script starts: much of a script's time is spent waiting for its head and its job, so
-    the two overlap. Maps "good"/"bad" to (OUT, exit status, output)."""
-    root = tmp_path_factory.mktemp("jobs")
-    runs = {"good": (*tiny_parents, str(root / "good"), "-t", "0.25", "--workers", "2"),
-            "bad": (str(root / "no-such-parent"), tiny_parents[1], str(root / "bad"))}
-    started = {}
-    try:
-        for name, args in runs.items():
-            with open(root / f"{name}.log", "w") as log:  # the child has its own descriptor
-                started[name] = _start_local_job(log, *args)
-        return {name: (root / name, *_finish(proc, root / f"{name}.log")) for name, proc in started.items()}
-    finally:
-        for proc in started.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-
-
-def test_ray_job_submit_good_merge_succeeds(tiny_parents, jobs):
-    out, returncode, output = jobs["good"]
-    assert returncode == 0, output
-    assert "SUCCEEDED" in output
-    check_merged(str(out), *tiny_parents, t=0.25)
-
-
-def test_ray_job_submit_bad_merge_fails(jobs):
-    out, returncode, output = jobs["bad"]
-    assert returncode != 0
-    assert "is not a directory" in output
-    assert "FAILED" in output
-    assert not out.exists()

@@ -101,11 +101,11 @@ NOT_RUN = {
         _covered_by("tests/test_sweep.py", "test_recipe_equals_t_for_flags_and_the_reference"),
     ".venv/bin/mkdocs serve": _built_by_test_mkdocs,  # a server that runs until stopped
     ".venv/bin/mkdocs build --strict": _built_by_test_mkdocs,
-    # a head at http://head:8265: the job path runs for real on a loopback head in test_cluster
+    # a head at http://head:8265: the job path runs for real on a loopback head in test_jobs
     "ray job submit --address http://head:8265 -- raymerge merge /shared/a /shared/b -o /shared/child":
-        _covered_by("tests/test_cluster.py", "test_ray_job_submit_good_merge_succeeds"),
+        _covered_by("tests/test_jobs.py", "test_ray_job_submit_good_merge_succeeds"),
     "cluster/local-job.sh parent-a parent-b job-child -t 0.5":
-        _covered_by("tests/test_cluster.py", "test_ray_job_submit_good_merge_succeeds"),
+        _covered_by("tests/test_jobs.py", "test_ray_job_submit_good_merge_succeeds"),
     # a bucket: test_object_store merges s3:// parents into s3:// on a local S3 server
     "raymerge merge s3://models/parent-a s3://models/parent-b -o s3://models/child -t 0.5":
         _covered_by("tests/test_object_store.py", "test_s3_parents_and_output_give_the_local_merge"),

@@ -1,0 +1,165 @@
+"""`ray job submit` through cluster/local-job.sh, each run against a real head on 127.0.0.1 that the
+script starts and stops: a good merge succeeds, a bad one fails, and a job stopped mid-merge is a
+failure although `ray job submit` itself exits 0 for it.
+
+Most of a script's time is spent waiting for its head and its job, so the three scripts start
+together (``scripts``) and the tests read their ends; the stop test runs first, while the other
+two are still under way. Three heads on one machine at once is also a case of its own: a job's
+driver finds its head through the head's temporary directory, so each head needs its own."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from reference import check_merged
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Script:
+    """One cluster/local-job.sh run in its own process group (its head is in that group), its
+    output read line by line on a thread."""
+
+    def __init__(self, *args: str):
+        env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+        self.proc = subprocess.Popen(["bash", os.path.join(ROOT, "cluster", "local-job.sh"), *args], env=env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=lambda: [self.lines.put(line) for line in self.proc.stdout], daemon=True).start()
+
+    def output(self) -> str:
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return "".join(self.seen)
+
+    def job(self) -> tuple[str, str] | None:
+        """(job API address, job id) once the script has printed them."""
+        m = re.search(r"^local-job: .* job API at (\S+), job (\S+)$", self.output(), re.M)
+        return m.groups() if m else None
+
+    def finish(self, timeout: float = 400) -> tuple[int, str]:
+        """The script's exit status and output; its process group is stopped if it hangs."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"local-job.sh hung:\n{self.output()}")
+        time.sleep(0.1)  # the reader thread's last lines
+        return self.proc.returncode, self.output()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def scripts(tiny_parents, tmp_path_factory):
+    """Three local-job.sh runs started at once: "stop" (one actor, to be frozen and stopped),
+    "good" and "bad" (a parent that does not exist). Maps each name to (OUT, Script)."""
+    root = tmp_path_factory.mktemp("jobs")
+    runs = {"stop": (*tiny_parents, str(root / "stop"), "--workers", "1"),
+            "good": (*tiny_parents, str(root / "good"), "-t", "0.25", "--workers", "2"),
+            "bad": (str(root / "no-such-parent"), tiny_parents[1], str(root / "bad"))}
+    started = {}
+    try:
+        for name, args in runs.items():
+            started[name] = (root / name, Script(*args))
+        yield started
+    finally:
+        for _, script in started.values():
+            script.kill()
+
+
+def _wait_for(predicate, what: str, timeout: float = 120.0, explain=lambda: ""):
+    """Poll until predicate() is truthy. A request the head (busy on two cores) fails or drops
+    counts as not yet."""
+    import requests
+    from ray.util.state.exception import RayStateApiException
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            found = predicate()
+        except (RayStateApiException, requests.RequestException, ConnectionError):
+            found = None
+        if found:
+            return found
+        time.sleep(0.02)
+    pytest.fail(f"no {what} within {timeout:g} s\n{explain()}")
+
+
+def _merge_actors(session: int) -> list[int]:
+    """The live merge actors of the head started in process session ``session`` (their processes
+    are named ``ray::MergeActor``), found in /proc: faster than asking the head, which answers
+    slowly while three heads share two cores."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                named = f.read().startswith(b"ray::MergeActor")
+            if named and os.getsid(int(entry)) == session:
+                found.append(int(entry))
+        except (OSError, ProcessLookupError):
+            pass
+    return found
+
+
+def test_a_job_stopped_mid_merge_fails(scripts):
+    """The merge's actors are frozen (SIGSTOP) as soon as they are alive, so the merge cannot finish
+    before `ray job stop` lands; local-job.sh (its own head, our session's token) must then exit
+    non-zero and say STOPPED."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    out, script = scripts["stop"]
+    frozen: list[int] = []
+    try:
+        address, job_id = _wait_for(script.job, "job API line from local-job.sh")
+        frozen += _wait_for(lambda: _merge_actors(script.proc.pid), "live merge actor", explain=script.output)
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        client = _wait_for(lambda: JobSubmissionClient(address), "job API")
+        assert client.get_job_status(job_id) == JobStatus.RUNNING
+        assert not (out / "config.json").exists(), "the stop must land mid-merge"
+        _wait_for(lambda: client.stop_job(job_id), "accepted stop request")
+        _wait_for(lambda: client.get_job_status(job_id) == JobStatus.STOPPED, "STOPPED status", timeout=60)
+        returncode, output = script.finish(timeout=60)
+    finally:
+        for pid in frozen:  # let them die as Ray ends them
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert returncode != 0, output
+    assert f"local-job: job {job_id} STOPPED (ray job submit exited 0)" in output, output
+    assert not (out / "config.json").exists()
+
+
+def test_ray_job_submit_good_merge_succeeds(tiny_parents, scripts):
+    out, script = scripts["good"]
+    returncode, output = script.finish()
+    assert returncode == 0, output
+    assert "SUCCEEDED" in output
+    check_merged(str(out), *tiny_parents, t=0.25)
+
+
+def test_ray_job_submit_bad_merge_fails(scripts):
+    out, script = scripts["bad"]
+    returncode, output = script.finish()
+    assert returncode != 0
+    assert "is not a directory" in output
+    assert "FAILED" in output
+    assert not out.exists()
