@@ -17,8 +17,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: install
 	$(BIN)/python examples/demo.py
 
+# Two pytest processes, a test file each at a time (pytest-xdist): most of a test's time is spent
+# waiting for Ray processes, so two overlap well on two cores. TEST_WORKERS=0 runs one process.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest -q --durations=15 --doctest-modules raymerge tests
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --doctest-modules raymerge tests
 
 bench: install
 	$(BIN)/python bench/bench.py --reps 3 --scale2 --machine-note 'a disk shared with other machines'
