@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 
@@ -87,9 +89,13 @@ class RayNode:
             extra_args.append(f"--autoscaling-config={config_path}")
             env.update(AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1")
         cmd = [ray, "start", "--block", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
+        self.temp_dir = None
         if head:
             self.dashboard_port = free_port()
-            cmd += ["--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
+            # A temporary directory of its own (not the shared /tmp/ray): a job's driver finds its
+            # head through it, which in /tmp/ray is whichever head on this machine started last.
+            self.temp_dir = tempfile.mkdtemp(prefix="raymerge-ray-")
+            cmd += ["--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}",
                     f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
                     f"--ray-client-server-port={free_port()}"]
         else:
@@ -139,6 +145,13 @@ class RayNode:
                 pass
         self.proc.wait(timeout=30)
         self.log.close()
+        if self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    @property
+    def job_api(self) -> str:
+        """The head's job API (`ray job submit --address`)."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
 
 
 def _autoscaling_config(worker_types: dict, head_cpus: int, gcs_address: str) -> dict:

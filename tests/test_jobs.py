@@ -1,11 +1,9 @@
-"""`ray job submit` through cluster/local-job.sh, each run against a real head on 127.0.0.1 that the
-script starts and stops: a good merge succeeds, a bad one fails, and a job stopped mid-merge is a
-failure although `ray job submit` itself exits 0 for it.
+"""`ray job submit` through cluster/local-job.sh: a good merge succeeds, a bad one fails, and a
+job stopped mid-merge is a failure although `ray job submit` itself exits 0 for it.
 
-Most of a script's time is spent waiting for its head and its job, so the three scripts start
-together (``scripts``) and the tests read their ends; the stop test runs first, while the other
-two are still under way. Three heads on one machine at once is also a case of its own: a job's
-driver finds its head through the head's temporary directory, so each head needs its own."""
+The bad merge goes to a head the script starts and stops (on free ports, in a temporary
+directory of its own), while the other two go, one after the other, to the session's head
+(``--address``, its job API); so one head is started here, not three."""
 
 from __future__ import annotations
 
@@ -20,6 +18,8 @@ import time
 
 import pytest
 
+from raymerge import pool
+from raynodes import merge_actor_pids
 from reference import check_merged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +45,7 @@ class Script:
 
     def job(self) -> tuple[str, str] | None:
         """(job API address, job id) once the script has printed them."""
-        m = re.search(r"^local-job: .* job API at (\S+), job (\S+)$", self.output(), re.M)
+        m = re.search(r"^local-job: (?:.* )?job API at (\S+), job (\S+)$", self.output(), re.M)
         return m.groups() if m else None
 
     def finish(self, timeout: float = 400) -> tuple[int, str]:
@@ -65,21 +65,15 @@ class Script:
 
 
 @pytest.fixture(scope="module")
-def scripts(tiny_parents, tmp_path_factory):
-    """Three local-job.sh runs started at once: "stop" (one actor, to be frozen and stopped),
-    "good" and "bad" (a parent that does not exist). Maps each name to (OUT, Script)."""
-    root = tmp_path_factory.mktemp("jobs")
-    runs = {"stop": (*tiny_parents, str(root / "stop"), "--workers", "1"),
-            "good": (*tiny_parents, str(root / "good"), "-t", "0.25", "--workers", "2"),
-            "bad": (str(root / "no-such-parent"), tiny_parents[1], str(root / "bad"))}
-    started = {}
+def bad_job(tiny_parents, tmp_path_factory):
+    """local-job.sh with its own head, for a parent that does not exist: started when the module
+    starts, read at its end. (OUT, Script)."""
+    out = tmp_path_factory.mktemp("jobs") / "bad"
+    script = Script(str(out.parent / "no-such-parent"), tiny_parents[1], str(out))
     try:
-        for name, args in runs.items():
-            started[name] = (root / name, Script(*args))
-        yield started
+        yield out, script
     finally:
-        for _, script in started.values():
-            script.kill()
+        script.kill()
 
 
 def _wait_for(predicate, what: str, timeout: float = 120.0, explain=lambda: ""):
@@ -100,35 +94,19 @@ def _wait_for(predicate, what: str, timeout: float = 120.0, explain=lambda: ""):
     pytest.fail(f"no {what} within {timeout:g} s\n{explain()}")
 
 
-def _merge_actors(session: int) -> list[int]:
-    """The live merge actors of the head started in process session ``session`` (their processes
-    are named ``ray::MergeActor``), found in /proc: faster than asking the head, which answers
-    slowly while three heads share two cores."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                named = f.read().startswith(b"ray::MergeActor")
-            if named and os.getsid(int(entry)) == session:
-                found.append(int(entry))
-        except (OSError, ProcessLookupError):
-            pass
-    return found
-
-
-def test_a_job_stopped_mid_merge_fails(scripts):
-    """The merge's actors are frozen (SIGSTOP) as soon as they are alive, so the merge cannot finish
-    before `ray job stop` lands; local-job.sh (its own head, our session's token) must then exit
-    non-zero and say STOPPED."""
+def test_a_job_stopped_mid_merge_fails(tiny_parents, ray_head, bad_job, tmp_path):
+    """The merge's actor is frozen (SIGSTOP) as soon as it is alive, so the merge cannot finish
+    before `ray job stop` lands; local-job.sh must then exit non-zero and say STOPPED."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    out, script = scripts["stop"]
+    pool.release_idle()  # merge actors this process kept from an earlier test
+    out = tmp_path / "out"
+    script = Script("--address", ray_head.job_api, *tiny_parents, str(out), "--workers", "1")
     frozen: list[int] = []
     try:
         address, job_id = _wait_for(script.job, "job API line from local-job.sh")
-        frozen += _wait_for(lambda: _merge_actors(script.proc.pid), "live merge actor", explain=script.output)
+        # The session's head runs nothing else meanwhile: its merge actors are this job's.
+        frozen += _wait_for(lambda: merge_actor_pids(ray_head), "live merge actor", explain=script.output)
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
         client = _wait_for(lambda: JobSubmissionClient(address), "job API")
@@ -143,23 +121,30 @@ def test_a_job_stopped_mid_merge_fails(scripts):
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
+        script.kill()
     assert returncode != 0, output
     assert f"local-job: job {job_id} STOPPED (ray job submit exited 0)" in output, output
     assert not (out / "config.json").exists()
 
 
-def test_ray_job_submit_good_merge_succeeds(tiny_parents, scripts):
-    out, script = scripts["good"]
-    returncode, output = script.finish()
+def test_ray_job_submit_good_merge_succeeds(tiny_parents, ray_head, bad_job, tmp_path):
+    out = tmp_path / "out"
+    script = Script("--address", ray_head.job_api, *tiny_parents, str(out), "-t", "0.25", "--workers", "2")
+    try:
+        returncode, output = script.finish()
+    finally:
+        script.kill()
     assert returncode == 0, output
     assert "SUCCEEDED" in output
     check_merged(str(out), *tiny_parents, t=0.25)
 
 
-def test_ray_job_submit_bad_merge_fails(scripts):
-    out, script = scripts["bad"]
+def test_ray_job_submit_bad_merge_fails(bad_job):
+    """Through the whole script: its own head started, the job failed, the head stopped."""
+    out, script = bad_job
     returncode, output = script.finish()
     assert returncode != 0
+    assert re.search(r"^local-job: Ray head on 127\.0\.0\.1:\d+, job API at ", output, re.M), output
     assert "is not a directory" in output
     assert "FAILED" in output
     assert not out.exists()
