@@ -260,7 +260,7 @@ def medium_reference(medium_parents, bucket_cluster, ray_head, tmp_path_factory)
 
 
 def test_a_merge_killed_mid_shard_then_resumed(medium_parents, bucket_cluster, medium_reference, tmp_path):
-    """Once a shard is finished, an actor is frozen mid-shard (inside a write call), the driver
+    """An actor is frozen mid-shard (inside a write call); once some shard is finished, the driver
     is killed (SIGKILL; Ray then stops its actors) and so is the frozen actor: s3fs uploads what
     the killed writers had written once the kernel releases their files. No config.json is in
     the bucket; the resume keeps the finished shards and rewrites the others, byte-identical to
@@ -275,18 +275,13 @@ def test_a_merge_killed_mid_shard_then_resumed(medium_parents, bucket_cluster, m
     def finished_shards() -> bool:
         return any(k.endswith(".json") for k in list_objects(c.endpoint, c.bucket, f"{name}/.raymerge/done"))
 
-    def a_writer_after_a_finished_shard() -> tuple[int, str, int] | None:
-        """A writer frozen mid-shard once some shard is finished (and will be kept by the resume)."""
-        victim = freeze_a_writer(c, out, planned)
-        if victim and not finished_shards():
-            resume(victim[0])
-            return None
-        return victim
-
     victim = None
     try:
-        victim = wait_for(a_writer_after_a_finished_shard, step=0.01)
-        assert victim, "no actor was seen mid-shard after a shard was finished"
+        # A writer frozen mid-shard first (most of a merge offers one), then the other actor's
+        # work goes on until some shard is finished, which the resume will keep.
+        victim = wait_for(lambda: freeze_a_writer(c, out, planned), step=0.01)
+        assert victim, "no actor was seen mid-shard"
+        assert wait_for(finished_shards, timeout=120), "no shard was finished while a writer was frozen"
         assert driver.poll() is None, "the kill must land mid-merge"
     finally:
         actors = merge_actor_pids(c.head, c.worker)
