@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 demo: install
 	$(BIN)/python examples/demo.py
 
-# Two pytest processes, a test file each at a time (pytest-xdist): most of a test's time is spent
-# waiting for Ray processes, so two overlap well on two cores. TEST_WORKERS=0 runs one process.
+# Two pytest processes, a test file each at a time (pytest-xdist): one process leaves the cores
+# idle while it waits for Ray and the commands it starts; two keep two cores busy (three were
+# slower here). TEST_WORKERS=0 runs one process.
 TEST_WORKERS ?= 2
 
 test: install
