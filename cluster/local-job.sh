@@ -16,7 +16,7 @@ if [ "${1:-}" = --address ]; then
   ADDRESS=${2:-}
   shift 2 || true
 fi
-if [ $# -lt 3 ] || [ "$ADDRESS" = --address ]; then
+if [ $# -lt 3 ]; then
   echo "usage: $0 [--address http://HOST:8265] PARENT_A PARENT_B OUT [raymerge merge options...]" >&2
   exit 2
 fi

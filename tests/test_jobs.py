@@ -26,8 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Script:
-    """One cluster/local-job.sh run in its own process group (its head is in that group), its
-    output read line by line on a thread."""
+    """One cluster/local-job.sh run in its own process group (with the head it starts, if any),
+    its output read line by line on a thread."""
 
     def __init__(self, *args: str):
         env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
@@ -77,16 +77,15 @@ def bad_job(tiny_parents, tmp_path_factory):
 
 
 def _wait_for(predicate, what: str, timeout: float = 120.0, explain=lambda: ""):
-    """Poll until predicate() is truthy. A request the head (busy on two cores) fails or drops
+    """Poll until predicate() is truthy. A request the job API (busy on two cores) fails or drops
     counts as not yet."""
     import requests
-    from ray.util.state.exception import RayStateApiException
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             found = predicate()
-        except (RayStateApiException, requests.RequestException, ConnectionError):
+        except (requests.RequestException, ConnectionError):
             found = None
         if found:
             return found
