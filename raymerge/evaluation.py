@@ -74,6 +74,7 @@ class EvalActor:
         # replaced by the CPU.
         self.gpu_error = cuda_problem() if use_gpu else None
         self.device = torch.device("cuda") if use_gpu and self.gpu_error is None else torch.device("cpu")
+        self._children: dict[str, torch.nn.Module] = {}  # build_child's, by key
 
     def where(self) -> dict:
         """This actor's host, node and the GPU problem it has, if any (placement.check_reports)."""
@@ -84,14 +85,33 @@ class EvalActor:
         """Score the child whose coefficients per tensor are ``coefficients``;
         (score, seconds to build it, seconds to score it)."""
         started = time.monotonic()
-        torch.set_num_threads(self.num_threads)
-        state = {t.name: self.merger.merged_tensor(t, coefficients.get(t.name), means.get(t.name))
-                 for t in plan.tensors}
-        model = load_child(config, state).to(self.device)
-        del state
+        model = self._build(plan, coefficients, means, config)
         built = time.monotonic()
         result = score(model, windows)
         return result, built - started, time.monotonic() - built
+
+    def build_child(self, key: str, plan: MergePlan, coefficients: dict[str, Coefficients], means: dict,
+                    config: dict) -> float:
+        """Build a child (as ``score_child`` does) and keep it under ``key`` for ``score_built``:
+        a search trial scores one child piece by piece. Returns the seconds it took."""
+        started = time.monotonic()
+        self._children[key] = self._build(plan, coefficients, means, config)
+        return time.monotonic() - started
+
+    def score_built(self, key: str, windows: Windows) -> tuple[Score, float]:
+        """The child kept under ``key``, scored on ``windows``; (score, seconds)."""
+        started = time.monotonic()
+        torch.set_num_threads(self.num_threads)
+        return score(self._children[key], windows), time.monotonic() - started
+
+    def drop_child(self, key: str) -> None:
+        self._children.pop(key, None)
+
+    def _build(self, plan: MergePlan, coefficients: dict[str, Coefficients], means: dict, config: dict):
+        torch.set_num_threads(self.num_threads)
+        state = {t.name: self.merger.merged_tensor(t, coefficients.get(t.name), means.get(t.name))
+                 for t in plan.tensors}
+        return load_child(config, state).to(self.device)
 
     def score_parent(self, path: str, windows: Windows) -> tuple[Score, float, float]:
         """Score a parent, loaded by transformers from its directory; (score, load s, score s)."""

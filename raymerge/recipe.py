@@ -156,3 +156,36 @@ def check_layer_range(recipe: Recipe, n_layers_a: int, n_layers_b: int) -> None:
     if (lo, hi) != (0, n_layers_a) or n_layers_a != n_layers_b:
         raise InputError(f"recipe: layer_range [{lo}, {hi}] does not cover every layer "
                          f"(the parents have {n_layers_a} and {n_layers_b}); partial ranges are not supported")
+
+
+def write_recipe(a: str, b: str, schedule: Schedule, dtype: str | None = None) -> str:
+    """The mergekit slerp recipe (YAML, the ``models:`` form) of a merge of ``a`` (the base, t=0)
+    and ``b`` under ``schedule``: what `raymerge run` and mergekit-yaml both read back as that
+    merge. A gradient of one value is written as that number; floats keep every digit.
+
+    Example:
+        >>> print(write_recipe("a", "b", Schedule(default=(0.5,), filters=(("mlp", (0.0, 1.0)),))), end="")
+        models:
+        - model: a
+        - model: b
+        merge_method: slerp
+        base_model: a
+        parameters:
+          t:
+          - filter: mlp
+            value:
+            - 0.0
+            - 1.0
+          - value: 0.5
+    """
+    def value(values: tuple[float, ...]):
+        return values[0] if len(values) == 1 else list(values)
+
+    if not schedule.default:
+        raise ValueError("a recipe's schedule needs a default")
+    t = [{"filter": f, "value": value(v)} for f, v in schedule.filters] + [{"value": value(schedule.default)}]
+    doc = {"models": [{"model": a}, {"model": b}], "merge_method": "slerp", "base_model": a,
+           "parameters": {"t": t if schedule.filters else value(schedule.default)}}
+    if dtype:
+        doc["dtype"] = dtype
+    return yaml.safe_dump(doc, sort_keys=False)

@@ -1,0 +1,102 @@
+"""A search trial (raymerge/trial.py) on a scoring actor of the session's Ray: its dev and test
+scores equal those of the same schedule's child written by a plain `raymerge run` of the
+schedule's recipe and scored here with plain transformers; a trial told to stop scores fewer dev
+windows and no test."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import ray
+import torch
+
+from raymerge.actors import MergeActor
+from raymerge.evaluation import EvalActor, prepare
+from raymerge.holdout import split_text, split_windows
+from raymerge.options import MergeOptions
+from raymerge.parents import load_parent
+from raymerge.plan import build_plan
+from raymerge.recipe import load_recipe, write_recipe
+from raymerge.search_space import SearchSpace
+from raymerge.trial import run_trial, schedule_coefficients
+
+CONTEXT = 32
+HOLDOUT = 0.3
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_parents, ray_head, session_dir):
+    a_path, b_path = tiny_parents
+    rng = random.Random(1)
+    text_path = session_dir / "search-text.txt"
+    text_path.write_text(" ".join(f"w{rng.randrange(900)}" for _ in range(600)) + "\n")
+    options = MergeOptions(a=a_path, b=b_path, out="unused", eval_text=str(text_path), context=CONTEXT)
+    a, b = load_parent(a_path, "A"), load_parent(b_path, "B")
+    plan = build_plan(a, b, options, 1)
+    inputs = prepare(options.scoring, a, b, plan)
+    tokenizer = (a if plan.tokenizer_from == "a" else b).tokenizer
+    text = text_path.read_text()
+    windows = split_windows(tokenizer, text, CONTEXT, HOLDOUT)
+    # Pass 1's reductions, here from an actor driven in this process.
+    stats = {s.name: s for s in MergeActor(2**20).reduce(list(plan.tensors))}
+    means = {n: s.means for n, s in stats.items() if s.means}
+    actor = ray.remote(num_cpus=1)(EvalActor).remote(2**20, 1)
+    try:
+        yield dict(a=a_path, b=b_path, plan=plan, plan_ref=ray.put(plan), stats=stats, means=means,
+                   config=inputs.child_config, windows=windows, text=text, actor=actor)
+    finally:
+        ray.kill(actor)
+
+
+def _plain_bits(model_dir: str, text: str) -> float:
+    """Bits of ``text`` under the written model, with plain transformers (the scoring protocol)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tok(text, add_special_tokens=False).input_ids
+    bits = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids), CONTEXT - 1):
+            window = torch.tensor([[tok.bos_token_id] + ids[start:start + CONTEXT - 1]])
+            logp = torch.log_softmax(model(window).logits[0].float(), dim=-1)
+            for pos in range(1, window.shape[1]):
+                bits -= float(logp[pos - 1, window[0, pos]]) / math.log(2)
+    return bits
+
+
+def test_two_trials_score_as_their_written_children(setup, cli, tmp_path):
+    space = SearchSpace()
+    rng = random.Random(7)
+    points = {"sampled": {n: rng.random() for n in space.names()}, "constant": space.constant(0.3)}
+    pieces = split_text(setup["text"], HOLDOUT, len(setup["windows"].dev))
+    for label, point in points.items():
+        schedule = space.schedule(point)
+        coefs = schedule_coefficients(setup["plan"], setup["stats"], schedule)
+        reported = []
+        got = run_trial(setup["actor"], label, setup["plan_ref"], coefs, setup["means"], setup["config"],
+                        setup["windows"], report=lambda bpb, n: reported.append((bpb, n)) or True)
+        # The same schedule, written by a plain `raymerge run` of its recipe.
+        recipe = tmp_path / f"{label}.yml"
+        recipe.write_text(write_recipe(setup["a"], setup["b"], schedule))
+        assert load_recipe(str(recipe)).schedule == schedule
+        out = tmp_path / label
+        assert cli("run", recipe, "-o", out, "--quiet").returncode == 0
+        dev_bits = sum(_plain_bits(str(out), piece) for piece in pieces.dev)
+        assert got.dev_bits == pytest.approx(dev_bits, rel=1e-9, abs=1e-9), label
+        assert got.test_bits == pytest.approx(_plain_bits(str(out), pieces.test), rel=1e-9, abs=1e-9), label
+        assert got.dev_bytes == len("".join(pieces.dev).encode()) and got.test_bytes == len(pieces.test.encode())
+        assert not got.stopped_early and got.dev_windows == setup["windows"].dev_windows
+        assert len(reported) == len(pieces.dev) and reported[-1] == (got.dev_bits_per_byte, got.dev_windows)
+
+
+def test_a_trial_told_to_stop_scores_fewer_dev_windows_and_no_test(setup):
+    assert len(setup["windows"].dev) > 1, "the text gives several dev pieces"
+    schedule = SearchSpace().schedule(SearchSpace().constant(0.6))
+    coefs = schedule_coefficients(setup["plan"], setup["stats"], schedule)
+    got = run_trial(setup["actor"], "stopped", setup["plan_ref"], coefs, setup["means"], setup["config"],
+                    setup["windows"], report=lambda bpb, n: False)
+    assert got.stopped_early and got.test_bits is None and got.test_bits_per_byte is None
+    assert got.dev_windows == len(setup["windows"].dev[0].ids) < setup["windows"].dev_windows
