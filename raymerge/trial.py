@@ -1,17 +1,16 @@
-"""One trial of `raymerge search`: a schedule's child, built in memory on a scoring actor from the
-parents' bytes and the reductions of pass 1 (no pass over the parents of its own), scored piece
-by piece on the dev text, then on the test text.
+"""One trial of `raymerge search`: a schedule's child, built in memory by a scorer (an EvalActor
+living in the trial's process, which the search keeps for trial after trial) from the parents'
+bytes and the reductions of pass 1 (no pass over the parents of its own), scored piece by piece
+on the dev text, then on the test text.
 
 After each dev piece the trial hands its running dev bits per byte to ``report``; when ``report``
 returns False (an early-stopping scheduler gave up on the schedule) the trial ends there, without
-its test score. The child stays on the actor only for the trial.
+its test score. The child is kept only for the trial.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import ray
 
 from raymerge.holdout import SplitWindows
 from raymerge.passes import coefficients
@@ -48,24 +47,25 @@ def schedule_coefficients(plan: MergePlan, stats: dict, schedule: Schedule) -> d
     return {name: c[0] for name, c in coefficients(stats, t_by_name).items()}
 
 
-def run_trial(actor, key: str, plan_ref, coefs: dict, means: dict, config: dict, windows: SplitWindows,
-              report=lambda bits_per_byte, windows_scored: True) -> TrialScore:
-    """Build the child on ``actor`` (an EvalActor) under ``key``, score it as the module says,
-    and drop it."""
-    build_s = ray.get(actor.build_child.remote(key, plan_ref, coefs, means, config))
-    dev_bits, dev_bytes, dev_windows, score_s, stopped = 0.0, 0, 0, 0.0, False
+def run_trial(scorer, key: str, plan: MergePlan, coefs: dict, means: dict, config: dict, windows: SplitWindows,
+              report=lambda dev_bits_per_byte, dev_windows, test_bits_per_byte: True) -> TrialScore:
+    """Build the child on ``scorer`` (an EvalActor, in this process) under ``key``, score it as
+    the module says, and drop it. ``report`` is called after each dev piece; after the last one,
+    with the test score too (else None)."""
+    build_s = scorer.build_child(key, plan, coefs, means, config)
+    dev_bits, dev_bytes, dev_windows, score_s, stopped, test_bits = 0.0, 0, 0, 0.0, False, None
     try:
-        for piece in windows.dev:
-            result, seconds = ray.get(actor.score_built.remote(key, piece))
+        for i, piece in enumerate(windows.dev):
+            result, seconds = scorer.score_built(key, piece)
             dev_bits, dev_bytes, dev_windows = dev_bits + result.bits, dev_bytes + result.n_bytes, dev_windows + result.windows
             score_s += seconds
-            if not report(dev_bits / dev_bytes, dev_windows):
+            if i == len(windows.dev) - 1:
+                result, seconds = scorer.score_built(key, windows.test)
+                test_bits, score_s = result.bits, score_s + seconds
+            if not report(dev_bits / dev_bytes, dev_windows,
+                          None if test_bits is None else test_bits / windows.test.n_bytes) and test_bits is None:
                 stopped = True
                 break
-        test_bits = None
-        if not stopped:
-            result, seconds = ray.get(actor.score_built.remote(key, windows.test))
-            test_bits, score_s = result.bits, score_s + seconds
     finally:
-        actor.drop_child.remote(key)
+        scorer.drop_child(key)
     return TrialScore(dev_bits, dev_bytes, dev_windows, test_bits, windows.test.n_bytes, stopped, build_s, score_s)

@@ -1,4 +1,4 @@
-"""A search trial (raymerge/trial.py) on a scoring actor of the session's Ray: its dev and test
+"""A search trial (raymerge/trial.py) on a scorer in this process: its dev and test
 scores equal those of the same schedule's child written by a plain `raymerge run` of the
 schedule's recipe and scored here with plain transformers; a trial told to stop scores fewer dev
 windows and no test."""
@@ -9,7 +9,6 @@ import math
 import random
 
 import pytest
-import ray
 import torch
 
 from raymerge.actors import MergeActor
@@ -27,7 +26,7 @@ HOLDOUT = 0.3
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_parents, ray_head, session_dir):
+def setup(tiny_parents, session_dir):
     a_path, b_path = tiny_parents
     rng = random.Random(1)
     text_path = session_dir / "search-text.txt"
@@ -42,12 +41,8 @@ def setup(tiny_parents, ray_head, session_dir):
     # Pass 1's reductions, here from an actor driven in this process.
     stats = {s.name: s for s in MergeActor(2**20).reduce(list(plan.tensors))}
     means = {n: s.means for n, s in stats.items() if s.means}
-    actor = ray.remote(num_cpus=1)(EvalActor).remote(2**20, 1)
-    try:
-        yield dict(a=a_path, b=b_path, plan=plan, plan_ref=ray.put(plan), stats=stats, means=means,
-                   config=inputs.child_config, windows=windows, text=text, actor=actor)
-    finally:
-        ray.kill(actor)
+    return dict(a=a_path, b=b_path, plan=plan, stats=stats, means=means, config=inputs.child_config,
+                windows=windows, text=text, scorer=EvalActor(2**20, 1))
 
 
 def _plain_bits(model_dir: str, text: str) -> float:
@@ -76,8 +71,8 @@ def test_two_trials_score_as_their_written_children(setup, cli, tmp_path):
         schedule = space.schedule(point)
         coefs = schedule_coefficients(setup["plan"], setup["stats"], schedule)
         reported = []
-        got = run_trial(setup["actor"], label, setup["plan_ref"], coefs, setup["means"], setup["config"],
-                        setup["windows"], report=lambda bpb, n: reported.append((bpb, n)) or True)
+        got = run_trial(setup["scorer"], label, setup["plan"], coefs, setup["means"], setup["config"],
+                        setup["windows"], report=lambda *values: reported.append(values) or True)
         # The same schedule, written by a plain `raymerge run` of its recipe.
         recipe = tmp_path / f"{label}.yml"
         recipe.write_text(write_recipe(setup["a"], setup["b"], schedule))
@@ -89,14 +84,16 @@ def test_two_trials_score_as_their_written_children(setup, cli, tmp_path):
         assert got.test_bits == pytest.approx(_plain_bits(str(out), pieces.test), rel=1e-9, abs=1e-9), label
         assert got.dev_bytes == len("".join(pieces.dev).encode()) and got.test_bytes == len(pieces.test.encode())
         assert not got.stopped_early and got.dev_windows == setup["windows"].dev_windows
-        assert len(reported) == len(pieces.dev) and reported[-1] == (got.dev_bits_per_byte, got.dev_windows)
+        assert len(reported) == len(pieces.dev)
+        assert reported[-1] == (got.dev_bits_per_byte, got.dev_windows, got.test_bits_per_byte)
+        assert all(test is None for _, _, test in reported[:-1])
 
 
 def test_a_trial_told_to_stop_scores_fewer_dev_windows_and_no_test(setup):
     assert len(setup["windows"].dev) > 1, "the text gives several dev pieces"
     schedule = SearchSpace().schedule(SearchSpace().constant(0.6))
     coefs = schedule_coefficients(setup["plan"], setup["stats"], schedule)
-    got = run_trial(setup["actor"], "stopped", setup["plan_ref"], coefs, setup["means"], setup["config"],
-                    setup["windows"], report=lambda bpb, n: False)
+    got = run_trial(setup["scorer"], "stopped", setup["plan"], coefs, setup["means"], setup["config"],
+                    setup["windows"], report=lambda *values: False)
     assert got.stopped_early and got.test_bits is None and got.test_bits_per_byte is None
     assert got.dev_windows == len(setup["windows"].dev[0].ids) < setup["windows"].dev_windows
