@@ -241,6 +241,59 @@ def run_recipe(recipe, **values):
     _run_guarded(values["debug"], go)
 
 
+# The options of `merge` that a search takes, with the same meaning.
+_SEARCH_SHARED = ("--out", "--max-shard-size", "--vocab", "--pad", "--tokenizer-from", "--workers", "--device",
+                  "--gpus-per-actor", "--block-size", "--address", "--schedule-timeout", "--quiet", "--eval-bytes",
+                  "--eval-column", "--context", "--debug")
+
+
+def search_options(f):
+    """`merge`'s options a search shares (see _SEARCH_SHARED), taken from run_options."""
+    def keep(param):
+        return any(name in _SEARCH_SHARED for name in param.opts)
+
+    f = run_options(f)
+    f.__click_params__ = [p for p in f.__click_params__ if keep(p)]
+    return f
+
+
+@main.command("search")
+@click.argument("a")
+@click.argument("b")
+@click.option("--eval", "eval_text", required=True,
+              help="The text searched on (.txt, .jsonl, .parquet): split into dev (searched) and test (reported).")
+@click.option("--trials", type=int, default=64, show_default=True, help="Schedules to try (the first 11 are t = 0, 0.1, ..., 1).")
+@click.option("--parallel", type=int, default=None,
+              help="Trials at once (default: as many as the cluster's scoring actors).")
+@click.option("--sampler", type=click.Choice(["tpe", "cmaes", "random"]), default="tpe", show_default=True,
+              help="Optuna's sampler proposing schedules.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The sampler's seed.")
+@click.option("--holdout", type=float, default=0.3, show_default=True,
+              help="Fraction of the text held out as test (its end), never searched on.")
+@click.option("--filter", "filters", multiple=True,
+              help="A substring of tensor names with a gradient of its own (repeatable; default: self_attn, mlp).")
+@click.option("--anchors", type=int, default=5, show_default=True, help="Values per gradient, spread over the layers.")
+@click.option("--dtype", type=click.Choice(list(DTYPE_CHOICES)), default=None, help="Output dtype (default: parent A's).")
+@search_options
+def search_cmd(trials, parallel, sampler, seed, holdout, filters, anchors, **values):
+    """Search per-layer SLERP schedules for A (t=0) and B (t=1) on held-out text, with Ray Tune;
+    writes OUT/search.parquet, OUT/recipe.yml and the best child, OUT/best."""
+
+    def go():
+        from raymerge.search_space import DEFAULT_FILTERS, SearchSpace
+
+        space = SearchSpace(tuple(filters) or DEFAULT_FILTERS, anchors)
+        options = build_options(**values)
+        with RaySession(options.address) as session:
+            from raymerge.search import SearchOptions, print_summary, run_search
+
+            search = SearchOptions(options, trials=trials, parallel=parallel, seed=seed, sampler=sampler,
+                                   holdout=holdout, space=space)
+            print_summary(run_search(search, session))
+
+    _run_guarded(values["debug"], go)
+
+
 @main.command("verify")
 @click.argument("out")
 @click.option("--load", is_flag=True, help="Also load the model with transformers and run a forward pass.")

@@ -46,22 +46,28 @@ class EvalInputs:
 def prepare(options: ScoringOptions, a: Parent, b: Parent, plan: MergePlan) -> EvalInputs:
     """Read and tokenize the evaluation text before any work: every refusal happens here."""
     from raymerge.assemble import child_config
-    from raymerge.tokens import union_tokenizer
 
     for p in (a, b):
         if p.vocab is None:
             raise InputError(f"--eval needs the parents' tokenizers; parent {p.label} ({p.path}) ships none")
     text = read_text(options.text, options.column, options.max_bytes)
-    if plan.token_map is not None and plan.token_map.mode == "union":
-        child_tok = union_tokenizer(a.path, b.vocab, plan.token_map)
-    else:
-        child_tok = (a if plan.tokenizer_from == "a" else b).tokenizer  # loaded once, with the vocabulary
+    child_tok = child_tokenizer(a, b, plan)
     context = options.context or default_context(a.config.text)
     return EvalInputs(
         child=make_windows(child_tok, text, context),
         parents={p.label: make_windows(p.tokenizer, text, context) for p in (a, b)},
         child_config=child_config(a, b, plan), context=context,
     )
+
+
+def child_tokenizer(a: Parent, b: Parent, plan: MergePlan):
+    """The children's tokenizer: the union's, or the parent's whose files they take (loaded once,
+    with the vocabulary)."""
+    from raymerge.tokens import union_tokenizer
+
+    if plan.token_map is not None and plan.token_map.mode == "union":
+        return union_tokenizer(a.path, b.vocab, plan.token_map)
+    return (a if plan.tokenizer_from == "a" else b).tokenizer
 
 
 class EvalActor:

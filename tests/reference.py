@@ -77,3 +77,23 @@ def check_merged(out: str, a: str, b: str, t: float) -> dict[str, torch.Tensor]:
         for name, shard in index["weight_map"].items():
             assert name in load_file(os.path.join(out, shard))
     return child
+
+
+def plain_bits(model_dir: str, text: str, context: int) -> float:
+    """Bits of ``text`` under a written model, with plain transformers: the scoring protocol of
+    docs/sweeps.md (windows of ``context - 1`` tokens after BOS), written out here."""
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tok(text, add_special_tokens=False).input_ids
+    bits = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids), context - 1):
+            window = torch.tensor([[tok.bos_token_id] + ids[start:start + context - 1]])
+            logp = torch.log_softmax(model(window).logits[0].float(), dim=-1)
+            for pos in range(1, window.shape[1]):
+                bits -= float(logp[pos - 1, window[0, pos]]) / math.log(2)
+    return bits

@@ -5,11 +5,9 @@ windows and no test."""
 
 from __future__ import annotations
 
-import math
 import random
 
 import pytest
-import torch
 
 from raymerge.actors import MergeActor
 from raymerge.evaluation import EvalActor, prepare
@@ -20,6 +18,7 @@ from raymerge.plan import build_plan
 from raymerge.recipe import load_recipe, write_recipe
 from raymerge.search_space import SearchSpace
 from raymerge.trial import run_trial, schedule_coefficients
+from reference import plain_bits
 
 CONTEXT = 32
 HOLDOUT = 0.3
@@ -45,23 +44,6 @@ def setup(tiny_parents, session_dir):
                 windows=windows, text=text, scorer=EvalActor(2**20, 1))
 
 
-def _plain_bits(model_dir: str, text: str) -> float:
-    """Bits of ``text`` under the written model, with plain transformers (the scoring protocol)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    ids = tok(text, add_special_tokens=False).input_ids
-    bits = 0.0
-    with torch.no_grad():
-        for start in range(0, len(ids), CONTEXT - 1):
-            window = torch.tensor([[tok.bos_token_id] + ids[start:start + CONTEXT - 1]])
-            logp = torch.log_softmax(model(window).logits[0].float(), dim=-1)
-            for pos in range(1, window.shape[1]):
-                bits -= float(logp[pos - 1, window[0, pos]]) / math.log(2)
-    return bits
-
-
 def test_two_trials_score_as_their_written_children(setup, cli, tmp_path):
     space = SearchSpace()
     rng = random.Random(7)
@@ -79,9 +61,9 @@ def test_two_trials_score_as_their_written_children(setup, cli, tmp_path):
         assert load_recipe(str(recipe)).schedule == schedule
         out = tmp_path / label
         assert cli("run", recipe, "-o", out, "--quiet").returncode == 0
-        dev_bits = sum(_plain_bits(str(out), piece) for piece in pieces.dev)
+        dev_bits = sum(plain_bits(str(out), piece, CONTEXT) for piece in pieces.dev)
         assert got.dev_bits == pytest.approx(dev_bits, rel=1e-9, abs=1e-9), label
-        assert got.test_bits == pytest.approx(_plain_bits(str(out), pieces.test), rel=1e-9, abs=1e-9), label
+        assert got.test_bits == pytest.approx(plain_bits(str(out), pieces.test, CONTEXT), rel=1e-9, abs=1e-9), label
         assert got.dev_bytes == len("".join(pieces.dev).encode()) and got.test_bytes == len(pieces.test.encode())
         assert not got.stopped_early and got.dev_windows == setup["windows"].dev_windows
         assert len(reported) == len(pieces.dev)

@@ -1,0 +1,270 @@
+"""`raymerge search`: per-layer schedules chosen on held-out text, trials run by Ray Tune.
+
+    parents ─ plan ─ pass 1 (reductions, once) ─▶ Tune: Optuna's sampler proposes a schedule,
+    a trial builds its child in memory and scores it piece by piece on the dev text (ASHA stops
+    poor ones early), then on the test text ─▶ OUT/search.parquet, OUT/recipe.yml, OUT/best/
+
+A trial costs a weighted sum per tensor and a forward pass, not a merge: pass 1's reductions do not
+depend on t. Trials run in Tune's trial processes, each holding one scorer (evaluation.EvalActor);
+Tune keeps those processes from trial to trial (``reuse_actors``), so a trial starts no process
+and imports nothing. The first trials are the constant schedules t = 0, 0.1, ..., 1, so the search
+can only improve on the best global t. The best schedule is the finished trial with the lowest dev
+bits per byte; its test bits per byte are reported, never searched on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raymerge.errors import InputError
+from raymerge.options import MergeOptions
+from raymerge.search_space import SEEDED_T, SearchSpace
+
+SAMPLERS = ("tpe", "cmaes", "random")
+RESULT_FILES = ("search.parquet", "recipe.yml")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """A search: the merge options it shares with `merge` (parents, OUT, the text, placement),
+    and its own."""
+
+    merge: MergeOptions
+    trials: int = 64
+    parallel: int | None = None  # trials at once; None: as many as the cluster's scoring actors
+    seed: int = 0
+    sampler: str = "tpe"
+    holdout: float = 0.3
+    space: SearchSpace = field(default_factory=SearchSpace)
+
+    def __post_init__(self):
+        if self.trials < 1:
+            raise InputError(f"--trials {self.trials}: a search needs at least one trial")
+        if self.parallel is not None and self.parallel < 1:
+            raise InputError(f"--parallel {self.parallel}: at least one trial at a time")
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"--sampler {self.sampler}: one of {', '.join(SAMPLERS)}")
+        if self.merge.eval_text is None:
+            raise InputError("a search needs a text to score on (--eval TEXT)")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    trials: pa.Table
+    best: dict  # the best finished trial's row
+    best_constant: dict | None  # the best finished seeded constant's row
+    out: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every trial needs, put in Ray's object store once (tune.with_parameters)."""
+
+    plan: object
+    stats: dict
+    means: dict
+    config: dict
+    windows: object
+    space: SearchSpace
+    block_bytes: int
+    threads: int
+    use_gpu: bool
+
+
+_SCORER: dict = {}  # this trial process's scorer, kept from trial to trial
+
+
+def _trial(point: dict, ctx: _Context) -> None:
+    """One Tune trial (run in a trial process that Tune reuses)."""
+    import ray
+    from ray import tune
+
+    from raymerge.evaluation import EvalActor
+    from raymerge.trial import run_trial, schedule_coefficients
+
+    scorer = _SCORER.get("scorer")
+    if scorer is None:
+        scorer = _SCORER["scorer"] = EvalActor(ctx.block_bytes, ctx.threads, ctx.use_gpu)
+    if scorer.gpu_error:
+        raise InputError(f"a scoring process holds a GPU but torch cannot use CUDA: {scorer.gpu_error}; "
+                         "run with --device cpu, or fix the node's torch")
+    started = time.monotonic()
+    schedule = ctx.space.schedule(point)
+    coefs = schedule_coefficients(ctx.plan, ctx.stats, schedule)
+    where = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    def report(dev, windows, test):
+        tune.report({"dev_bits_per_byte": dev, "dev_windows": windows, "test_bits_per_byte": test,
+                     "seconds": time.monotonic() - started, **where})
+        return True
+
+    run_trial(scorer, "trial", ctx.plan, coefs, ctx.means, ctx.config, ctx.windows, report)
+
+
+def _sampler(name: str, seed: int):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def run_search(options: SearchOptions, session=None) -> SearchResult:
+    """The search, as the module says. Everything that can be refused is refused before pass 1."""
+    from raymerge import driver, evaluation
+    from raymerge.assemble import child_config
+    from raymerge.holdout import split_windows
+    from raymerge.passes import check_stats, reduce_pass
+    from raymerge.placement import live_nodes, merge_shape, scoring_shape
+    from raymerge.plan import assign_actors, build_plan
+    from raymerge.scoring import default_context, read_text
+    from raymerge.session import RaySession
+
+    try:
+        import optuna  # noqa: F401
+        from ray import tune  # noqa: F401
+    except ImportError:
+        raise InputError("raymerge search needs Ray Tune and Optuna: pip install 'raymerge[search]'") from None
+    started = time.monotonic()
+    m = options.merge
+    session = session or RaySession(m.address).start()
+    try:
+        a, b = driver.load_parents(m)
+        if os.path.exists(m.out) and os.listdir(m.out):
+            raise InputError(f"{m.out} is not empty: a search writes into a new or empty directory")
+        plan = build_plan(a, b, m, m.workers or os.cpu_count() or 1)
+        options.space.check_matches([t.name for t in plan.tensors if t.op == "slerp"])
+        for p in (a, b):
+            if p.vocab is None:
+                raise InputError(f"a search needs the parents' tokenizers; parent {p.label} ({p.path}) ships none")
+        text = read_text(m.eval_text, m.eval_column, m.eval_bytes)
+        context = m.context or default_context(a.config.text)
+        windows = split_windows(evaluation.child_tokenizer(a, b, plan), text, context, options.holdout)
+
+        session.wait()
+        shape = merge_shape(m.cluster)
+        plan = assign_actors(plan, shape.count)
+        pool = driver._start_actors(m.cluster, shape, plan.n_actors, keep=False)
+        try:
+            stats = reduce_pass(pool, plan.tensors, m.progress)
+            check_stats(plan, stats)
+        finally:
+            pool.stop()
+        means = {n: s.means for n, s in stats.items() if s.means}
+        scoring = scoring_shape(live_nodes(), options.parallel or options.trials, plan.total_size(), m.device)
+        parallel = options.parallel or scoring.count
+        ctx = _Context(plan, stats, means, child_config(a, b, plan), windows, options.space, m.block_bytes, scoring.threads,
+                       scoring.num_gpus > 0)
+        grid = _tune(options, ctx, parallel, {"cpu": scoring.num_cpus, "gpu": scoring.num_gpus}, len(windows.dev))
+        table = _table(grid, options.space, windows.dev_windows)
+        best, best_constant = _best(table)
+        os.makedirs(m.out, exist_ok=True)
+        pq.write_table(table, os.path.join(m.out, "search.parquet"))
+        from raymerge.recipe import write_recipe
+
+        schedule = options.space.schedule({n: best[n] for n in options.space.names()})
+        with open(os.path.join(m.out, "recipe.yml"), "w") as f:
+            f.write(write_recipe(a.path, b.path, schedule, m.dtype))
+        best_options = MergeOptions(**{**m.__dict__, "out": os.path.join(m.out, "best"), "t": (), "schedule": schedule,
+                                       "eval_text": None, "keep": None, "command": m.command})
+        driver.merge(best_options, session)
+        return SearchResult(table, best, best_constant, m.out, time.monotonic() - started)
+    finally:
+        session.stop()
+
+
+def _tune(options: SearchOptions, ctx: _Context, parallel: int, resources: dict, pieces: int):
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    search = OptunaSearch(metric="dev_bits_per_byte", mode="min", points_to_evaluate=options.space.seeded(),
+                          sampler=_sampler(options.sampler, options.seed))
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=pieces, grace_period=1, reduction_factor=2)
+    callbacks = [_Progress(options.trials)] if options.merge.progress else []
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_trial, ctx=ctx), resources),
+        param_space={n: tune.uniform(0.0, 1.0) for n in options.space.names()},
+        tune_config=tune.TuneConfig(metric="dev_bits_per_byte", mode="min", search_alg=search, scheduler=scheduler,
+                                    num_samples=options.trials, max_concurrent_trials=parallel, reuse_actors=True),
+        run_config=tune.RunConfig(storage_path=os.path.abspath(os.path.join(options.merge.out, ".raymerge", "tune")),
+                                  name="search", verbose=0, callbacks=callbacks),
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # Tune's own tables; raymerge prints its lines
+        grid = tuner.fit()
+    if grid.errors:
+        err = grid.errors[0]
+        cause = getattr(err, "cause", None) or err
+        raise cause if isinstance(cause, InputError) else InputError(f"a trial failed: {str(cause).strip().splitlines()[-1]}")
+    return grid
+
+
+def _Progress(total: int):
+    """A Tune callback printing one line per ended trial (stderr), as --eval prints one per t."""
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def __init__(self):
+            self.ended = 0
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.ended += 1
+            r = trial.last_result or {}
+            test = r.get("test_bits_per_byte")
+            how = f"test {test:.4f}" if test is not None else f"stopped early after {r.get('dev_windows')} dev windows"
+            print(f"search: trial {self.ended}/{total}: dev {r.get('dev_bits_per_byte', float('nan')):.4f} bits/byte, "
+                  f"{how}", file=sys.stderr, flush=True)
+
+    return Progress()
+
+
+def _table(grid, space: SearchSpace, dev_windows_all: int) -> pa.Table:
+    rows = []
+    for i, result in enumerate(grid):
+        metrics, config = result.metrics or {}, result.config
+        values = [config[n] for n in space.names()]
+        seeded = len(set(values)) == 1 and values[0] in SEEDED_T
+        finished = metrics.get("test_bits_per_byte") is not None
+        rows.append({"trial": metrics.get("trial_id", str(i)), "seeded_constant": seeded,
+                     **{n: float(config[n]) for n in space.names()},
+                     "dev_bits_per_byte": metrics.get("dev_bits_per_byte"),
+                     "test_bits_per_byte": metrics.get("test_bits_per_byte"),
+                     "dev_windows": metrics.get("dev_windows"), "stopped_early": not finished,
+                     "seconds": metrics.get("seconds"), "node": metrics.get("node"), "pid": metrics.get("pid")})
+    return pa.Table.from_pylist(rows)
+
+
+def _best(table: pa.Table) -> tuple[dict, dict | None]:
+    finished = [r for r in table.to_pylist() if not r["stopped_early"]]
+    if not finished:
+        raise InputError("no trial finished: every one was stopped early")
+    best = min(finished, key=lambda r: r["dev_bits_per_byte"])
+    constants = [r for r in finished if r["seeded_constant"]]
+    return best, (min(constants, key=lambda r: r["dev_bits_per_byte"]) if constants else None)
+
+
+def print_summary(result: SearchResult, stream=None) -> None:
+    stream = stream or sys.stderr
+    best, const = result.best, result.best_constant
+    print(f"searched {result.trials.num_rows} trials in {result.seconds:.1f} s", file=stream)
+    print(f"  best schedule: dev {best['dev_bits_per_byte']:.4f}, test {best['test_bits_per_byte']:.4f} bits/byte",
+          file=stream)
+    if const is not None:
+        t = next(v for k, v in const.items() if k.endswith(".0"))
+        print(f"  best constant t={t:g}: dev {const['dev_bits_per_byte']:.4f}, "
+              f"test {const['test_bits_per_byte']:.4f} bits/byte", file=stream)
+    print(f"  {os.path.join(result.out, 'best')}, {os.path.join(result.out, 'recipe.yml')}, "
+          f"{os.path.join(result.out, 'search.parquet')}", file=stream)

@@ -1,0 +1,101 @@
+"""`raymerge search` end to end on the tiny parents, in this process on the session's Ray: its
+table, its best row and what it wrote, checked against independent computations; and the bad
+inputs it refuses in one line before any work."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pyarrow.parquet as pq
+import pytest
+
+from raymerge.holdout import DEV_PIECES, split_text
+from raymerge.recipe import load_recipe
+from raymerge.search_space import SEEDED_T, SearchSpace
+from reference import plain_bits
+
+CONTEXT = 32
+TRIALS = 16
+
+
+@pytest.fixture(scope="module")
+def text(session_dir):
+    rng = random.Random(2)
+    path = session_dir / "search.txt"
+    path.write_text(" ".join(f"w{rng.randrange(900)}" for _ in range(600)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def searched(tiny_parents, text, ray_head, session_dir):
+    from raymerge import cli as raymerge_cli
+
+    out = session_dir / "search-out"
+    # One trial at a time: Tune's early stopping then decides in a fixed order, so the run repeats.
+    code = raymerge_cli.run(["search", *tiny_parents, "-o", str(out), "--eval", str(text), "--trials", str(TRIALS),
+                             "--parallel", "1", "--context", str(CONTEXT), "--seed", "3", "--quiet"])
+    assert code == 0
+    return out, pq.read_table(out / "search.parquet").to_pylist()
+
+
+def test_the_table_has_every_trial_the_constants_first_and_names_the_best(searched):
+    out, rows = searched
+    space = SearchSpace()
+    assert len(rows) == TRIALS
+    constants = sorted(r["default.0"] for r in rows if r["seeded_constant"])
+    assert constants == list(SEEDED_T)
+    for r in rows:
+        assert set(space.names()) <= set(r)
+        assert all(0.0 <= r[n] <= 1.0 for n in space.names())
+        assert r["pid"] and r["node"] and r["seconds"] > 0
+    finished = [r for r in rows if not r["stopped_early"]]
+    stopped = [r for r in rows if r["stopped_early"]]
+    assert stopped, "the scheduler stopped some trials early"
+    assert all(r["test_bits_per_byte"] is None for r in stopped)
+    assert max(r["dev_windows"] for r in stopped) < min(r["dev_windows"] for r in finished)
+    best = min(finished, key=lambda r: r["dev_bits_per_byte"])
+    assert load_recipe(str(out / "recipe.yml")).schedule == space.schedule({n: best[n] for n in space.names()})
+
+
+def test_best_is_its_recipe_and_scores_as_the_table_says(searched, tiny_parents, text, cli, tmp_path):
+    out, rows = searched
+    again = tmp_path / "again"
+    assert cli("run", out / "recipe.yml", "-o", again, "--quiet").returncode == 0
+    shards = sorted(f for f in os.listdir(out / "best") if f.endswith(".safetensors"))
+    assert shards and all((out / "best" / f).read_bytes() == (again / f).read_bytes() for f in shards)
+    # The best row's dev and test scores, recomputed from the written child with plain transformers.
+    best = min((r for r in rows if not r["stopped_early"]), key=lambda r: r["dev_bits_per_byte"])
+    whole = text.read_text()
+    for pieces in range(DEV_PIECES, 0, -1):  # as many dev pieces as the search had
+        split = split_text(whole, 0.3, pieces)
+        if len(split.dev) == pieces:
+            break
+    dev = sum(plain_bits(str(out / "best"), p, CONTEXT) for p in split.dev) / len("".join(split.dev).encode())
+    test = plain_bits(str(out / "best"), split.test, CONTEXT) / len(split.test.encode())
+    assert best["dev_bits_per_byte"] == pytest.approx(dev, rel=1e-9)
+    assert best["test_bits_per_byte"] == pytest.approx(test, rel=1e-9)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--trials", "0"], "--trials 0: a search needs at least one trial"),
+    (["--anchors", "0"], "--anchors 0: a gradient needs at least one anchor"),
+    (["--filter", "no_such_module"], "--filter 'no_such_module' matches no tensor"),
+    (["--context", "2048"], "too short for one dev and one test window"),
+])
+def test_bad_input_is_one_line_before_any_work(tiny_parents, text, cli, tmp_path, args, message):
+    out = tmp_path / "out"
+    result = cli("search", *tiny_parents, "-o", out, "--eval", text, *args)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("raymerge: error: "), result.stderr
+    assert message in result.stderr, result.stderr
+    assert not out.exists()
+
+
+def test_an_output_that_is_not_empty_is_refused(tiny_parents, text, cli, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    result = cli("search", *tiny_parents, "-o", tmp_path / "out", "--eval", text)
+    assert result.returncode == 1
+    assert result.stderr == f"raymerge: error: {tmp_path / 'out'} is not empty: a search writes into a new or empty directory\n"
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]
