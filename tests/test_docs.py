@@ -106,6 +106,9 @@ NOT_RUN = {
         _covered_by("tests/test_jobs.py", "test_ray_job_submit_good_merge_succeeds"),
     "cluster/local-job.sh parent-a parent-b job-child -t 0.5":
         _covered_by("tests/test_jobs.py", "test_ray_job_submit_good_merge_succeeds"),
+    # 64 trials: test_search runs a 16-trial search of the same parents
+    "raymerge search parent-a parent-b -o searched --eval heldout.txt --trials 64":
+        _covered_by("tests/test_search.py", "test_best_is_its_recipe_and_scores_as_the_table_says"),
     # a bucket: test_object_store merges s3:// parents into s3:// on a local S3 server
     "raymerge merge s3://models/parent-a s3://models/parent-b -o s3://models/child -t 0.5":
         _covered_by("tests/test_object_store.py", "test_s3_parents_and_output_give_the_local_merge"),
