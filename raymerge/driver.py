@@ -105,7 +105,7 @@ def _merge_into(out: OutputDir, a: Parent, b: Parent, plan: MergePlan, options: 
     phases.lap("start Ray")
     shape = merge_shape(options.cluster)
     plan = assign_actors(plan, shape.count)
-    pool = _start_actors(options.cluster, shape, plan.n_actors, keep=not session.owns_ray)
+    pool = start_actors(options.cluster, shape, plan.n_actors, keep=not session.owns_ray)
     try:
         read_paths = sorted({e.file for t in plan.tensors for e in (t.a, t.b) if e is not None})
         placed = wait_placed(pool, (read_paths, out.probe_dir()), options.schedule_timeout_s, live_nodes,
@@ -123,7 +123,7 @@ def _merge_into(out: OutputDir, a: Parent, b: Parent, plan: MergePlan, options: 
             pool.stop()
             coefs, means = coefficients(stats, t_by_name), {n: s.means for n, s in stats.items() if s.means}
             choice = _score_and_choose(options, plan, eval_inputs, a, b, coefs, means)
-            pool = _start_actors(options.cluster, shape, plan.n_actors, keep=not session.owns_ray)
+            pool = start_actors(options.cluster, shape, plan.n_actors, keep=not session.owns_ray)
             phases.lap("score")
         kept = choice.indices
         out = out.keeping([out.subdirs[i] for i in kept])
@@ -166,7 +166,7 @@ def _merge_into(out: OutputDir, a: Parent, b: Parent, plan: MergePlan, options: 
                        choice.scores, score_files, actor_seconds=done.actor_seconds)
 
 
-def _start_actors(options: ClusterOptions, shape: ActorShape, count: int, keep: bool) -> ActorPool:
+def start_actors(options: ClusterOptions, shape: ActorShape, count: int, keep: bool) -> ActorPool:
     """The merge actors. ``keep``: this process keeps its Ray after the merge (the caller's own
     ray.init: a Python session, a test suite), so they may be kept for its next merge (pool.py)."""
     actor_cls = remote_actor_class(shape.num_cpus, shape.num_gpus)

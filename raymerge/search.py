@@ -15,6 +15,7 @@ bits per byte; its test bits per byte are reported, never searched on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import sys
@@ -156,7 +157,7 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
         session.wait()
         shape = merge_shape(m.cluster)
         plan = assign_actors(plan, shape.count)
-        pool = driver._start_actors(m.cluster, shape, plan.n_actors, keep=False)
+        pool = driver.start_actors(m.cluster, shape, plan.n_actors, keep=False)
         try:
             stats = reduce_pass(pool, plan.tensors, m.progress)
             check_stats(plan, stats)
@@ -168,7 +169,7 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
         ctx = _Context(plan, stats, means, child_config(a, b, plan), windows, options.space, m.block_bytes, scoring.threads,
                        scoring.num_gpus > 0)
         grid = _tune(options, ctx, parallel, {"cpu": scoring.num_cpus, "gpu": scoring.num_gpus}, len(windows.dev))
-        table = _table(grid, options.space, windows.dev_windows)
+        table = _table(grid, options.space)
         best, best_constant = _best(table)
         os.makedirs(m.out, exist_ok=True)
         pq.write_table(table, os.path.join(m.out, "search.parquet"))
@@ -177,8 +178,8 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
         schedule = options.space.schedule({n: best[n] for n in options.space.names()})
         with open(os.path.join(m.out, "recipe.yml"), "w") as f:
             f.write(write_recipe(a.path, b.path, schedule, m.dtype))
-        best_options = MergeOptions(**{**m.__dict__, "out": os.path.join(m.out, "best"), "t": (), "schedule": schedule,
-                                       "eval_text": None, "keep": None, "command": m.command})
+        best_options = dataclasses.replace(m, out=os.path.join(m.out, "best"), t=(), schedule=schedule,
+                                           eval_text=None, keep=None)
         driver.merge(best_options, session)
         return SearchResult(table, best, best_constant, m.out, time.monotonic() - started)
     finally:
@@ -186,7 +187,6 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
 
 
 def _tune(options: SearchOptions, ctx: _Context, parallel: int, resources: dict, pieces: int):
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
@@ -231,7 +231,8 @@ def _Progress(total: int):
     return Progress()
 
 
-def _table(grid, space: SearchSpace, dev_windows_all: int) -> pa.Table:
+def _table(grid, space: SearchSpace) -> pa.Table:
+    """One row per trial (docs/search.md lists the columns)."""
     rows = []
     for i, result in enumerate(grid):
         metrics, config = result.metrics or {}, result.config
