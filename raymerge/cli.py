@@ -277,7 +277,7 @@ def search_options(f):
 @search_options
 def search_cmd(trials, parallel, sampler, seed, holdout, filters, anchors, **values):
     """Search per-layer SLERP schedules for A (t=0) and B (t=1) on held-out text, with Ray Tune;
-    writes OUT/search.parquet, OUT/recipe.yml and the best child, OUT/best."""
+    writes OUT/search.parquet, OUT/search.png, OUT/recipe.yml and the best child, OUT/best."""
 
     def go():
         from raymerge.search_space import DEFAULT_FILTERS, SearchSpace

@@ -163,3 +163,43 @@ def plot_angles(report_path: str, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
+
+
+def plot_search(table: pa.Table, schedule, n_layers: int, path: str) -> list[float]:
+    """``search.png``: left, the best dev bits per byte so far against trials (every finished
+    trial a point), the best constant t as a line; right, the best schedule's t per layer for each
+    filter and the default. Returns the curve of best-so-far values drawn."""
+    from raymerge.schedule import evaluate
+
+    plt = _pyplot()
+    rows = table.to_pylist()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 4.0), dpi=100)
+    best_so_far, best, xs, ys = [], float("inf"), [], []
+    for i, r in enumerate(rows, 1):
+        if not r["stopped_early"]:
+            best = min(best, r["dev_bits_per_byte"])
+            xs.append(i)
+            ys.append(r["dev_bits_per_byte"])
+        best_so_far.append(best)
+    left.plot(xs, ys, ".", color="tab:gray", label="finished trial")
+    left.step(range(1, len(rows) + 1), best_so_far, where="post", color="tab:blue", label="best so far")
+    constants = [r for r in rows if r["seeded_constant"] and not r["stopped_early"]]
+    if constants:
+        c = min(constants, key=lambda r: r["dev_bits_per_byte"])
+        left.axhline(c["dev_bits_per_byte"], linestyle="--", color="tab:orange",
+                     label=f"best constant t={c['default.0']:g}")
+    left.set_xlabel("trial")
+    left.set_ylabel("dev bits per byte (lower is better)")
+    left.legend(fontsize="small")
+    layers = list(range(n_layers))
+    for name, values in (*schedule.filters, ("default", schedule.default)):
+        right.plot(layers, [evaluate(values, i / (n_layers - 1) if n_layers > 1 else 1.0) for i in layers], ".-",
+                   label=name)
+    right.set_xlabel("layer")
+    right.set_ylabel("t of the best schedule (0 = A, 1 = B)")
+    right.set_ylim(-0.05, 1.05)
+    right.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": None})
+    plt.close(fig)
+    return best_so_far

@@ -30,7 +30,7 @@ from raymerge.options import MergeOptions
 from raymerge.search_space import SEEDED_T, SearchSpace
 
 SAMPLERS = ("tpe", "cmaes", "random")
-RESULT_FILES = ("search.parquet", "recipe.yml")
+RESULT_FILES = ("search.parquet", "search.png", "recipe.yml")
 
 
 @dataclass(frozen=True)
@@ -174,10 +174,12 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
         os.makedirs(m.out, exist_ok=True)
         pq.write_table(table, os.path.join(m.out, "search.parquet"))
         from raymerge.recipe import write_recipe
+        from raymerge.report import plot_search
 
         schedule = options.space.schedule({n: best[n] for n in options.space.names()})
         with open(os.path.join(m.out, "recipe.yml"), "w") as f:
             f.write(write_recipe(a.path, b.path, schedule, m.dtype))
+        plot_search(table, schedule, plan.n_layers, os.path.join(m.out, "search.png"))
         best_options = dataclasses.replace(m, out=os.path.join(m.out, "best"), t=(), schedule=schedule,
                                            eval_text=None, keep=None)
         driver.merge(best_options, session)
@@ -267,5 +269,4 @@ def print_summary(result: SearchResult, stream=None) -> None:
         t = next(v for k, v in const.items() if k.endswith(".0"))
         print(f"  best constant t={t:g}: dev {const['dev_bits_per_byte']:.4f}, "
               f"test {const['test_bits_per_byte']:.4f} bits/byte", file=stream)
-    print(f"  {os.path.join(result.out, 'best')}, {os.path.join(result.out, 'recipe.yml')}, "
-          f"{os.path.join(result.out, 'search.parquet')}", file=stream)
+    print("  " + ", ".join(os.path.join(result.out, name) for name in ("best", *RESULT_FILES)), file=stream)

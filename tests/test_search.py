@@ -12,6 +12,7 @@ import pytest
 
 from raymerge.holdout import DEV_PIECES, split_text
 from raymerge.recipe import load_recipe
+from raymerge.report import plot_search
 from raymerge.search_space import SEEDED_T, SearchSpace
 from reference import plain_bits
 
@@ -39,7 +40,7 @@ def searched(tiny_parents, text, ray_head, session_dir):
     return out, pq.read_table(out / "search.parquet").to_pylist()
 
 
-def test_the_table_has_every_trial_the_constants_first_and_names_the_best(searched):
+def test_the_table_has_every_trial_the_constants_first_and_names_the_best(searched, tmp_path):
     out, rows = searched
     space = SearchSpace()
     assert len(rows) == TRIALS
@@ -55,6 +56,10 @@ def test_the_table_has_every_trial_the_constants_first_and_names_the_best(search
     assert all(r["test_bits_per_byte"] is None for r in stopped)
     assert max(r["dev_windows"] for r in stopped) < min(r["dev_windows"] for r in finished)
     best = min(finished, key=lambda r: r["dev_bits_per_byte"])
+    curve = plot_search(pq.read_table(out / "search.parquet"), SearchSpace().schedule({n: best[n] for n in space.names()}),
+                        2, str(tmp_path / "again.png"))
+    assert curve[-1] == best["dev_bits_per_byte"] and curve == sorted(curve, reverse=True)
+    assert (out / "search.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_recipe(str(out / "recipe.yml")).schedule == space.schedule({n: best[n] for n in space.names()})
 
 
