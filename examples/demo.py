@@ -6,7 +6,9 @@ downloaded.
    the vocab-gradient padder exists for.
 2. Two tiny Llamas trained for a few seconds on two different texts (examples/trained_parents.py)
    are swept over t = 0, 0.1, ..., 1 and scored on a text that mixes both (``--eval``); only the
-   best child is written, with the table and the plot.
+   best child is written, with the table and the plot. Then `raymerge search` looks for a
+   per-layer schedule on the same text and compares the best with the best constant t, on dev
+   and on held-out test text.
 """
 
 from __future__ import annotations
@@ -63,6 +65,12 @@ def main() -> None:
     print("$ " + " ".join(cmd), flush=True)
     subprocess.run([os.path.join(os.path.dirname(sys.executable), "raymerge"), *cmd[1:]], check=True, env=env)
     print(f"kept: {sorted(d for d in os.listdir(sweep) if d.startswith('t-'))}; plot: {os.path.join(sweep, 'sweep.png')}")
+
+    searched = os.path.join(ROOT, "search")
+    cmd = ["raymerge", "search", a, b, "-o", searched, "--eval", mixed, "--trials", "32", "--quiet"]
+    print("$ " + " ".join(cmd), flush=True)
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "raymerge"), *cmd[1:]], check=True, env=env)
+    print(f"plot: {os.path.join(searched, 'search.png')}; recipe: {os.path.join(searched, 'recipe.yml')}")
     print("demo ok")
 
 

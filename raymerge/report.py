@@ -195,6 +195,7 @@ def plot_search(table: pa.Table, schedule, n_layers: int, path: str) -> list[flo
     for name, values in (*schedule.filters, ("default", schedule.default)):
         right.plot(layers, [evaluate(values, i / (n_layers - 1) if n_layers > 1 else 1.0) for i in layers], ".-",
                    label=name)
+    right.set_xticks(layers)
     right.set_xlabel("layer")
     right.set_ylabel("t of the best schedule (0 = A, 1 = B)")
     right.set_ylim(-0.05, 1.05)
