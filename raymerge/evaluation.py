@@ -110,6 +110,16 @@ class EvalActor:
         torch.set_num_threads(self.num_threads)
         return score(self._children[key], windows), time.monotonic() - started
 
+    def load_model(self, key: str, path: str) -> float:
+        """Load a model (a parent) from its directory with transformers and keep it under ``key``
+        for ``score_built``. Returns the seconds it took."""
+        from transformers import AutoModelForCausalLM
+
+        started = time.monotonic()
+        torch.set_num_threads(self.num_threads)
+        self._children[key] = AutoModelForCausalLM.from_pretrained(path).to(self.device)
+        return time.monotonic() - started
+
     def drop_child(self, key: str) -> None:
         self._children.pop(key, None)
 

@@ -62,6 +62,7 @@ class SearchResult:
     trials: pa.Table
     best: dict  # the best finished trial's row
     best_constant: dict | None  # the best finished seeded constant's row
+    parents: dict  # "A"/"B" -> (dev bits per byte, test bits per byte), on the same split
     out: str
     seconds: float
 
@@ -90,14 +91,14 @@ def _trial(point: dict, ctx: _Context) -> None:
     from ray import tune
 
     from raymerge.evaluation import EvalActor
+    from raymerge.placement import check_reports
     from raymerge.trial import run_trial, schedule_coefficients
 
     scorer = _SCORER.get("scorer")
     if scorer is None:
         scorer = _SCORER["scorer"] = EvalActor(ctx.block_bytes, ctx.threads, ctx.use_gpu)
     if scorer.gpu_error:
-        raise InputError(f"a scoring process holds a GPU but torch cannot use CUDA: {scorer.gpu_error}; "
-                         "run with --device cpu, or fix the node's torch")
+        check_reports([scorer.where()])  # a GPU it cannot use: one line, never the CPU
     started = time.monotonic()
     schedule = ctx.space.schedule(point)
     coefs = schedule_coefficients(ctx.plan, ctx.stats, schedule)
@@ -170,6 +171,7 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
                        scoring.num_gpus > 0)
         grid = _tune(options, ctx, parallel, {"cpu": scoring.num_cpus, "gpu": scoring.num_gpus}, len(windows.dev))
         table = _table(grid, options.space)
+        parents = _score_parents(a, b, text, context, options.holdout, len(windows.dev), scoring, m)
         best, best_constant = _best(table)
         os.makedirs(m.out, exist_ok=True)
         pq.write_table(table, os.path.join(m.out, "search.parquet"))
@@ -183,9 +185,39 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
         best_options = dataclasses.replace(m, out=os.path.join(m.out, "best"), t=(), schedule=schedule,
                                            eval_text=None, keep=None)
         driver.merge(best_options, session)
-        return SearchResult(table, best, best_constant, m.out, time.monotonic() - started)
+        return SearchResult(table, best, best_constant, parents, m.out, time.monotonic() - started)
     finally:
         session.stop()
+
+
+def _score_parents(a, b, text: str, context: int, holdout: float, pieces: int, shape, m: MergeOptions) -> dict:
+    """Both parents' dev and test bits per byte on the search's split of the text, each windowed
+    with the parent's own tokenizer, on one scoring actor."""
+    import ray
+
+    from raymerge import storage
+    from raymerge.evaluation import EvalActor
+    from raymerge.holdout import split_text
+    from raymerge.placement import check_reports
+    from raymerge.scoring import make_windows
+
+    split = split_text(text, holdout, pieces)
+    actor = ray.remote(num_cpus=shape.num_cpus, num_gpus=shape.num_gpus,
+                       runtime_env=storage.actor_runtime_env())(EvalActor).remote(m.block_bytes, shape.threads,
+                                                                                shape.num_gpus > 0)
+    scores = {}
+    try:
+        check_reports([ray.get(actor.where.remote())])  # a GPU it cannot use: one line, never the CPU
+        for p in (a, b):
+            ray.get(actor.load_model.remote(p.label, p.path))
+            bits = [ray.get(actor.score_built.remote(p.label, make_windows(p.tokenizer, part, context)))[0].bits
+                    for part in (*split.dev, split.test)]
+            actor.drop_child.remote(p.label)
+            dev_bytes = len("".join(split.dev).encode("utf-8"))
+            scores[p.label] = (sum(bits[:-1]) / dev_bytes, bits[-1] / len(split.test.encode("utf-8")))
+    finally:
+        ray.kill(actor)
+    return scores
 
 
 def _tune(options: SearchOptions, ctx: _Context, parallel: int, resources: dict, pieces: int):
@@ -265,6 +297,8 @@ def print_summary(result: SearchResult, stream=None) -> None:
     print(f"searched {result.trials.num_rows} trials in {result.seconds:.1f} s", file=stream)
     print(f"  best schedule: dev {best['dev_bits_per_byte']:.4f}, test {best['test_bits_per_byte']:.4f} bits/byte",
           file=stream)
+    for label, (dev, test) in sorted(result.parents.items()):
+        print(f"  parent {label}: dev {dev:.4f}, test {test:.4f} bits/byte", file=stream)
     if const is not None:
         t = next(v for k, v in const.items() if k.endswith(".0"))
         print(f"  best constant t={t:g}: dev {const['dev_bits_per_byte']:.4f}, "

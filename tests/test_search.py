@@ -30,18 +30,20 @@ def text(session_dir):
 
 @pytest.fixture(scope="module")
 def searched(tiny_parents, text, ray_head, session_dir):
-    from raymerge import cli as raymerge_cli
+    from raymerge.cli import build_options
+    from raymerge.search import SearchOptions, run_search
 
     out = session_dir / "search-out"
     # One trial at a time: Tune's early stopping then decides in a fixed order, so the run repeats.
-    code = raymerge_cli.run(["search", *tiny_parents, "-o", str(out), "--eval", str(text), "--trials", str(TRIALS),
-                             "--parallel", "1", "--context", str(CONTEXT), "--seed", "3", "--quiet"])
-    assert code == 0
-    return out, pq.read_table(out / "search.parquet").to_pylist()
+    # (The command line is the bad-input tests' below; this is its Python form, which returns the result.)
+    options = build_options(a=tiny_parents[0], b=tiny_parents[1], out=str(out), eval_text=str(text), context=CONTEXT,
+                            quiet=True)
+    result = run_search(SearchOptions(options, trials=TRIALS, parallel=1, seed=3))
+    return out, pq.read_table(out / "search.parquet").to_pylist(), result
 
 
 def test_the_table_has_every_trial_the_constants_first_and_names_the_best(searched, tmp_path):
-    out, rows = searched
+    out, rows, _ = searched
     space = SearchSpace()
     assert len(rows) == TRIALS
     constants = sorted(r["default.0"] for r in rows if r["seeded_constant"])
@@ -64,7 +66,7 @@ def test_the_table_has_every_trial_the_constants_first_and_names_the_best(search
 
 
 def test_best_is_its_recipe_and_scores_as_the_table_says(searched, tiny_parents, text, cli, tmp_path):
-    out, rows = searched
+    out, rows, _ = searched
     again = tmp_path / "again"
     assert cli("run", out / "recipe.yml", "-o", again, "--quiet").returncode == 0
     shards = sorted(f for f in os.listdir(out / "best") if f.endswith(".safetensors"))
@@ -104,3 +106,27 @@ def test_an_output_that_is_not_empty_is_refused(tiny_parents, text, cli, tmp_pat
     assert result.returncode == 1
     assert result.stderr == f"raymerge: error: {tmp_path / 'out'} is not empty: a search writes into a new or empty directory\n"
     assert os.listdir(tmp_path / "out") == ["keep.txt"]
+
+
+def test_the_parents_score_as_the_constants_that_reproduce_them(searched):
+    """t = 0 reproduces parent A byte for byte (the same vocabulary here): its trial, always the
+    first and never stopped, scores exactly as A loaded from its directory."""
+    _, rows, result = searched
+    t0 = next(r for r in rows if r["seeded_constant"] and r["default.0"] == 0.0)
+    assert not t0["stopped_early"]
+    assert result.parents["A"] == pytest.approx((t0["dev_bits_per_byte"], t0["test_bits_per_byte"]), rel=1e-12)
+    assert set(result.parents) == {"A", "B"} and all(v > 0 for pair in result.parents.values() for v in pair)
+
+
+def test_the_command_line_prints_the_best_the_parents_and_what_it_wrote(tiny_parents, text, cli, tmp_path):
+    """One trial (t = 0, the first constant) through the command line: its summary and files."""
+    out = tmp_path / "out"
+    result = cli("search", *tiny_parents, "-o", out, "--eval", text, "--trials", "1", "--context", CONTEXT, "--quiet")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("searched 1 trials in ")
+    best, a, b, constant = lines[1:5]
+    assert best.startswith("  best schedule: dev ") and constant.startswith("  best constant t=0: dev ")
+    assert a.startswith("  parent A: dev ") and b.startswith("  parent B: dev ")
+    assert best.split(": ", 1)[1] == constant.split(": ", 1)[1] == a.split(": ", 1)[1]
+    assert sorted(os.listdir(out)) == [".raymerge", "best", "recipe.yml", "search.parquet", "search.png"]
