@@ -4,6 +4,7 @@ inputs it refuses in one line before any work."""
 
 from __future__ import annotations
 
+import io
 import os
 import random
 
@@ -13,6 +14,7 @@ import pytest
 from raymerge.holdout import DEV_PIECES, split_text
 from raymerge.recipe import load_recipe
 from raymerge.report import plot_search
+from raymerge.search import print_summary
 from raymerge.search_space import SEEDED_T, SearchSpace
 from reference import plain_bits
 
@@ -118,15 +120,17 @@ def test_the_parents_score_as_the_constants_that_reproduce_them(searched):
     assert set(result.parents) == {"A", "B"} and all(v > 0 for pair in result.parents.values() for v in pair)
 
 
-def test_the_command_line_prints_the_best_the_parents_and_what_it_wrote(tiny_parents, text, cli, tmp_path):
-    """One trial (t = 0, the first constant) through the command line: its summary and files."""
-    out = tmp_path / "out"
-    result = cli("search", *tiny_parents, "-o", out, "--eval", text, "--trials", "1", "--context", CONTEXT, "--quiet")
-    assert result.returncode == 0, result.stderr
-    lines = result.stderr.splitlines()
-    assert lines[0].startswith("searched 1 trials in ")
-    best, a, b, constant = lines[1:5]
-    assert best.startswith("  best schedule: dev ") and constant.startswith("  best constant t=0: dev ")
-    assert a.startswith("  parent A: dev ") and b.startswith("  parent B: dev ")
-    assert best.split(": ", 1)[1] == constant.split(": ", 1)[1] == a.split(": ", 1)[1]
+def test_the_summary_names_the_best_the_parents_the_best_constant_and_the_files(searched):
+    """What the command line prints after a search (its options are the bad-input tests' above)."""
+    out, rows, result = searched
+    stream = io.StringIO()
+    print_summary(result, stream)
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith(f"searched {TRIALS} trials in ")
+    best = min((r for r in rows if not r["stopped_early"]), key=lambda r: r["dev_bits_per_byte"])
+    assert lines[1] == (f"  best schedule: dev {best['dev_bits_per_byte']:.4f}, "
+                        f"test {best['test_bits_per_byte']:.4f} bits/byte")
+    assert lines[2].startswith("  parent A: dev ") and lines[3].startswith("  parent B: dev ")
+    assert lines[4].startswith("  best constant t=")
     assert sorted(os.listdir(out)) == [".raymerge", "best", "recipe.yml", "search.parquet", "search.png"]
+    assert all(os.path.join(str(out), name) in lines[5] for name in ("best", "recipe.yml", "search.parquet", "search.png"))
