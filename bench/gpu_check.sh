@@ -11,7 +11,11 @@
 # split (read, reduce, combine, write; on GPUs also the device's copy, maths and copy-back time
 # from CUDA events), and whether the GPU and CPU outputs are identical. Its python3 runs this
 # checkout (no install, no network): it needs a CUDA torch, ray, safetensors, transformers,
-# tokenizers, click and pyarrow importable there.
+# tokenizers, click and pyarrow importable there. A machine without ray (as the H200 lent to this
+# project's sessions is) can take this checkout's ray release as a wheel unpacked into a folder
+# on PYTHONPATH, with jsonschema, referencing, jsonschema-specifications and rpds-py; without
+# ray/jars, ray/dashboard/client/build and the libraries under ray/ that a merge does not import
+# (rllib, serve, llm, train, data, tune), it is 28 MB as a .tar.xz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
