@@ -80,7 +80,7 @@ class EvalActor:
         # replaced by the CPU.
         self.gpu_error = cuda_problem() if use_gpu else None
         self.device = torch.device("cuda") if use_gpu and self.gpu_error is None else torch.device("cpu")
-        self._children: dict[str, torch.nn.Module] = {}  # build_child's, by key
+        self._models: dict[str, torch.nn.Module] = {}  # build_child's and load_model's, by key
 
     def where(self) -> dict:
         """This actor's host, node and the GPU problem it has, if any (placement.check_reports)."""
@@ -101,14 +101,14 @@ class EvalActor:
         """Build a child (as ``score_child`` does) and keep it under ``key`` for ``score_built``:
         a search trial scores one child piece by piece. Returns the seconds it took."""
         started = time.monotonic()
-        self._children[key] = self._build(plan, coefficients, means, config)
+        self._models[key] = self._build(plan, coefficients, means, config)
         return time.monotonic() - started
 
     def score_built(self, key: str, windows: Windows) -> tuple[Score, float]:
         """The child kept under ``key``, scored on ``windows``; (score, seconds)."""
         started = time.monotonic()
         torch.set_num_threads(self.num_threads)
-        return score(self._children[key], windows), time.monotonic() - started
+        return score(self._models[key], windows), time.monotonic() - started
 
     def load_model(self, key: str, path: str) -> float:
         """Load a model (a parent) from its directory with transformers and keep it under ``key``
@@ -117,11 +117,11 @@ class EvalActor:
 
         started = time.monotonic()
         torch.set_num_threads(self.num_threads)
-        self._children[key] = AutoModelForCausalLM.from_pretrained(path).to(self.device)
+        self._models[key] = AutoModelForCausalLM.from_pretrained(path).to(self.device)
         return time.monotonic() - started
 
     def drop_child(self, key: str) -> None:
-        self._children.pop(key, None)
+        self._models.pop(key, None)
 
     def _build(self, plan: MergePlan, coefficients: dict[str, Coefficients], means: dict, config: dict):
         torch.set_num_threads(self.num_threads)
