@@ -82,14 +82,18 @@ def split_windows(tokenizer, text: str, context: int, holdout: float = DEFAULT_H
     is refused in one line."""
     if context < 2:
         raise InputError(f"--context {context}: a window needs at least 2 tokens")
+    too_short = InputError(f"the evaluation text is too short for one dev and one test window of {context} tokens "
+                           f"with --holdout {holdout} (a longer text, a shorter --context, or another --holdout)")
+    # The test part does not depend on how the dev part is cut: windowed once.
+    try:
+        test = make_windows(tokenizer, split_text(text, holdout, 1).test, context)
+    except InputError:
+        raise too_short from None
     for pieces in range(DEV_PIECES, 0, -1):
-        split = split_text(text, holdout, pieces)
         try:
-            test = make_windows(tokenizer, split.test, context)
-            dev = tuple(make_windows(tokenizer, p, context) for p in split.dev)
+            dev = tuple(make_windows(tokenizer, p, context) for p in split_text(text, holdout, pieces).dev)
         except InputError:
             continue
         if dev:
             return SplitWindows(dev, test)
-    raise InputError(f"the evaluation text is too short for one dev and one test window of {context} tokens "
-                     f"with --holdout {holdout} (a longer text, a shorter --context, or another --holdout)")
+    raise too_short

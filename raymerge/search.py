@@ -131,6 +131,8 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
     from raymerge.passes import check_stats, reduce_pass
     from raymerge.placement import live_nodes, merge_shape, scoring_shape
     from raymerge.plan import assign_actors, build_plan
+    from raymerge.recipe import write_recipe
+    from raymerge.report import plot_search
     from raymerge.scoring import default_context, read_text
     from raymerge.session import RaySession
 
@@ -175,8 +177,6 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
         best, best_constant = _best(table)
         os.makedirs(m.out, exist_ok=True)
         pq.write_table(table, os.path.join(m.out, "search.parquet"))
-        from raymerge.recipe import write_recipe
-        from raymerge.report import plot_search
 
         schedule = options.space.schedule({n: best[n] for n in options.space.names()})
         with open(os.path.join(m.out, "recipe.yml"), "w") as f:
@@ -228,7 +228,7 @@ def _tune(options: SearchOptions, ctx: _Context, parallel: int, resources: dict,
     search = OptunaSearch(metric="dev_bits_per_byte", mode="min", points_to_evaluate=options.space.seeded(),
                           sampler=_sampler(options.sampler, options.seed))
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=pieces, grace_period=1, reduction_factor=2)
-    callbacks = [_Progress(options.trials)] if options.merge.progress else []
+    callbacks = [_progress_callback(options.trials)] if options.merge.progress else []
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(_trial, ctx=ctx), resources),
         param_space={n: tune.uniform(0.0, 1.0) for n in options.space.names()},
@@ -246,7 +246,7 @@ def _tune(options: SearchOptions, ctx: _Context, parallel: int, resources: dict,
     return grid
 
 
-def _Progress(total: int):
+def _progress_callback(total: int):
     """A Tune callback printing one line per ended trial (stderr), as --eval prints one per t."""
     from ray import tune
 

@@ -4,7 +4,6 @@ that plain transformers reproduces, --keep writing exactly the chosen children."
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 
@@ -19,6 +18,7 @@ from raymerge.options import MergeOptions
 from raymerge.parents import load_parent
 from raymerge.plan import build_plan
 from raymerge.slerp import slerp_coefficients
+from reference import plain_bits
 
 CONTEXT = 64
 TS = [0.0, 0.5, 1.0]
@@ -72,21 +72,9 @@ def _shards(path: str) -> dict[str, bytes]:
 
 
 def _independent_bits(model_dir: str, text_path: str, context: int) -> tuple[float, int]:
-    """Bits of the text under the model, computed here with plain transformers (the README's protocol)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    """Bits of the text under the model, with plain transformers (reference.plain_bits), and its bytes."""
     text = open(text_path, encoding="utf-8").read()
-    ids = tok(text, add_special_tokens=False).input_ids
-    bits = 0.0
-    with torch.no_grad():
-        for start in range(0, len(ids), context - 1):
-            window = torch.tensor([[tok.bos_token_id] + ids[start:start + context - 1]])
-            logp = torch.log_softmax(model(window).logits[0].float(), dim=-1)
-            for pos in range(1, window.shape[1]):
-                bits -= float(logp[pos - 1, window[0, pos]]) / math.log(2)
-    return bits, len(text.encode("utf-8"))
+    return plain_bits(model_dir, text, context), len(text.encode("utf-8"))
 
 
 def test_scores_match_plain_transformers_and_the_best_is_the_argmin(sweep_all, tiny_parents, text):
