@@ -244,7 +244,7 @@ def run_recipe(recipe, **values):
 # The options of `merge` that a search takes, with the same meaning.
 _SEARCH_SHARED = ("--out", "--max-shard-size", "--vocab", "--pad", "--tokenizer-from", "--workers", "--device",
                   "--gpus-per-actor", "--block-size", "--address", "--schedule-timeout", "--quiet", "--eval-bytes",
-                  "--eval-column", "--context", "--debug")
+                  "--eval-column", "--context", "--debug", "--resume")
 
 
 def search_options(f):

@@ -10,6 +10,10 @@ Tune keeps those processes from trial to trial (``reuse_actors``), so a trial st
 and imports nothing. The first trials are the constant schedules t = 0, 0.1, ..., 1, so the search
 can only improve on the best global t. The best schedule is the finished trial with the lowest dev
 bits per byte; its test bits per byte are reported, never searched on.
+
+OUT is taken for the search's life (the merge's lock). Tune's experiment state lives in
+OUT/.raymerge/tune: ``--resume`` restores it (``Tuner.restore``), keeps the trials it records as
+ended and runs the others; OUT/.raymerge/search.json holds what a resume must repeat.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import os
+import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -31,6 +38,8 @@ from raymerge.search_space import SEEDED_T, SearchSpace
 
 SAMPLERS = ("tpe", "cmaes", "random")
 RESULT_FILES = ("search.parquet", "search.png", "recipe.yml")
+IDENTITY_FILE = os.path.join(".raymerge", "search.json")  # under OUT
+TUNE_DIR = os.path.join(".raymerge", "tune")  # under OUT; Tune's experiment is its "search"
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,14 @@ class SearchOptions:
             raise InputError(f"--sampler {self.sampler}: one of {', '.join(SAMPLERS)}")
         if self.merge.eval_text is None:
             raise InputError("a search needs a text to score on (--eval TEXT)")
+
+    def identity(self) -> dict:
+        """What a ``--resume`` must repeat: everything that changes the trials or their scores."""
+        m = self.merge
+        return {"parents": [m.a, m.b], "eval": m.eval_text, "eval_column": m.eval_column, "eval_bytes": m.eval_bytes,
+                "context": m.context, "holdout": self.holdout, "trials": self.trials, "seed": self.seed,
+                "sampler": self.sampler, "filters": list(self.space.filters), "anchors": self.space.anchors,
+                "dtype": m.dtype, "vocab": m.vocab, "pad": m.pad, "tokenizer_from": m.tokenizer_from}
 
 
 @dataclass(frozen=True)
@@ -144,10 +161,11 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
     started = time.monotonic()
     m = options.merge
     session = session or RaySession(m.address).start()
+    out_dir = None
     try:
         a, b = driver.load_parents(m)
-        if os.path.exists(m.out) and os.listdir(m.out):
-            raise InputError(f"{m.out} is not empty: a search writes into a new or empty directory")
+        identity = {**options.identity(), "parents": [a.path, b.path]}
+        _check_output(m, identity)
         plan = build_plan(a, b, m, m.workers or os.cpu_count() or 1)
         options.space.check_matches([t.name for t in plan.tensors if t.op == "slerp"])
         for p in (a, b):
@@ -157,6 +175,7 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
         context = m.context or default_context(a.config.text)
         windows = split_windows(evaluation.child_tokenizer(a, b, plan), text, context, options.holdout)
 
+        out_dir = _take_output(m, identity)
         session.wait()
         shape = merge_shape(m.cluster)
         plan = assign_actors(plan, shape.count)
@@ -184,10 +203,47 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
         plot_search(table, schedule, plan.n_layers, os.path.join(m.out, "search.png"))
         best_options = dataclasses.replace(m, out=os.path.join(m.out, "best"), t=(), schedule=schedule,
                                            eval_text=None, keep=None)
+        out_dir.unlock()  # OUT/best is the best merge's own to take
         driver.merge(best_options, session)
         return SearchResult(table, best, best_constant, parents, m.out, time.monotonic() - started)
     finally:
+        if out_dir is not None:
+            out_dir.unlock()
         session.stop()
+
+
+def _check_output(m: MergeOptions, identity: dict) -> None:
+    """A new search needs a new or empty OUT; ``--resume`` one holding this search."""
+    path = os.path.join(m.out, IDENTITY_FILE)
+    if not m.resume:
+        if os.path.exists(m.out) and os.listdir(m.out):
+            raise InputError(f"{m.out} is not empty: a search writes into a new or empty directory "
+                             "(--resume continues the search it holds)")
+        return
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{m.out} holds no search to resume ({IDENTITY_FILE} is missing)") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {path}: {e}") from None
+    differ = [k for k, v in identity.items() if recorded.get(k) != json.loads(json.dumps(v))]
+    if differ:
+        raise InputError(f"{m.out} holds a search with other {', '.join(differ)}: refusing to resume it")
+
+
+def _take_output(m: MergeOptions, identity: dict):
+    """Lock OUT for the search (a second search or merge into it is refused in one line) and
+    record what a resume must repeat."""
+    from raymerge.outdir import OutputDir
+
+    out_dir = OutputDir(m.out, [])
+    out_dir.lock()
+    path = os.path.join(m.out, IDENTITY_FILE)
+    if not m.resume:
+        with open(path, "w") as f:
+            json.dump(identity, f, indent=1)
+    return out_dir
 
 
 def _score_parents(a, b, text: str, context: int, holdout: float, pieces: int, shape, m: MergeOptions) -> dict:
@@ -229,15 +285,24 @@ def _tune(options: SearchOptions, ctx: _Context, parallel: int, resources: dict,
                           sampler=_sampler(options.sampler, options.seed))
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=pieces, grace_period=1, reduction_factor=2)
     callbacks = [_progress_callback(options.trials)] if options.merge.progress else []
-    tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(_trial, ctx=ctx), resources),
-        param_space={n: tune.uniform(0.0, 1.0) for n in options.space.names()},
-        tune_config=tune.TuneConfig(metric="dev_bits_per_byte", mode="min", search_alg=search, scheduler=scheduler,
-                                    num_samples=options.trials, max_concurrent_trials=parallel, reuse_actors=True),
-        run_config=tune.RunConfig(storage_path=os.path.abspath(os.path.join(options.merge.out, ".raymerge", "tune")),
-                                  name="search", verbose=0, callbacks=callbacks),
-    )
-    with contextlib.redirect_stdout(io.StringIO()):  # Tune's own tables; raymerge prints its lines
+    trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), resources)
+    storage = os.path.abspath(os.path.join(options.merge.out, TUNE_DIR))
+    experiment = os.path.join(storage, "search")
+    if options.merge.resume and tune.Tuner.can_restore(experiment):
+        # Ended trials are kept; those running when the search stopped start again.
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, restart_errored=True)
+    else:
+        shutil.rmtree(storage, ignore_errors=True)  # a search stopped before Tune recorded anything
+        tuner = tune.Tuner(
+            trainable,
+            param_space={n: tune.uniform(0.0, 1.0) for n in options.space.names()},
+            tune_config=tune.TuneConfig(metric="dev_bits_per_byte", mode="min", search_alg=search, scheduler=scheduler,
+                                        num_samples=options.trials, max_concurrent_trials=parallel, reuse_actors=True),
+            run_config=tune.RunConfig(storage_path=storage, name="search", verbose=0, callbacks=callbacks),
+        )
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # Tune's own tables: raymerge prints its lines
+        # A trial restarted by a resume reports again the steps its killed run had reported.
+        warnings.filterwarnings("ignore", message="The reported value is ignored because", module="optuna")
         grid = tuner.fit()
     if grid.errors:
         err = grid.errors[0]

@@ -7,6 +7,9 @@ from __future__ import annotations
 import io
 import os
 import random
+import signal
+import subprocess
+import sys
 
 import pyarrow.parquet as pq
 import pytest
@@ -16,6 +19,7 @@ from raymerge.recipe import load_recipe
 from raymerge.report import plot_search
 from raymerge.search import print_summary
 from raymerge.search_space import SEEDED_T, SearchSpace
+from raynodes import descendants
 from reference import plain_bits
 
 CONTEXT = 32
@@ -106,7 +110,8 @@ def test_an_output_that_is_not_empty_is_refused(tiny_parents, text, cli, tmp_pat
     (tmp_path / "out" / "keep.txt").write_text("mine")
     result = cli("search", *tiny_parents, "-o", tmp_path / "out", "--eval", text)
     assert result.returncode == 1
-    assert result.stderr == f"raymerge: error: {tmp_path / 'out'} is not empty: a search writes into a new or empty directory\n"
+    assert result.stderr == (f"raymerge: error: {tmp_path / 'out'} is not empty: a search writes into a new or empty "
+                             "directory (--resume continues the search it holds)\n")
     assert os.listdir(tmp_path / "out") == ["keep.txt"]
 
 
@@ -134,3 +139,55 @@ def test_the_summary_names_the_best_the_parents_the_best_constant_and_the_files(
     assert lines[4].startswith("  best constant t=")
     assert sorted(os.listdir(out)) == [".raymerge", "best", "recipe.yml", "search.parquet", "search.png"]
     assert all(os.path.join(str(out), name) in lines[5] for name in ("best", "recipe.yml", "search.parquet", "search.png"))
+
+
+def test_a_killed_search_resumes_running_only_the_trials_it_had_not_ended(tiny_parents, text, ray_head, cli, tmp_path):
+    """A search killed (SIGKILL) after some trials ended: ``--resume`` keeps the trials Tune's
+    experiment state records as ended (their rows come back from the first run's processes) and
+    runs only the others; the table is then whole. A resume with other options is refused."""
+    out = tmp_path / "out"
+    args = [*tiny_parents, "-o", out, "--eval", text, "--context", CONTEXT, "--trials", 5, "--parallel", 1]
+    cmd = [sys.executable, "-m", "raymerge.cli", "search", *map(str, args), "--address", ray_head.address]
+    # Tune saves its experiment state at every step instead of every 10 s or more (its own knob).
+    first = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"})
+    ended_first, first_pids = [], set()
+    try:
+        for line in first.stderr:
+            if line.startswith("search: trial "):
+                ended_first.append(line)
+                first_pids |= set(_trial_processes(ray_head))
+                if len(ended_first) == 2:
+                    break
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    assert len(ended_first) == 2, "the first search ended two trials before it was killed"
+    assert not (out / "search.parquet").exists()
+
+    assert cli("search", *args[:-4], "--trials", 6, "--parallel", 1, "--resume").stderr.endswith(
+        "holds a search with other trials: refusing to resume it\n")
+    resumed = cli("search", *args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    rows = pq.read_table(out / "search.parquet").to_pylist()
+    assert len(rows) == 5 and len({r["trial"] for r in rows}) == 5
+    kept = [r for r in rows if r["pid"] in first_pids]
+    ran = [line for line in resumed.stderr.splitlines() if line.startswith("search: trial ")]
+    assert 1 <= len(kept) <= 3, kept  # those ended before the kill, as far as Tune's state had them
+    assert len(ran) == 5 - len(kept), "the resume ran exactly the trials not ended before"
+    printed = {line.split("dev ")[1].split(" ")[0] for line in ended_first}
+    assert {f"{r['dev_bits_per_byte']:.4f}" for r in kept} <= printed
+    assert (out / "best" / "config.json").exists()
+
+
+def _trial_processes(node) -> list[int]:
+    """Tune's trial processes (workers running a function trainable) the node has spawned."""
+    pids = []
+    for pid in descendants(node.proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::ImplicitFunc"):
+                    pids.append(pid)
+        except OSError:
+            pass
+    return pids
