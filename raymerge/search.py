@@ -116,10 +116,10 @@ def _trial(point: dict, ctx: _Context) -> None:
         scorer = _SCORER["scorer"] = EvalActor(ctx.block_bytes, ctx.threads, ctx.use_gpu)
     if scorer.gpu_error:
         check_reports([scorer.where()])  # a GPU it cannot use: one line, never the CPU
-    started = time.monotonic()
+    started, began = time.monotonic(), time.time()
     schedule = ctx.space.schedule(point)
     coefs = schedule_coefficients(ctx.plan, ctx.stats, schedule)
-    where = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    where = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "started": began}
 
     def report(dev, windows, test):
         tune.report({"dev_bits_per_byte": dev, "dev_windows": windows, "test_bits_per_byte": test,
@@ -343,7 +343,8 @@ def _table(grid, space: SearchSpace) -> pa.Table:
                      "dev_bits_per_byte": metrics.get("dev_bits_per_byte"),
                      "test_bits_per_byte": metrics.get("test_bits_per_byte"),
                      "dev_windows": metrics.get("dev_windows"), "stopped_early": not finished,
-                     "seconds": metrics.get("seconds"), "node": metrics.get("node"), "pid": metrics.get("pid")})
+                     "seconds": metrics.get("seconds"), "started": metrics.get("started"),
+                     "node": metrics.get("node"), "pid": metrics.get("pid")})
     return pa.Table.from_pylist(rows)
 
 

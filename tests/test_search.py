@@ -19,7 +19,7 @@ from raymerge.recipe import load_recipe
 from raymerge.report import plot_search
 from raymerge.search import print_summary
 from raymerge.search_space import SEEDED_T, SearchSpace
-from raynodes import descendants
+from raynodes import RayNode, descendants
 from reference import plain_bits
 
 CONTEXT = 32
@@ -191,3 +191,33 @@ def _trial_processes(node) -> list[int]:
         except OSError:
             pass
     return pids
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """A Ray cluster of two nodes of one CPU each: one scoring actor fits on each."""
+    logs = tmp_path_factory.mktemp("two-nodes")
+    head = RayNode(str(logs / "head.log"), num_cpus=1)
+    nodes = [head]
+    try:
+        head.wait_ready()
+        nodes.append(RayNode(str(logs / "worker.log"), head=False, address=head.address, num_cpus=1))
+        nodes[1].wait_ready()
+        yield head
+    finally:
+        for node in reversed(nodes):
+            node.stop()
+
+
+def test_parallel_trials_overlap_on_both_nodes(tiny_parents, text, two_nodes, tmp_path):
+    """``--parallel 2`` on two one-CPU nodes: trials run on both nodes at once."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "raymerge.cli", "search", *map(str, tiny_parents), "-o", str(out), "--eval", str(text),
+           "--context", str(CONTEXT), "--trials", "4", "--parallel", "2", "--address", two_nodes.address, "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = pq.read_table(out / "search.parquet").to_pylist()
+    assert len({r["node"] for r in rows}) == 2, "trials ran on both nodes"
+    assert any(r["node"] != s["node"] and r["started"] < s["started"] + s["seconds"] and
+               s["started"] < r["started"] + r["seconds"] for r in rows for s in rows), \
+        [(r["node"][:8], r["started"], r["seconds"]) for r in rows]
