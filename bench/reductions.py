@@ -1,23 +1,32 @@
-"""Time the float64 reductions of one 1 MiB block, side by side: slerp.py's fixed-order chunks
-(elementwise, any thread count) against three float64 dots on one thread (what the actors ran
-before the order was fixed, when one thread was what kept the bits the same).
+"""Time the float64 reductions of one 1 MiB block, side by side: the fixed order (slerp.py) as
+the compiled kernel a CPU actor runs (raymerge.native) and as torch operations (a GPU's code, and
+a CPU's without a C compiler), against three float64 dots on one thread (no fixed order: their
+bits depend on the BLAS and the thread count).
 
-    python bench/reductions.py [--reps 50]
+With ``--merge N``, also the whole merge of the ~0.85B pair (bench/parents.py), parents in the page
+cache, with the compiled kernel and without it (``RAYMERGE_NATIVE=0``), alternated N times; medians.
+
+    python bench/reductions.py [--reps 50] [--merge 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from raymerge.actors import _reuse_freed_memory  # noqa: E402
-from raymerge.slerp import chunk_elems, chunk_sums, total  # noqa: E402
+from raymerge.native import pair_sums  # noqa: E402
+from raymerge.slerp import PAIRS, chunk_elems, torch_chunk_sums, total  # noqa: E402
 
 
 def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
@@ -26,7 +35,11 @@ def _dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
 
 
 def _fixed(a: torch.Tensor, b: torch.Tensor):
-    return total([chunk_sums(a, b, chunk_elems(tuple(a.shape)))])
+    return total([torch_chunk_sums(a, b, chunk_elems(tuple(a.shape)))])
+
+
+def _compiled(a: torch.Tensor, b: torch.Tensor):
+    return total([pair_sums([a.reshape(-1), b.reshape(-1)], list(PAIRS), chunk_elems(tuple(a.shape)))])
 
 
 def _median_ms(fn, a, b, reps: int) -> float:
@@ -50,9 +63,11 @@ def reduction_table(reps: int = 50) -> list[str]:
         torch.set_num_threads(1)
         dots = _median_ms(_dots, a, b, reps)
         rows.append(("three float64 dots, 1 thread", dots))
+        if pair_sums([a.reshape(-1)], [(0, 0)], 64) is not None:
+            rows.append(("fixed order, compiled kernel (a CPU actor's), 1 thread", _median_ms(_compiled, a, b, reps)))
         for n in sorted({1, min(2, os.cpu_count() or 1)}):
             torch.set_num_threads(n)
-            rows.append((f"fixed-order chunks, {n} thread(s)", _median_ms(_fixed, a, b, reps)))
+            rows.append((f"fixed order, torch operations, {n} thread(s)", _median_ms(_fixed, a, b, reps)))
     finally:
         torch.set_num_threads(threads)
     lines = ["bench/reductions.py: the float64 reductions of one 1 MiB block (64 x 4096 bf16), "
@@ -61,7 +76,44 @@ def reduction_table(reps: int = 50) -> list[str]:
     return lines
 
 
+def merge_table(reps: int) -> list[str]:
+    """Markdown lines: the 0.85B pair's merge (embedded Ray, t = 0.5) with and without the kernel."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench import read_fully
+    from parents import bench_parents
+
+    a, b = bench_parents()
+    files = [os.path.join(p, f) for p in (a, b) for f in os.listdir(p) if f.endswith(".safetensors")]
+    walls: dict[str, list[float]] = {"compiled kernel": [], "torch operations (RAYMERGE_NATIVE=0)": []}
+    phases: dict[str, list[float]] = {name: [] for name in walls}  # the summary's "merge" phase
+    work = tempfile.mkdtemp(prefix="raymerge-reductions-")
+    try:
+        for _ in range(reps):
+            for name, native in zip(walls, ("1", "0")):
+                read_fully(files)
+                out = os.path.join(work, "out")
+                env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAYMERGE_NATIVE": native}
+                started = time.monotonic()
+                done = subprocess.run([sys.executable, "-m", "raymerge.cli", "merge", a, b, "-o", out, "-t", "0.5"],
+                                      check=True, env=env, capture_output=True, text=True)
+                walls[name].append(time.monotonic() - started)
+                phases[name].append(float(re.search(r", merge ([0-9.]+) s", done.stderr).group(1)))
+                shutil.rmtree(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lines = [f"bench/reductions.py --merge {reps}: `raymerge merge A B -t 0.5` of the ~0.85B pair (embedded Ray, "
+             f"parents in the page cache), alternated; medians of {reps}.", "",
+             "| reductions | command wall s | its merge phase s | merge phase, each run |", "|---|---|---|---|"]
+    lines += [f"| {name} | {statistics.median(w):.1f} | {statistics.median(phases[name]):.1f} | "
+              f"{', '.join(f'{x:.1f}' for x in phases[name])} |" for name, w in walls.items()]
+    return lines
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reps", type=int, default=50)
-    print("\n".join(reduction_table(p.parse_args().reps)))
+    p.add_argument("--merge", type=int, default=0, help="also time the 0.85B merge, alternated this many times")
+    args = p.parse_args()
+    print("\n".join(reduction_table(args.reps)))
+    if args.merge:
+        print("\n" + "\n".join(merge_table(args.merge)))

@@ -10,6 +10,7 @@ a tensor's rows are cut into chunks of whole rows (about ``REDUCTION_CHUNK`` ele
 shape alone), each chunk's float64 products are summed by pairwise halving, and the chunks' sums
 by pairwise halving again. Every step is an elementwise float64 multiply or add, which IEEE 754
 rounds the same way on a CPU and on a GPU, so the coefficients, and every output byte, are too.
+On a CPU a compiled kernel (raymerge.native) takes the same steps in one pass over each chunk.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from raymerge.native import pair_sums
 from raymerge.schedule import check_t
 
 # Below this norm a vector has no direction worth interpolating along.
@@ -49,6 +51,8 @@ class Coefficients:
 
 # Elements per reduction chunk (whole rows, so a chunk never straddles a row block).
 REDUCTION_CHUNK = 2**16
+# The products chunk_sums reduces, as pairs of its inputs (a, b): |a|^2, |b|^2, a.b.
+PAIRS = ((0, 0), (1, 1), (0, 1))
 
 
 def chunk_rows(shape: tuple[int, ...]) -> int:
@@ -69,12 +73,24 @@ def chunk_sums(a: torch.Tensor, b: torch.Tensor, chunk_elems: int) -> torch.Tens
     """The ``[|a|^2, |b|^2, a.b]`` of each chunk of ``chunk_elems`` consecutive elements (the last
     chunk may be shorter), as a float64 tensor of shape (3, chunks) on the blocks' device.
 
+    On a CPU the compiled kernel (raymerge.native) computes them where it can, else (and on a GPU)
+    ``torch_chunk_sums``; both give the same bits.
+
     Example:
         >>> chunk_sums(torch.tensor([3.0, 0.0, 1.0]), torch.tensor([0.0, 4.0, 1.0]), 2)
         tensor([[ 9.,  1.],
                 [16.,  1.],
                 [ 0.,  1.]], dtype=torch.float64)
     """
+    if a.device.type == "cpu":
+        sums = pair_sums([a.reshape(-1), b.reshape(-1)], PAIRS, chunk_elems)
+        if sums is not None:
+            return sums
+    return torch_chunk_sums(a, b, chunk_elems)
+
+
+def torch_chunk_sums(a: torch.Tensor, b: torch.Tensor, chunk_elems: int) -> torch.Tensor:
+    """``chunk_sums`` in torch operations, on any device: the fixed order's specification."""
     a64 = a.reshape(-1).to(torch.float64)
     b64 = b.reshape(-1).to(torch.float64)
     n = a64.numel()
