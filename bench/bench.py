@@ -59,7 +59,8 @@ from mergekit_recipe import (MERGEKIT_FLAGS, compare_outputs, ensure_mergekit,  
                              mergekit_view, write_recipe)
 from actor_split import split_table  # noqa: E402
 from objectstore import objectstore_section  # noqa: E402
-from reductions import reduction_table  # noqa: E402
+from reductions import merge_table, reduction_table  # noqa: E402
+from search_cost import search_section  # noqa: E402
 from parents import bench_parents  # noqa: E402
 from raynodes import RayNode  # noqa: E402
 from realsize import fmt, seven_b_section, tiny_section, weight_files  # noqa: E402
@@ -451,8 +452,10 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         print(f"scale 2: {scale2.wall_s:.1f} s, peak process {scale2.peak_process_kb / MIB:.0f} MiB", flush=True)
     read_fully(weight_files(a) + weight_files(b))
-    split = split_table(a, b, args.reps, wait_quiet, rm_env) + [""] + reduction_table()
+    split = split_table(a, b, args.reps, wait_quiet, rm_env) + [""] + reduction_table() + [""] + merge_table(args.reps)
     lines, targets = tiny_section(args.tiny_reps, rm_env, RAYMERGE, mergekit, work)
+    wait_quiet()
+    lines += ["", "## A search trial against one candidate paid otherwise", "", *search_section(env=rm_env)]
     lines += objectstore_section(args.reps, env=rm_env)
     if not args.no_7b:
         more, more_targets = seven_b_section(args.reps_7b, rm_env, RAYMERGE, mergekit, work)

@@ -12,9 +12,9 @@ vocabulary), context 128, on an embedded local Ray:
   search's best recipe (per-layer t), then a new Python that loads the child with transformers and
   scores the same text with the same windows (raymerge.scoring). Its wall, median of ``--reps``.
 
-    python bench/search_cost.py [--trials 10] [--reps 2] [--words 400]
+    python bench/search_cost.py [--trials 10] [--reps 2] [--words 900]
 
-Prints a Markdown section for BENCHMARKS.md on stdout; progress on stderr.
+Prints a Markdown section on stdout (bench.py puts it in BENCHMARKS.md); progress on stderr.
 """
 
 from __future__ import annotations
@@ -69,22 +69,18 @@ def held_out_text(work: str, words: int) -> str:
     return path
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--trials", type=int, default=10)
-    p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--words", type=int, default=400)
-    args = p.parse_args()
+def search_section(trials: int = 10, reps: int = 2, words: int = 900, env: dict | None = None) -> list[str]:
+    """Markdown lines: the table of the module's docstring, from one run of each contender."""
     a, b = bench_parents()
     work = tempfile.mkdtemp(prefix="raymerge-search-cost-")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = env or {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     try:
-        text = held_out_text(work, args.words)
+        text = held_out_text(work, words)
         common = ["--eval", text, "--context", str(CONTEXT), "--quiet"]
 
-        log(f"raymerge search, {args.trials} trials")
+        log(f"raymerge search, {trials} trials")
         searched = os.path.join(work, "searched")
-        search_wall = timed([*RAYMERGE, "search", a, b, "-o", searched, "--trials", str(args.trials),
+        search_wall = timed([*RAYMERGE, "search", a, b, "-o", searched, "--trials", str(trials),
                              "--parallel", "1", *common], env)
         rows = pq.read_table(os.path.join(searched, "search.parquet")).to_pylist()
         finished = [r for r in rows if not r["stopped_early"]]
@@ -112,8 +108,8 @@ def main() -> None:
             with open(recipe_path, "w") as f:
                 yaml.safe_dump(recipe, f, sort_keys=False)
             walls = []
-            for rep in range(args.reps):
-                log(f"mergekit-yaml + load + score, rep {rep + 1}/{args.reps}")
+            for rep in range(reps):
+                log(f"mergekit-yaml + load + score, rep {rep + 1}/{reps}")
                 child = os.path.join(work, "mergekit-child")
                 started = time.monotonic()
                 timed([exe, recipe_path, child], env)
@@ -121,21 +117,29 @@ def main() -> None:
                 walls.append(time.monotonic() - started)
                 shutil.rmtree(child)
             peer = statistics.median(walls)
-
-        print(f"## One search trial against one candidate paid otherwise\n\n"
-              f"`python bench/search_cost.py --trials {args.trials} --reps {args.reps} --words {args.words}` on the "
-              f"~0.85B pair: a text of {args.words} words, context {CONTEXT}, {dev_windows} dev windows plus the "
-              f"test part. {len(finished)} of {len(rows)} trials finished; the whole search took {search_wall:.0f} s "
-              f"(pass 1, {len(rows)} trials, both parents scored, the best child written).\n")
-        print("| per candidate schedule | seconds | vs mergekit |\n|---|---|---|")
-        for name, s in (("raymerge search trial (median of the finished trials)", trial),
-                        ("raymerge `--eval` sweep point (marginal, one more t)", point),
-                        ("mergekit-yaml + transformers load + the same scoring (median)", peer)):
-            ratio = f"{s / peer:.2f}x" if peer and s is not None else "-"
-            print(f"| {name} | {'-' if s is None else f'{s:.1f}'} | {ratio} |")
-        print(f"\n{note}.")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+    lines = [f"bench/search_cost.py --trials {trials} --reps {reps} --words {words}: the ~0.85B pair, a text of "
+             f"{words} words, context {CONTEXT}, {dev_windows} dev windows plus the test part. {len(finished)} of "
+             f"{len(rows)} trials finished; the whole search took {search_wall:.0f} s (pass 1, {len(rows)} trials, "
+             "both parents scored, the best child written).", "",
+             "| per candidate schedule | seconds | vs mergekit |", "|---|---|---|"]
+    for name, s in (("raymerge search trial (median of the finished trials)", trial),
+                    ("raymerge `--eval` sweep point (marginal, one more t)", point),
+                    ("mergekit-yaml + transformers load + the same scoring (median)", peer)):
+        ratio = f"{s / peer:.2f}x" if peer and s is not None else "-"
+        lines.append(f"| {name} | {'-' if s is None else f'{s:.1f}'} | {ratio} |")
+    return lines + ["", f"{note}."]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--trials", type=int, default=10)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--words", type=int, default=900)
+    args = p.parse_args()
+    print("\n".join(search_section(args.trials, args.reps, args.words)))
 
 
 if __name__ == "__main__":
