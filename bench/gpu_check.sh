@@ -24,6 +24,26 @@ WORK=$(mktemp -d /tmp/gpu-check-XXXXXX)
 export RAYMERGE_BENCH_CACHE=${RAYMERGE_BENCH_CACHE:-$WORK/parents}
 trap 'rm -rf "$WORK"' EXIT
 $PY -c 'import torch; assert torch.cuda.is_available(), "no CUDA device visible"; print("GPUs:", torch.cuda.device_count(), "x", torch.cuda.get_device_name(0))'
+# The CPU's compiled reductions (raymerge/native, if a C compiler is here) against the GPU's torch
+# operations, bit for bit, on blocks of every dtype, odd sizes and chunk sizes.
+$PY - <<'PY'
+import torch
+from raymerge.native import library, pair_sums
+from raymerge.slerp import PAIRS, chunk_elems, torch_chunk_sums
+print("compiled CPU kernel:", "built" if library() else "none (no C compiler here): CPU actors run torch operations")
+g, checked, differ = torch.Generator().manual_seed(0), 0, 0
+for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+    for shape in ((1,), (3,), (13,), (7, 3), (64, 4096), (11, 5632), (100003,), (32000, 4096)):
+        a = (torch.randn(shape, generator=g) * torch.exp2(torch.randint(-30, 30, shape, generator=g).float())).to(dtype)
+        b = torch.randn(shape, generator=g).to(dtype)
+        for chunk in {chunk_elems(shape), 1, 3, 8, 4096}:
+            cpu = pair_sums([a.reshape(-1), b.reshape(-1)], list(PAIRS), chunk)
+            cpu = torch_chunk_sums(a, b, chunk) if cpu is None else cpu
+            gpu = torch_chunk_sums(a.cuda(), b.cuda(), chunk).cpu()
+            checked += 1
+            differ += not torch.equal(cpu.view(torch.int64), gpu.view(torch.int64))
+print(f"reductions, CPU vs GPU: {checked} cases, {differ} with any bit different")
+PY
 read -r A B < <($PY bench/parents.py "$@")
 $PY - "$A" "$B" "$WORK" <<'PY'
 import glob, os, subprocess, sys, time

@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 import pytest
@@ -34,22 +35,62 @@ def text(session_dir):
     return path
 
 
+@dataclass
+class FirstRun:
+    """The search's first run, killed: the trial lines it printed and its trial processes."""
+    ended: list[str]
+    pids: set[int]
+
+
 @pytest.fixture(scope="module")
 def searched(tiny_parents, text, ray_head, session_dir):
+    """A 16-trial search, run as a user whose first run died runs it: ``raymerge search`` killed
+    (SIGKILL) once three trials ended, then ``--resume`` (here through the Python API, which
+    returns the result). One trial at a time, so that trials end in order."""
     from raymerge.cli import build_options
     from raymerge.search import SearchOptions, run_search
 
     out = session_dir / "search-out"
-    # One trial at a time: Tune's early stopping then decides in a fixed order, so the run repeats.
-    # (The command line is the bad-input tests' below; this is its Python form, which returns the result.)
+    cmd = [sys.executable, "-m", "raymerge.cli", "search", *map(str, tiny_parents), "-o", str(out), "--eval", str(text),
+           "--context", str(CONTEXT), "--trials", str(TRIALS), "--parallel", "1", "--seed", "3",
+           "--address", ray_head.address]
+    # Tune saves its experiment state at every step instead of every 10 s or more (its own knob).
+    first = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"})
+    killed = FirstRun([], set())
+    try:
+        for line in first.stderr:
+            if line.startswith("search: trial "):
+                killed.ended.append(line)
+                killed.pids |= set(_trial_processes(ray_head))
+                if len(killed.ended) == 3:
+                    break
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    assert len(killed.ended) == 3, "the first run ended three trials before it was killed"
+    assert not (out / "search.parquet").exists()
     options = build_options(a=tiny_parents[0], b=tiny_parents[1], out=str(out), eval_text=str(text), context=CONTEXT,
-                            quiet=True)
+                            quiet=True, resume=True)
     result = run_search(SearchOptions(options, trials=TRIALS, parallel=1, seed=3))
-    return out, pq.read_table(out / "search.parquet").to_pylist(), result
+    return out, pq.read_table(out / "search.parquet").to_pylist(), result, killed
+
+
+def _trial_processes(node) -> list[int]:
+    """Tune's trial processes (workers running a function trainable) the node has spawned."""
+    pids = []
+    for pid in descendants(node.proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"ray::ImplicitFunc"):
+                    pids.append(pid)
+        except OSError:
+            pass
+    return pids
 
 
 def test_the_table_has_every_trial_the_constants_first_and_names_the_best(searched, tmp_path):
-    out, rows, _ = searched
+    out, rows, _, _ = searched
     space = SearchSpace()
     assert len(rows) == TRIALS
     constants = sorted(r["default.0"] for r in rows if r["seeded_constant"])
@@ -72,7 +113,7 @@ def test_the_table_has_every_trial_the_constants_first_and_names_the_best(search
 
 
 def test_best_is_its_recipe_and_scores_as_the_table_says(searched, tiny_parents, text, cli, tmp_path):
-    out, rows, _ = searched
+    out, rows, _, _ = searched
     again = tmp_path / "again"
     assert cli("run", out / "recipe.yml", "-o", again, "--quiet").returncode == 0
     shards = sorted(f for f in os.listdir(out / "best") if f.endswith(".safetensors"))
@@ -118,7 +159,7 @@ def test_an_output_that_is_not_empty_is_refused(tiny_parents, text, cli, tmp_pat
 def test_the_parents_score_as_the_constants_that_reproduce_them(searched):
     """t = 0 reproduces parent A byte for byte (the same vocabulary here): its trial, always the
     first and never stopped, scores exactly as A loaded from its directory."""
-    _, rows, result = searched
+    _, rows, result, _ = searched
     t0 = next(r for r in rows if r["seeded_constant"] and r["default.0"] == 0.0)
     assert not t0["stopped_early"]
     assert result.parents["A"] == pytest.approx((t0["dev_bits_per_byte"], t0["test_bits_per_byte"]), rel=1e-12)
@@ -127,7 +168,7 @@ def test_the_parents_score_as_the_constants_that_reproduce_them(searched):
 
 def test_the_summary_names_the_best_the_parents_the_best_constant_and_the_files(searched):
     """What the command line prints after a search (its options are the bad-input tests' above)."""
-    out, rows, result = searched
+    out, rows, result, _ = searched
     stream = io.StringIO()
     print_summary(result, stream)
     lines = stream.getvalue().splitlines()
@@ -141,57 +182,22 @@ def test_the_summary_names_the_best_the_parents_the_best_constant_and_the_files(
     assert all(os.path.join(str(out), name) in lines[5] for name in ("best", "recipe.yml", "search.parquet", "search.png"))
 
 
-def test_a_killed_search_resumes_running_only_the_trials_it_had_not_ended(tiny_parents, text, ray_head, cli, tmp_path):
-    """A search killed (SIGKILL) after some trials ended: ``--resume`` keeps the trials Tune's
-    experiment state records as ended (their rows come back from the first run's processes) and
-    runs only the others; the table is then whole. A resume with other options is refused."""
-    out = tmp_path / "out"
-    args = [*tiny_parents, "-o", out, "--eval", text, "--context", CONTEXT, "--trials", 5, "--parallel", 1]
-    cmd = [sys.executable, "-m", "raymerge.cli", "search", *map(str, args), "--address", ray_head.address]
-    # Tune saves its experiment state at every step instead of every 10 s or more (its own knob).
-    first = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                             env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0"})
-    ended_first, first_pids = [], set()
-    try:
-        for line in first.stderr:
-            if line.startswith("search: trial "):
-                ended_first.append(line)
-                first_pids |= set(_trial_processes(ray_head))
-                if len(ended_first) == 2:
-                    break
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(timeout=60)
-    assert len(ended_first) == 2, "the first search ended two trials before it was killed"
-    assert not (out / "search.parquet").exists()
 
-    assert cli("search", *args[:-4], "--trials", 6, "--parallel", 1, "--resume").stderr.endswith(
-        "holds a search with other trials: refusing to resume it\n")
-    resumed = cli("search", *args, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    rows = pq.read_table(out / "search.parquet").to_pylist()
-    assert len(rows) == 5 and len({r["trial"] for r in rows}) == 5
-    kept = [r for r in rows if r["pid"] in first_pids]
-    ran = [line for line in resumed.stderr.splitlines() if line.startswith("search: trial ")]
-    assert 1 <= len(kept) <= 3, kept  # those ended before the kill, as far as Tune's state had them
-    assert len(ran) == 5 - len(kept), "the resume ran exactly the trials not ended before"
-    printed = {line.split("dev ")[1].split(" ")[0] for line in ended_first}
+def test_the_resume_kept_the_ended_trials_and_ran_only_the_others(searched, tiny_parents, text, cli):
+    """The fixture's search was killed after three trials ended: the trials Tune's experiment
+    state recorded as ended keep their rows from the first run's processes, and the resume ran
+    only the others (a resume that started over would keep none; one that ran ended trials again
+    would have more rows). A resume with other options is refused in one line."""
+    out, rows, _, killed = searched
+    assert len(rows) == TRIALS and len({r["trial"] for r in rows}) == TRIALS
+    kept = [r for r in rows if r["pid"] in killed.pids]
+    assert 2 <= len(kept) <= 4, kept  # those ended before the kill, as far as Tune's state had them
+    printed = {line.split("dev ")[1].split(" ")[0] for line in killed.ended}
     assert {f"{r['dev_bits_per_byte']:.4f}" for r in kept} <= printed
-    assert (out / "best" / "config.json").exists()
-
-
-def _trial_processes(node) -> list[int]:
-    """Tune's trial processes (workers running a function trainable) the node has spawned."""
-    pids = []
-    for pid in descendants(node.proc.pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().startswith(b"ray::ImplicitFunc"):
-                    pids.append(pid)
-        except OSError:
-            pass
-    return pids
-
+    other = cli("search", *tiny_parents, "-o", out, "--eval", text, "--context", CONTEXT, "--trials", TRIALS + 1,
+                "--parallel", 1, "--seed", 3, "--resume")
+    assert other.returncode == 1
+    assert other.stderr == f"raymerge: error: {out} holds a search with other trials: refusing to resume it\n"
 
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
@@ -213,7 +219,7 @@ def test_parallel_trials_overlap_on_both_nodes(tiny_parents, text, two_nodes, tm
     """``--parallel 2`` on two one-CPU nodes: trials run on both nodes at once."""
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "raymerge.cli", "search", *map(str, tiny_parents), "-o", str(out), "--eval", str(text),
-           "--context", str(CONTEXT), "--trials", "4", "--parallel", "2", "--address", two_nodes.address, "--quiet"]
+           "--context", str(CONTEXT), "--trials", "2", "--parallel", "2", "--address", two_nodes.address, "--quiet"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     rows = pq.read_table(out / "search.parquet").to_pylist()

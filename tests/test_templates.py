@@ -235,8 +235,10 @@ def test_the_image_installs_raymerge_from_what_it_copies(tmp_path):
         names = z.namelist()
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         assert "raymerge = raymerge.cli:entry" in z.read(entry_points).decode()
-    modules = sorted(f for f in os.listdir(os.path.join(REPO, "raymerge")) if f.endswith(".py"))
-    assert sorted(n.split("/")[1] for n in names if n.startswith("raymerge/")) == modules
+    package = os.path.join(REPO, "raymerge")
+    files = sorted(os.path.relpath(os.path.join(d, f), REPO) for d, _, fs in os.walk(package) for f in fs
+                   if f.endswith((".py", ".c")))  # the modules and the kernel's source (raymerge/native)
+    assert sorted(n for n in names if n.startswith("raymerge/")) == files
 
 
 # --- the CI workflow ----------------------------------------------------------------------------
