@@ -65,10 +65,12 @@ class SearchOptions:
         if self.merge.eval_text is None:
             raise InputError("a search needs a text to score on (--eval TEXT)")
 
-    def identity(self) -> dict:
-        """What a ``--resume`` must repeat: everything that changes the trials or their scores."""
+    def identity(self, parents: list[str]) -> dict:
+        """What a ``--resume`` must repeat: everything that changes the trials or their scores
+        (``parents``: where the parents were found; a local text by its absolute path)."""
         m = self.merge
-        return {"parents": [m.a, m.b], "eval": m.eval_text, "eval_column": m.eval_column, "eval_bytes": m.eval_bytes,
+        text = os.path.abspath(m.eval_text) if os.path.exists(m.eval_text) else m.eval_text
+        return {"parents": parents, "eval": text, "eval_column": m.eval_column, "eval_bytes": m.eval_bytes,
                 "context": m.context, "holdout": self.holdout, "trials": self.trials, "seed": self.seed,
                 "sampler": self.sampler, "filters": list(self.space.filters), "anchors": self.space.anchors,
                 "dtype": m.dtype, "vocab": m.vocab, "pad": m.pad, "tokenizer_from": m.tokenizer_from}
@@ -164,7 +166,7 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
     out_dir = None
     try:
         a, b = driver.load_parents(m)
-        identity = {**options.identity(), "parents": [a.path, b.path]}
+        identity = options.identity([a.path, b.path])
         _check_output(m, identity)
         plan = build_plan(a, b, m, m.workers or os.cpu_count() or 1)
         options.space.check_matches([t.name for t in plan.tensors if t.op == "slerp"])
@@ -300,8 +302,9 @@ def _tune(options: SearchOptions, ctx: _Context, parallel: int, resources: dict,
                                         num_samples=options.trials, max_concurrent_trials=parallel, reuse_actors=True),
             run_config=tune.RunConfig(storage_path=storage, name="search", verbose=0, callbacks=callbacks),
         )
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # Tune's own tables: raymerge prints its lines
-        # A trial restarted by a resume reports again the steps its killed run had reported.
+    # Tune's own tables are not printed (raymerge prints its lines). A trial restarted by a resume
+    # reports again the steps its killed run had reported, which Optuna warns of.
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The reported value is ignored because", module="optuna")
         grid = tuner.fit()
     if grid.errors:

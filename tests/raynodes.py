@@ -54,18 +54,24 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def merge_actor_pids(*nodes) -> list[int]:
-    """The MergeActor processes the nodes have spawned (their command line names the class)."""
+def worker_pids(kind: str, *nodes) -> list[int]:
+    """The Ray worker processes of one kind the nodes have spawned: a worker's command line names
+    its actor class (``ray::MergeActor``, or ``ray::ImplicitFunc`` for a Tune trial)."""
     pids = []
     for node in nodes:
         for pid in descendants(node.proc.pid):
             try:
                 with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if f.read().startswith(b"ray::MergeActor"):
+                    if f.read().startswith(f"ray::{kind}".encode()):
                         pids.append(pid)
             except OSError:
                 pass
     return pids
+
+
+def merge_actor_pids(*nodes) -> list[int]:
+    """The MergeActor processes the nodes have spawned."""
+    return worker_pids("MergeActor", *nodes)
 
 
 class RayNode:

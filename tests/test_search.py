@@ -20,7 +20,7 @@ from raymerge.recipe import load_recipe
 from raymerge.report import plot_search
 from raymerge.search import print_summary
 from raymerge.search_space import SEEDED_T, SearchSpace
-from raynodes import RayNode, descendants
+from raynodes import RayNode, worker_pids
 from reference import plain_bits
 
 CONTEXT = 32
@@ -62,7 +62,7 @@ def searched(tiny_parents, text, ray_head, session_dir):
         for line in first.stderr:
             if line.startswith("search: trial "):
                 killed.ended.append(line)
-                killed.pids |= set(_trial_processes(ray_head))
+                killed.pids |= set(worker_pids("ImplicitFunc", ray_head))  # Tune's trial processes
                 if len(killed.ended) == 3:
                     break
     finally:
@@ -74,19 +74,6 @@ def searched(tiny_parents, text, ray_head, session_dir):
                             quiet=True, resume=True)
     result = run_search(SearchOptions(options, trials=TRIALS, parallel=1, seed=3))
     return out, pq.read_table(out / "search.parquet").to_pylist(), result, killed
-
-
-def _trial_processes(node) -> list[int]:
-    """Tune's trial processes (workers running a function trainable) the node has spawned."""
-    pids = []
-    for pid in descendants(node.proc.pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().startswith(b"ray::ImplicitFunc"):
-                    pids.append(pid)
-        except OSError:
-            pass
-    return pids
 
 
 def test_the_table_has_every_trial_the_constants_first_and_names_the_best(searched, tmp_path):
