@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raymerge import storage
 from raymerge.errors import InputError
 from raymerge.options import MergeOptions
 from raymerge.search_space import SEEDED_T, SearchSpace
@@ -64,6 +65,9 @@ class SearchOptions:
             raise InputError(f"--sampler {self.sampler}: one of {', '.join(SAMPLERS)}")
         if self.merge.eval_text is None:
             raise InputError("a search needs a text to score on (--eval TEXT)")
+        if storage.is_uri(self.merge.out):
+            raise InputError(f"{self.merge.out}: a search writes its OUT on a filesystem (Tune's records, the "
+                             "table, the best child); to keep it in a bucket, mount the bucket (docs: clusters)")
 
     def identity(self, parents: list[str]) -> dict:
         """What a ``--resume`` must repeat: everything that changes the trials or their scores

@@ -133,6 +133,12 @@ def test_bad_input_is_one_line_before_any_work(tiny_parents, text, cli, tmp_path
     assert not out.exists()
 
 
+def test_an_output_in_a_bucket_is_refused(tiny_parents, text, cli):
+    result = cli("search", *tiny_parents, "-o", "s3://bucket/searched", "--eval", text)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("raymerge: error: s3://bucket/searched: a search writes its OUT on a filesystem")
+
+
 def test_an_output_that_is_not_empty_is_refused(tiny_parents, text, cli, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
