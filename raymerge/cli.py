@@ -282,7 +282,7 @@ def search_cmd(trials, parallel, sampler, seed, holdout, filters, anchors, **val
     def go():
         from raymerge.search_space import DEFAULT_FILTERS, SearchSpace
 
-        space = SearchSpace(tuple(filters) or DEFAULT_FILTERS, anchors)
+        space = SearchSpace(tuple(filters) or DEFAULT_FILTERS, anchors, given=bool(filters))
         options = build_options(**values)
         with RaySession(options.address) as session:
             from raymerge.search import SearchOptions, print_summary, run_search

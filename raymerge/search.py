@@ -173,7 +173,8 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
         identity = options.identity([a.path, b.path])
         _check_output(m, identity)
         plan = build_plan(a, b, m, m.workers or os.cpu_count() or 1)
-        options.space.check_matches([t.name for t in plan.tensors if t.op == "slerp"])
+        options = dataclasses.replace(options, space=options.space.for_tensors(
+            [t.name for t in plan.tensors if t.op == "slerp"]))
         for p in (a, b):
             if p.vocab is None:
                 raise InputError(f"a search needs the parents' tokenizers; parent {p.label} ({p.path}) ships none")

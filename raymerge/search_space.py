@@ -10,7 +10,7 @@ all equal is written as that one value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from raymerge.errors import InputError
 from raymerge.schedule import Schedule, check_t
@@ -36,6 +36,7 @@ class SearchSpace:
 
     filters: tuple[str, ...] = DEFAULT_FILTERS
     anchors: int = DEFAULT_ANCHORS
+    given: bool = False  # the filters were asked for (--filter), not the defaults
 
     def __post_init__(self):
         if self.anchors < 1:
@@ -73,13 +74,23 @@ class SearchSpace:
         """The constant points a search scores before any sampler's, in order."""
         return [self.constant(t) for t in SEEDED_T]
 
-    def check_matches(self, tensor_names) -> None:
-        """Refuse a filter that matches no tensor: its anchors would change nothing."""
+    def for_tensors(self, tensor_names) -> "SearchSpace":
+        """The space for the parents' SLERPed tensors. A filter asked for (``given``) that matches
+        no tensor is refused: its anchors would change nothing. Default filters that match none
+        are dropped: ``mlp`` in a Mixtral (``block_sparse_moe``) or an OPT (``fc1``), ``self_attn``
+        in a GPT-2 (``attn``); their tensors follow the default gradient.
+
+        Example:
+            >>> SearchSpace().for_tensors(["h.0.attn.c_attn.weight", "h.0.mlp.c_fc.weight"]).filters
+            ('mlp',)
+        """
         names = list(tensor_names)
-        for f in self.filters:
-            if not any(f in n for n in names):
-                raise InputError(f"--filter {f!r} matches no tensor of the parents "
-                                 f"(e.g. {names[0] if names else 'none'})")
+        matching = tuple(f for f in self.filters if any(f in n for n in names))
+        if self.given and matching != self.filters:
+            f = next(f for f in self.filters if f not in matching)
+            raise InputError(f"--filter {f!r} matches no tensor of the parents "
+                             f"(e.g. {names[0] if names else 'none'})")
+        return self if matching == self.filters else replace(self, filters=matching)
 
 
 def _gradient(anchors: tuple[float, ...]) -> tuple[float, ...]:

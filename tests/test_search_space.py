@@ -53,10 +53,23 @@ def test_bad_spaces_are_refused_in_one_line(kwargs, message):
         SearchSpace(**kwargs)
 
 
-def test_a_filter_that_matches_no_tensor_is_refused():
-    SearchSpace().check_matches(NAMES)
+def test_a_filter_asked_for_that_matches_no_tensor_is_refused():
+    assert SearchSpace(("self_attn", "mlp"), given=True).for_tensors(NAMES).filters == ("self_attn", "mlp")
     with pytest.raises(InputError, match="--filter 'attention' matches no tensor"):
-        SearchSpace(("attention",)).check_matches(NAMES)
+        SearchSpace(("mlp", "attention"), given=True).for_tensors(NAMES)
+
+
+@pytest.mark.parametrize("names, kept", [
+    (NAMES, ("self_attn", "mlp")),  # Llama, Mistral, Qwen2, Gemma, Phi
+    ([n.replace("mlp.up_proj", "block_sparse_moe.experts.0.w1") for n in NAMES], ("self_attn",)),  # Mixtral
+    ([f"model.decoder.layers.{i}.{m}.weight" for i in range(2) for m in ("self_attn.q_proj", "fc1")], ("self_attn",)),  # OPT
+    ([f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")], ("mlp",)),  # GPT-2
+    (["embed.weight", "head.weight"], ()),
+])
+def test_default_filters_keep_those_the_architecture_has(names, kept):
+    space = SearchSpace().for_tensors(names)
+    assert space.filters == kept
+    assert space.names() == tuple(f"{g}.{i}" for g in (*kept, "default") for i in range(5))
 
 
 def test_a_point_outside_zero_one_is_refused():
