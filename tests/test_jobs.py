@@ -93,22 +93,35 @@ def _wait_for(predicate, what: str, timeout: float = 120.0, explain=lambda: ""):
     pytest.fail(f"no {what} within {timeout:g} s\n{explain()}")
 
 
+def _status(client, job_id: str):
+    """The job's status, or None while its head does not know it yet (the API answers 404)."""
+    try:
+        return client.get_job_status(job_id)
+    except RuntimeError as e:
+        if "does not exist" in str(e):
+            return None
+        raise
+
+
 def test_a_job_stopped_mid_merge_fails(tiny_parents, ray_head, bad_job, tmp_path):
     """The merge's actor is frozen (SIGSTOP) as soon as it is alive, so the merge cannot finish
     before `ray job stop` lands; local-job.sh must then exit non-zero and say STOPPED."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    pool.release_idle()  # merge actors this process kept from an earlier test
+    pool.release_idle()  # merge actors this process kept from an earlier test: ray.kill ends them
+    _wait_for(lambda: not merge_actor_pids(ray_head), "the end of earlier merge actors")
     out = tmp_path / "out"
     script = Script("--address", ray_head.job_api, *tiny_parents, str(out), "--workers", "1")
     frozen: list[int] = []
     try:
+        # The script names the job before `ray job submit` has created it.
         address, job_id = _wait_for(script.job, "job API line from local-job.sh")
+        client = _wait_for(lambda: JobSubmissionClient(address), "job API")
+        _wait_for(lambda: _status(client, job_id) == JobStatus.RUNNING, "the job running", explain=script.output)
         # The session's head runs nothing else meanwhile: its merge actors are this job's.
         frozen += _wait_for(lambda: merge_actor_pids(ray_head), "live merge actor", explain=script.output)
         for pid in frozen:
             os.kill(pid, signal.SIGSTOP)
-        client = _wait_for(lambda: JobSubmissionClient(address), "job API")
         assert client.get_job_status(job_id) == JobStatus.RUNNING
         assert not (out / "config.json").exists(), "the stop must land mid-merge"
         _wait_for(lambda: client.stop_job(job_id), "accepted stop request")
