@@ -2,7 +2,9 @@
 # One short GPU check for a machine with NVIDIA GPUs (run through the device tool, or by hand):
 # the real driver through an embedded Ray, GPU actors on every GPU, the ~0.85B benchmark parents
 # evicted from the page cache before each merge; then the same merge on CPU actors, compared byte
-# for byte; everything it wrote is removed at the end.
+# for byte; then a 3-t sweep scored (--eval) on GPU actors and on CPU actors, whose scores must
+# agree (to 1e-3: a GPU's matrix products round differently) and choose the same t; everything it
+# wrote is removed at the end.
 #
 #   bash bench/gpu_check.sh         (a few minutes: most of it builds the two 1.9 GB parents)
 #   bash bench/gpu_check.sh --7b    (the 7B-shaped pair: 27 GB of parents, 55 GB of disk in all)
@@ -88,11 +90,38 @@ def read_floor():
     return time.monotonic() - started
 
 
+def scored(device):
+    """A 3-t sweep scored on the device's actors (--eval, --keep best): its table, printed."""
+    import random
+    import pyarrow.parquet as pq
+
+    r = random.Random(0)
+    text = os.path.join(work, "heldout.txt")
+    with open(text, "w") as f:
+        f.write(" ".join(f"w{r.randrange(30000)}" for _ in range(2000)))
+    out = os.path.join(work, f"sweep-{device}")
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "raymerge.cli", "merge", a, b, "-o", out, "-t", "0.3", "-t", "0.5",
+                           "-t", "0.7", "--eval", text, "--context", "256", "--keep", "best", "--quiet",
+                           "--device", device], capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{device} scored sweep failed:\n{proc.stderr}")
+    rows = pq.read_table(os.path.join(out, "sweep.parquet")).to_pylist()
+    scores = {f"{r['kind']} {r['name']}": r["bits_per_byte"] for r in rows}
+    print(f"scored sweep on {device}: {time.monotonic() - started:.1f} s; "
+          + ", ".join(f"{k} {v:.6f}" for k, v in scores.items()))
+    return scores
+
+
 floor = read_floor()
 print(f"read floor: {parent_bytes / 1e9:.1f} GB of parents read once in {floor:.1f} s ({parent_bytes / floor / 1e9:.2f} GB/s)")
 gpu, cpu = merge("gpu"), merge("cpu")
 shards = sorted(f for f in os.listdir(cpu) if f.endswith(".safetensors"))
 same = all(subprocess.run(["cmp", "-s", os.path.join(gpu, f), os.path.join(cpu, f)]).returncode == 0 for f in shards)
 print(f"GPU output vs CPU output: {len(shards)} shards {'byte-identical' if same else 'DIFFER'}")
-sys.exit(0 if same else 1)
+on_gpu, on_cpu = scored("gpu"), scored("cpu")
+worst = max(abs(on_gpu[k] - on_cpu[k]) / on_cpu[k] for k in on_cpu)
+best = [min((k for k in s if k.startswith("child")), key=s.get) for s in (on_gpu, on_cpu)]
+print(f"scores GPU vs CPU: largest relative difference {worst:.2e}; best {best[0]} on the GPU, {best[1]} on the CPU")
+sys.exit(0 if same and best[0] == best[1] and worst < 1e-3 else 1)
 PY
