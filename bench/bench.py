@@ -64,7 +64,7 @@ from search_cost import search_section  # noqa: E402
 from parents import bench_parents  # noqa: E402
 from raynodes import RayNode  # noqa: E402
 from realsize import fmt, seven_b_section, tiny_section, weight_files  # noqa: E402
-from tracked import Run, measured, wait_quiet  # noqa: E402
+from tracked import Run, measured, read_fully, wait_quiet  # noqa: E402
 
 BIN = os.path.dirname(sys.executable)
 RAYMERGE = os.path.join(BIN, "raymerge")
@@ -89,15 +89,6 @@ class Contender:
 
     def median(self) -> float | None:
         return statistics.median(self.good()) if self.good() else None
-
-
-def read_fully(files: list[str]) -> None:
-    """Read every file once (untimed), so each contender starts with the parents in page cache."""
-    buf = bytearray(16 << 20)
-    for path in files:
-        with open(path, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
 
 
 def snapshot(work: str, worktree: bool) -> tuple[str, str]:

@@ -79,8 +79,8 @@ def reduction_table(reps: int = 50) -> list[str]:
 def merge_table(reps: int) -> list[str]:
     """Markdown lines: the 0.85B pair's merge (embedded Ray, t = 0.5) with and without the kernel."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from bench import read_fully
     from parents import bench_parents
+    from tracked import read_fully
 
     a, b = bench_parents()
     files = [os.path.join(p, f) for p in (a, b) for f in os.listdir(p) if f.endswith(".safetensors")]

@@ -113,11 +113,8 @@ class EvalActor:
     def load_model(self, key: str, path: str) -> float:
         """Load a model (a parent) from its directory with transformers and keep it under ``key``
         for ``score_built``. Returns the seconds it took."""
-        from transformers import AutoModelForCausalLM
-
         started = time.monotonic()
-        torch.set_num_threads(self.num_threads)
-        self._models[key] = AutoModelForCausalLM.from_pretrained(path).to(self.device)
+        self._models[key] = self._load(path)
         return time.monotonic() - started
 
     def drop_child(self, key: str) -> None:
@@ -129,13 +126,16 @@ class EvalActor:
                  for t in plan.tensors}
         return load_child(config, state).to(self.device)
 
-    def score_parent(self, path: str, windows: Windows) -> tuple[Score, float, float]:
-        """Score a parent, loaded by transformers from its directory; (score, load s, score s)."""
+    def _load(self, path: str):
         from transformers import AutoModelForCausalLM
 
-        started = time.monotonic()
         torch.set_num_threads(self.num_threads)
-        model = AutoModelForCausalLM.from_pretrained(path).to(self.device)
+        return AutoModelForCausalLM.from_pretrained(path).to(self.device)
+
+    def score_parent(self, path: str, windows: Windows) -> tuple[Score, float, float]:
+        """Score a parent, loaded by transformers from its directory; (score, load s, score s)."""
+        started = time.monotonic()
+        model = self._load(path)
         loaded = time.monotonic()
         return score(model, windows), loaded - started, time.monotonic() - loaded
 

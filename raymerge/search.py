@@ -288,18 +288,19 @@ def _tune(options: SearchOptions, ctx: _Context, parallel: int, resources: dict,
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    search = OptunaSearch(metric="dev_bits_per_byte", mode="min", points_to_evaluate=options.space.seeded(),
-                          sampler=_sampler(options.sampler, options.seed))
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=pieces, grace_period=1, reduction_factor=2)
-    callbacks = [_progress_callback(options.trials)] if options.merge.progress else []
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), resources)
     storage = os.path.abspath(os.path.join(options.merge.out, TUNE_DIR))
     experiment = os.path.join(storage, "search")
     if options.merge.resume and tune.Tuner.can_restore(experiment):
-        # Ended trials are kept; those running when the search stopped start again.
+        # Ended trials are kept; those running when the search stopped start again. The searcher,
+        # the scheduler and the callbacks are Tune's, restored with the experiment.
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, restart_errored=True)
     else:
         shutil.rmtree(storage, ignore_errors=True)  # a search stopped before Tune recorded anything
+        search = OptunaSearch(metric="dev_bits_per_byte", mode="min", points_to_evaluate=options.space.seeded(),
+                              sampler=_sampler(options.sampler, options.seed))
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=pieces, grace_period=1, reduction_factor=2)
+        callbacks = [_progress_callback(options.trials)] if options.merge.progress else []
         tuner = tune.Tuner(
             trainable,
             param_space={n: tune.uniform(0.0, 1.0) for n in options.space.names()},

@@ -121,7 +121,9 @@ def pair_sums(inputs: list[torch.Tensor], pairs: list[tuple[int, int]], chunk: i
     chunks = -(-n // chunk)
     out = torch.empty((len(pairs), chunks), dtype=torch.float64)
     scratch = torch.empty((len(pairs), max(1, chunk // 2)), dtype=torch.float64)
-    widened = torch.empty((len(inputs), chunk), dtype=torch.float64)
+    # Only a chunk whose size is not a multiple of 8 is widened first (fixed_sums.c).
+    odd = chunk % 8 or (n % chunk) % 8
+    widened = torch.empty((len(inputs), chunk) if odd else (1,), dtype=torch.float64)
     pointers = (ctypes.c_void_p * len(inputs))(*[x.data_ptr() for x in inputs])
     flat = (ctypes.c_int32 * (2 * len(pairs)))(*[k for pair in pairs for k in pair])
     rc = lib.raymerge_pair_sums(pointers, len(inputs), dtype, n, chunk, flat, len(pairs), out.data_ptr(),

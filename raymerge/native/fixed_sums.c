@@ -10,6 +10,7 @@
  *
  * dtype: 0 float64, 1 float32, 2 bfloat16 (its 16 bits). Inputs are contiguous.
  * out: npairs x nchunks float64, pair-major. scratch: npairs * max(1, chunk / 2) float64.
+ * widened: ninputs * chunk float64, used only by a chunk whose size is not a multiple of 8.
  */
 #include <stdint.h>
 #include <string.h>
