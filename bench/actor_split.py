@@ -68,7 +68,7 @@ def one_run(a_dir: str, b_dir: str, threads: int, variant: str) -> dict:
     out = tempfile.mkdtemp(prefix="actor-split-", dir="/tmp")
     try:
         options = MergeOptions(a=a_dir, b=b_dir, out=out, t=(0.5,))
-        plan = build_plan(load_parent(a_dir, "A"), load_parent(b_dir, "B"), options, 1)
+        plan = build_plan((load_parent(a_dir, "A"), load_parent(b_dir, "B")), options, 1)
         actor = actors.MergeActor(options.block_bytes, num_threads=threads, owns_process=True)  # as in Ray
         f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         for i, shard in enumerate(plan.shards):

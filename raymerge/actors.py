@@ -45,6 +45,8 @@ from safetensors import safe_open
 
 from raymerge import storage
 from raymerge.align import pad_rows
+from raymerge.family import FamilyMethod
+from raymerge.mix import GramSums, mix_block
 from raymerge.placement import cuda_problem
 from raymerge.plan import MergePlan, TensorPlan
 from raymerge.readahead import Buffers, ReadAhead
@@ -63,14 +65,14 @@ class TensorStats:
 
     name: str
     reductions: Reductions
-    finite_a: bool
-    finite_b: bool
-    equal: bool = True  # non-float tensors: identical in both parents
-    means: dict[str, torch.Tensor] = field(default_factory=dict)  # --pad mean: parent -> its mean row
+    finite: tuple[bool, ...]  # per input, in the plan's order
+    equal: bool = True  # non-float tensors: identical in every input
+    means: dict[str, torch.Tensor] = field(default_factory=dict)  # --pad mean: input letter -> its mean row
+    gram: torch.Tensor | None = None  # the SLERP family: the inputs' float64 Gram matrix (mix.py)
 
     @property
     def ok(self) -> bool:
-        return self.finite_a and self.finite_b and self.equal
+        return all(self.finite) and self.equal
 
 
 @dataclass(frozen=True)
@@ -91,13 +93,14 @@ class WriteJob:
     coefficients: dict[str, tuple[Coefficients, ...]] = field(default_factory=dict)  # name -> one per output
     means: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # name -> parent -> mean row
     then: tuple[TensorPlan, ...] = ()  # this actor's next tensors after this job: read ahead
+    family: FamilyMethod | None = None  # the SLERP family's method: ts then holds weights per output
 
     @classmethod
     def for_shard(cls, plan: MergePlan, i: int, paths: tuple[str, ...], **kw) -> "WriteJob":
         """The job that writes shard ``i`` of ``plan`` into ``paths`` (one per output)."""
         layout = plan.shards[i].layout
         return cls(shard_paths=tuple(paths), header=layout.header, size=layout.size,
-                   tensors=plan.shard_tensors(i), **kw)
+                   tensors=plan.shard_tensors(i), family=plan.family, **kw)
 
 
 @dataclass(frozen=True)
@@ -204,12 +207,12 @@ class MergeActor:
             return handle.get_tensor(entry.name)
         return handle.get_slice(entry.name)[r0:r1]
 
-    def _rows(self, t: TensorPlan, parent: str, r0: int, r1: int, means=None) -> torch.Tensor:
-        """Rows [r0, r1) of a parent's tensor as aligned: padded rows synthesized, mapped rows gathered."""
-        entry = t.a if parent == "a" else t.b
+    def _rows(self, t: TensorPlan, i: int, r0: int, r1: int, means=None) -> torch.Tensor:
+        """Rows [r0, r1) of input ``i``'s tensor as aligned: padded rows synthesized, mapped rows gathered."""
+        entry = t.inputs[i]
         if t.rowmap is not None:
-            return self._mapped_rows(t, parent, r0, r1, means)
-        pad = t.pad
+            return self._mapped_rows(t, i, r0, r1, means)
+        pad, parent = t.pad, letter(i)
         if pad is None or pad.short != parent or r1 <= pad.n:
             return self._slice(entry, r0, r1)
         long_entry = t.b if parent == "a" else t.a
@@ -232,35 +235,40 @@ class MergeActor:
         breaks = [0] + [i for i in range(1, len(src)) if src[i] != src[i - 1] + 1] + [len(src)]
         return torch.cat([self._slice(entry, int(src[i]), int(src[j - 1]) + 1) for i, j in zip(breaks, breaks[1:])])
 
-    def _mapped_rows(self, t: TensorPlan, parent: str, r0: int, r1: int, means) -> torch.Tensor:
-        """Child rows [r0, r1) from one parent by token string; rows it lacks filled (tokens.py)."""
-        entry = t.a if parent == "a" else t.b
-        other, other_entry = ("b", t.b) if parent == "a" else ("a", t.a)
-        src = t.rowmap.source(parent)[r0:r1]
+    def _mapped_rows(self, t: TensorPlan, i: int, r0: int, r1: int, means) -> torch.Tensor:
+        """Child rows [r0, r1) from input ``i`` by token string; rows it lacks filled (tokens.py):
+        with ``copy``, from the first other input, in order, that has them."""
+        entries = t.inputs
+        entry = entries[i]
+        src = t.rowmap.source(i)[r0:r1]
         have = src >= 0
         if entry is not None and bool(have.all()):
             return self._gather(entry, src)
-        template = entry or other_entry
+        template = entry or next(e for e in entries if e is not None)
         block = torch.zeros((r1 - r0, *template.shape[1:]), dtype=torch.float32)
         if entry is not None and bool(have.any()):
             block[have] = self._gather(entry, src[have]).to(torch.float32)
         lacking = ~have
         fill = t.rowmap.fill
         if fill == "mean" and entry is not None:
-            block[lacking] = means[parent].to(torch.float32)
-        elif fill == "copy" and other_entry is not None:
-            osrc = t.rowmap.source(other)[r0:r1]
-            usable = lacking & (osrc >= 0)
-            if bool(usable.any()):
-                block[usable] = self._gather(other_entry, osrc[usable]).to(torch.float32)
+            block[lacking] = means[letter(i)].to(torch.float32)
+        elif fill == "copy":
+            for j, other in enumerate(entries):
+                if j == i or other is None or not bool(lacking.any()):
+                    continue
+                osrc = t.rowmap.source(j)[r0:r1]
+                usable = lacking & (osrc >= 0)
+                if bool(usable.any()):
+                    block[usable] = self._gather(other, osrc[usable]).to(torch.float32)
+                    lacking = lacking & ~usable
         return block
 
     def _sources(self, t: TensorPlan, r0: int, r1: int, means) -> tuple[torch.Tensor, ...]:
-        """The aligned input rows [r0, r1) an output block is made from: (A's, B's) for a SLERP
-        or a comparison, the one parent's for a copy."""
+        """The aligned input rows [r0, r1) an output block is made from: every input's for a
+        SLERP, a mix or a comparison, the one parent's for a copy."""
         if t.op in ("copy_a", "copy_b"):
-            return (self._rows(t, t.op[-1], r0, r1, means),)
-        return self._rows(t, "a", r0, r1, means), self._rows(t, "b", r0, r1, means)
+            return (self._rows(t, "ab".index(t.op[-1]), r0, r1, means),)
+        return tuple(self._rows(t, i, r0, r1, means) for i in range(len(t.inputs)))
 
     def _blocks(self, shape: tuple[int, ...]):
         """Row ranges of one tensor, sized so a float32 block holds about block_bytes, in whole
@@ -293,12 +301,12 @@ class MergeActor:
         if t.pad is not None and t.pad.strategy == "mean":
             return {t.pad.short: self._mean_row(t.a if t.pad.short == "a" else t.b)}
         if t.rowmap is not None and t.rowmap.fill == "mean":
-            return {p: self._mean_row(e) for p, e in (("a", t.a), ("b", t.b)) if e is not None}
+            return {letter(i): self._mean_row(e) for i, e in enumerate(t.inputs) if e is not None}
         return {}
 
     # ---- reductions ----------------------------------------------------------------------
 
-    def reduce(self, tensors: list[TensorPlan]) -> list[TensorStats]:
+    def reduce(self, tensors: list[TensorPlan], family: FamilyMethod | None = None) -> list[TensorStats]:
         """The float64 reductions of each tensor, and its checks (``--eval``'s first pass)."""
         torch.set_num_threads(self.num_threads)
         self._clock = CallTimer(self.device)
@@ -306,20 +314,28 @@ class MergeActor:
         with ReadAhead(tensors, self._buffers) as ahead:
             for i, t in enumerate(tensors):
                 self._loaded = ahead.take(i)
-                stats.append(self._reduce_one(t, self._means(t)))
+                stats.append(self._reduce_one(t, self._means(t), family=family))
         self._loaded = {}
         return stats
 
-    def _reduce_one(self, t: TensorPlan, means: dict, keep: bool = False) -> TensorStats:
+    def _reduce_one(self, t: TensorPlan, means: dict, keep: bool = False,
+                    family: FamilyMethod | None = None) -> TensorStats:
         """One tensor's reductions and checks. A SLERP on a GPU reduces there, with one host sync
-        for the tensor, and with ``keep`` holds its blocks there for the combination."""
+        for the tensor, and with ``keep`` holds its blocks there for the combination. A mix (the
+        SLERP family) is reduced on the CPU into its Gram matrix (mix.py)."""
+        if t.op == "mix":
+            gram = GramSums(family, t.shape, len(t.inputs) - family.base)
+            for r0, r1 in self._blocks(t.shape):
+                gram.add(self._sources(t, r0, r1, means))
+            matrix, finite = gram.result()
+            return TensorStats(t.name, Reductions(), finite, means=means, gram=matrix)
         partials, equal = [], True
         device = self.device if t.op == "slerp" else torch.device("cpu")
         per_chunk = chunk_elems(t.shape)
         for r0, r1 in self._blocks(t.shape):
             src = self._sources(t, r0, r1, means)
             if t.op == "equal":
-                equal = equal and torch.equal(*src)
+                equal = equal and all(torch.equal(src[0], x) for x in src[1:])
             elif src[0].is_floating_point():
                 if device.type != "cpu":
                     with self._clock.gpu("gpu copy"):
@@ -331,8 +347,9 @@ class MergeActor:
         red = total(partials)
         if t.op in ("copy_a", "copy_b"):
             ok = math.isfinite(red.aa)
-            return TensorStats(t.name, red, ok, ok, means=means)
-        return TensorStats(t.name, red, math.isfinite(red.aa), math.isfinite(red.bb), equal, means)
+            return TensorStats(t.name, red, (ok, ok), means=means)
+        return TensorStats(t.name, red, (math.isfinite(red.aa), math.isfinite(red.bb)) + (True,) * len(t.more),
+                           equal, means)
 
     # ---- writing -------------------------------------------------------------------------
 
@@ -365,15 +382,14 @@ class MergeActor:
                     else:
                         with clock.phase("reduce"):
                             means = self._means(t)
-                            s = self._reduce_one(t, means, keep=True)
+                            s = self._reduce_one(t, means, keep=True, family=job.family)
                         stats.append(s)
                         if not s.ok:
                             refused = s
                             break
-                        coefs = (tuple(slerp_coefficients(s.reductions, x) for x in job.ts[t.name])
-                                 if t.op == "slerp" else None)
+                        coefs = tensor_coefficients(t, s, job.ts.get(t.name, ()), job.family)
                     with clock.phase("combine"):
-                        written += self._write_tensor(t, coefs, means, files, writer)
+                        written += self._write_tensor(t, coefs, means, files, writer, job.family)
                     self._on_device.clear()
                 with clock.phase("write"):
                     writer.drain()
@@ -392,14 +408,15 @@ class MergeActor:
         return Written(written, tuple(stats), refused, clock.seconds(),
                        files=tuple(closed) if refused is None else (), writer=_process())
 
-    def _write_tensor(self, t: TensorPlan, coefs, means, files: list[ShardFile], writer: WriteBehind) -> int:
+    def _write_tensor(self, t: TensorPlan, coefs, means, files: list[ShardFile], writer: WriteBehind,
+                      family: FamilyMethod | None = None) -> int:
         """Combine one tensor's blocks and queue them for every output."""
         out_dtype = TORCH_DTYPES[t.dtype]
         row_bytes = numel(t.shape[1:]) * out_dtype.itemsize
         written = 0
         for r0, r1 in self._blocks(t.shape):
             src = self._on_device.pop(r0, None) or self._sources(t, r0, r1, means)
-            for f, block in zip(files, self._out_blocks(t, src, coefs, out_dtype, len(files))):
+            for f, block in zip(files, self._out_blocks(t, src, coefs, out_dtype, len(files), r0, family)):
                 with self._clock.phase("write"):  # waits while the writer's queue is full
                     writer.submit(f, t.offset + r0 * row_bytes, block)
                 written += block.numel() * block.element_size()
@@ -410,13 +427,18 @@ class MergeActor:
         same bits as the written tensor; used to score a child without writing it)."""
         out_dtype = TORCH_DTYPES[t.dtype]
         coefs = (coef,) if coef is not None else None
-        blocks = [next(self._out_blocks(t, self._sources(t, r0, r1, means), coefs, out_dtype, 1))
+        blocks = [next(self._out_blocks(t, self._sources(t, r0, r1, means), coefs, out_dtype, 1, r0))
                   for r0, r1 in self._blocks(t.shape)]
         return torch.cat(blocks).reshape(t.shape) if t.shape else blocks[0].reshape(())
 
-    def _out_blocks(self, t: TensorPlan, src: tuple[torch.Tensor, ...], coefs, out_dtype, n_outputs: int):
-        """One block of the tensor in every output: one SLERP per t, or the copied rows."""
-        if t.op == "slerp":
+    def _out_blocks(self, t: TensorPlan, src: tuple[torch.Tensor, ...], coefs, out_dtype, n_outputs: int, r0: int,
+                    family: FamilyMethod | None = None):
+        """One block (from row ``r0``) of the tensor in every output: one SLERP per t, one
+        weighted sum per output of the SLERP family, or the copied rows."""
+        if t.op == "mix":
+            for coef in coefs:
+                yield mix_block(src, coef, family, t.shape, r0, out_dtype)
+        elif t.op == "slerp":
             with self._clock.gpu("gpu copy"):
                 src = tuple(x.to(self.device, non_blocking=True) for x in src)
             with self._clock.gpu("gpu maths"):
@@ -432,6 +454,21 @@ class MergeActor:
             # perhaps before the background writer has written this block.
             x = src[0].to(out_dtype, copy=True)
             yield from [x] * n_outputs
+
+
+def letter(i: int) -> str:
+    """Input ``i``'s letter: ``a``, ``b``, ... (pad specs, fills and mean rows name inputs so)."""
+    return chr(ord("a") + i)
+
+
+def tensor_coefficients(t: TensorPlan, s: TensorStats, settings: tuple, family: FamilyMethod | None):
+    """One tensor's coefficients per output from its reductions: SLERP's at each t, the SLERP
+    family's for each output's weights (mix.py); None for a copy."""
+    if t.op == "slerp":
+        return tuple(slerp_coefficients(s.reductions, x) for x in settings)
+    if t.op == "mix":
+        return tuple(family.coefficients(s.gram, w) for w in settings)
+    return None
 
 
 def _process() -> dict:

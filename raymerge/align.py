@@ -30,7 +30,7 @@ from raymerge.errors import InputError
 from raymerge.parents import Parent
 from raymerge.schedule import layer_index
 from raymerge.shards import TensorEntry
-from raymerge.tokens import RowMap, TokenMap, first_difference, token_map
+from raymerge.tokens import RowMap, TokenMap, first_difference, has_tokenizer, inputs_token_map, token_map
 
 EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",
                   "tok_embeddings.weight")
@@ -60,6 +60,7 @@ class AlignedTensor:
     b: TensorEntry | None
     pad: PadSpec | None
     rowmap: RowMap | None = None  # rows aligned by token string
+    more: tuple[TensorEntry, ...] = ()  # the third and later inputs' (the SLERP family)
 
 
 @dataclass(frozen=True)
@@ -286,3 +287,93 @@ def pad_rows(
     # torch.lerp computes s + w (l - s), switching to l - (1 - w)(l - s) for w >= 0.5, so the
     # last new entry (w = 1) is exactly L[N-1].
     return torch.lerp(s, l, w)
+
+
+def inputs_vocab(inputs: list[Parent], vocab: str, pad: str | None) -> tuple[TokenMap | None, str, list[str]]:
+    """``vocab_alignment`` for any number of inputs (the SLERP family).
+
+    ``auto`` matches rows by id when every input ships the first one's tokenizer and has its
+    number of embedding rows; otherwise (and for ``union`` or one input's letter) rows are
+    aligned by token string, which needs every input's tokenizer.
+    """
+    rows = [_rows(p) for p in inputs]
+    if vocab == "auto" and len(set(rows)) == 1:
+        by_id = None, pad or "copy"  # nothing to pad or fill
+        if all(p.same_tokenizer_as(inputs[0]) for p in inputs):
+            return (*by_id, [])
+        lacking = [p for p in inputs if not has_tokenizer(p.path)]
+        if lacking:
+            return (*by_id, [f"parent {p.label} ships no tokenizer; rows are matched by id" for p in lacking])
+        if all(p.vocab.tokens == inputs[0].vocab.tokens for p in inputs):
+            return (*by_id, [])
+    if vocab == "auto":
+        vocab = "union"
+    if len(vocab) == 1 and not 0 <= ord(vocab) - ord("a") < len(inputs):
+        raise InputError(f"--vocab {vocab}: there are only {len(inputs)} inputs")
+    for p, r in zip(inputs, rows):
+        if not has_tokenizer(p.path):
+            raise InputError(f"parent {p.label} ({p.path}) ships no tokenizer, and the inputs' vocabularies "
+                             "differ: rows of more than two models are aligned by token string")
+        if r is None:
+            raise InputError(f"parent {p.label} has no input embedding to align")
+    if pad == "gradient":
+        raise InputError("--pad gradient extends appended ids of two parents; rows of more than two models are "
+                         "aligned by token string: use --pad copy (the default), mean or zeros")
+    fill = pad or "copy"
+    tmap = inputs_token_map(tuple(p.vocab for p in inputs), tuple(rows), vocab, fill,
+                            tuple(p.label for p in inputs))
+    return tmap, fill, []
+
+
+def align_inputs(inputs: list[Parent], vocab: str = "auto", pad: str | None = None) -> Alignment:
+    """Match N inputs' tensors by name (each must be in every input) and align vocabulary rows.
+
+    Shapes must be equal, but for the vocabulary rows of the embedding and the head, which are
+    aligned by token string when the inputs' tokenizers differ. A head tied in some inputs and
+    not in others is spelled out, and the child is untied.
+    """
+    for p in inputs:
+        check_head(p)
+    tmap, fill, notes = inputs_vocab(inputs, vocab, pad)
+    ties = [tied(p) for p in inputs]
+    untie = len(set(ties)) > 1
+    sources = [_sources(p, untie) for p in inputs]
+    if untie:
+        for src, p in zip(sources, inputs):
+            h = head_name(p)
+            if h and h != HEAD_NAMES[0] and h in src:
+                src[HEAD_NAMES[0]] = src.pop(h)
+        notes.append(f"{', '.join(p.label for p, t in zip(inputs, ties) if t)} tie lm_head to the embedding; "
+                     "the output is untied")
+    rows = [_rows(p) for p in inputs]
+    tensors = []
+    for name in sorted(set().union(*sources)):
+        entries = [src.get(name) for src in sources]
+        lacking = [p.label for p, e in zip(inputs, entries) if e is None]
+        if lacking:
+            raise InputError(f"tensor {name!r} is missing from {', '.join(lacking)}: the SLERP family merges "
+                             "tensors that every input holds")
+        first = entries[0]
+        rowmap = tmap.rowmap if tmap is not None and _is_vocab_tensor(name, inputs[0]) else None
+        if rowmap is not None:
+            for e, r, p in zip(entries, rows, inputs):
+                if not e.shape or e.shape[0] != r:
+                    raise InputError(f"tensor {name!r}: parent {p.label} has shape {list(e.shape)}, "
+                                     f"but its embedding has {r} rows")
+            shape = (rowmap.rows, *first.shape[1:])
+        else:
+            shape = first.shape
+        for e, p in zip(entries[1:], inputs[1:]):
+            if (e.shape[1:] != first.shape[1:]) if rowmap is not None else (e.shape != first.shape):
+                raise InputError(f"tensor {name!r}: shapes differ, {inputs[0].label} {list(first.shape)} vs "
+                                 f"{p.label} {list(e.shape)}"
+                                 + (" (only the vocabulary axis may differ)" if rowmap is not None else ""))
+        tensors.append(AlignedTensor(name, shape, entries[0], entries[1], None, rowmap, tuple(entries[2:])))
+    if tmap is not None:
+        merged = tmap.rows
+        tokenizer_from = tmap.mode if tmap.mode != "union" else "a"
+        notes.extend(line.strip() for line in tmap.describe())
+    else:
+        merged = rows[0]
+        tokenizer_from = "a"
+    return Alignment(tuple(tensors), merged, all(ties), tokenizer_from, tuple(notes), tmap)

@@ -12,13 +12,15 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+from collections.abc import Sequence
 
 from raymerge import __version__, storage
 from raymerge.align import tied
 from raymerge.options import MergeOptions, config_dtype
 from raymerge.parents import Parent
 from raymerge.plan import INDEX_NAME, MergePlan
-from raymerge.tokens import write_union_tokenizer
+from raymerge.family import PARAMETERS
+from raymerge.tokens import input_index, write_union_tokenizer
 
 PROVENANCE_NAME = "raymerge.json"
 
@@ -50,20 +52,24 @@ def index_json(plan: MergePlan) -> dict:
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
-def ids_parent(a: Parent, b: Parent, plan: MergePlan) -> Parent:
-    """The parent whose token ids the child keeps: B only for ``--vocab b``."""
-    return b if plan.token_map is not None and plan.token_map.mode == "b" else a
+def ids_parent(inputs: Sequence[Parent], plan: MergePlan) -> Parent:
+    """The input whose token ids the child keeps: the first, but for ``--vocab b`` (or a
+    recipe's ``tokenizer_source`` naming another input)."""
+    tmap = plan.token_map
+    return inputs[input_index(tmap.mode)] if tmap is not None and tmap.mode != "union" else inputs[0]
 
 
-def child_config(a: Parent, b: Parent, plan: MergePlan) -> dict:
+def child_config(inputs: Sequence[Parent], plan: MergePlan) -> dict:
     """Parent A's config (its file's own keys) with the merged ``vocab_size``, tie flag and dtype."""
+    a = inputs[0]
+    b = ids_parent(inputs, plan)
     config = json.loads(json.dumps(a.config.raw))
     target = config["text_config"] if "vocab_size" not in config and isinstance(config.get("text_config"), dict) else config
     if plan.vocab_size is not None:
         target["vocab_size"] = plan.vocab_size
     if plan.tied_output != tied(a):
         config["tie_word_embeddings"] = plan.tied_output
-    if ids_parent(a, b, plan) is b:
+    if b is not a:
         for key in TOKEN_ID_KEYS:
             if key in b.config.raw:
                 config[key] = b.config.raw[key]
@@ -81,26 +87,36 @@ def _card_name(p: Parent) -> str:
     return p.source.partition("@")[0] if p.revision else p.path
 
 
-def model_card(a: Parent, b: Parent, t_label: str, options: MergeOptions) -> str:
+def model_card(inputs: Sequence[Parent], t_label: str, options: MergeOptions) -> str:
     from huggingface_hub import ModelCard, ModelCardData
 
+    a, b = inputs[:2]
+    method = options.family.name if options.family else "slerp"
     data = ModelCardData(
-        base_model=[_card_name(a), _card_name(b)], library_name="transformers", tags=["merge", "raymerge", "slerp"],
+        base_model=[_card_name(p) for p in inputs], library_name="transformers", tags=["merge", "raymerge", method],
     )
-    command = options.command or f"raymerge merge {a.path} {b.path} -o OUT -t {t_label}"
+    if options.family is None:
+        command = options.command or f"raymerge merge {a.path} {b.path} -o OUT -t {t_label}"
+        what = (f"This model is a SLERP merge of two parents made with raymerge {__version__}.\n\n"
+                f"- Parent A (base, t=0): `{a.source or a.path}`\n- Parent B (t=1): `{b.source or b.path}`\n"
+                f"- Method: spherical linear interpolation (SLERP), t = {t_label}\n\n")
+    else:
+        command = options.command or f"raymerge merge {' '.join(p.path for p in inputs)} -o OUT --method {method}"
+        what = (f"This model is a {method} merge of {len(options.parents)} parents made with raymerge {__version__}.\n\n"
+                + "".join(f"- {'Base model' if p.label == 'base' else 'Parent ' + p.label}: `{p.source or p.path}`\n"
+                          for p in inputs)
+                + f"- Method: {t_label}\n\n")
     content = (
         f"---\n{data.to_yaml()}\n---\n\n"
         "# Merged model\n\n"
-        f"This model is a SLERP merge of two parents made with raymerge {__version__}.\n\n"
-        f"- Parent A (base, t=0): `{a.source or a.path}`\n- Parent B (t=1): `{b.source or b.path}`\n"
-        f"- Method: spherical linear interpolation (SLERP), t = {t_label}\n\n"
+        + what +
         "## Reproduce\n\n"
         f"```\n{command}\n```\n"
     )
     return str(ModelCard(content))
 
 
-def provenance(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t_label: str,
+def provenance(inputs: Sequence[Parent], plan: MergePlan, options: MergeOptions, t_label: str,
                fingerprint: str, shards: dict[str, dict] | None = None) -> dict:
     """``raymerge.json``: parents, options, t, version, and each shard's size, CRC-32 and the one
     process that wrote it (``shards``, from the completion records)."""
@@ -108,15 +124,20 @@ def provenance(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t_l
         return {"source": p.source, "path": p.where, "revision": p.revision,
                 "files": {posixpath.basename(f): storage.size(f) for f in p.weight_files}}
 
+    family = options.family
     return {
         "raymerge_version": __version__,
-        "method": "slerp",
-        "t": None if options.schedule else float(t_label),
+        "method": family.name if family else "slerp",
+        "method_parameters": None if family is None else {
+            k: getattr(family, k) for k in ("normalize_weights", "eps", "nuslerp_flatten", "nuslerp_row_wise",
+                                            "max_iter", "tol") if k in PARAMETERS[family.name]},
+        "weights": None if family is None or not family.weighted else t_label.rpartition(" weights ")[2],
+        "t": None if options.schedule or family else float(t_label),
         "schedule": None if options.schedule is None else {
             "default": list(options.schedule.default),
             "filters": [[needle, list(values)] for needle, values in options.schedule.filters],
         },
-        "parents": {"a": parent_record(a), "b": parent_record(b)},
+        "parents": {p.label.lower(): parent_record(p) for p in inputs},
         "options": {"dtype": config_dtype(plan.out_dtype), "pad": plan.pad,
                     "vocab": plan.token_map.mode if plan.token_map else "by id",
                     "max_shard_size": options.max_shard_size, "tokenizer_from": plan.tokenizer_from,
@@ -127,22 +148,22 @@ def provenance(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t_l
     }
 
 
-def assemble(out_dir: str, a: Parent, b: Parent, plan: MergePlan, options: MergeOptions, t_label: str,
+def assemble(out_dir: str, inputs: Sequence[Parent], plan: MergePlan, options: MergeOptions, t_label: str,
              fingerprint: str, shards: dict[str, dict] | None = None) -> None:
     """Write every non-shard file of one output; ``config.json`` goes last."""
     if plan.token_map is not None and plan.token_map.mode == "union":
-        write_union_tokenizer(out_dir, a.path, b.vocab, plan.token_map)
+        write_union_tokenizer(out_dir, inputs[0].path, plan.token_map)
     else:
-        tok_parent = a if plan.tokenizer_from == "a" else b
+        tok_parent = inputs[input_index(plan.tokenizer_from)]
         for name in tok_parent.tokenizer_files():
             with open(os.path.join(tok_parent.path, name), "rb") as f:
                 write_atomic(os.path.join(out_dir, name), f.read())
-    gen = os.path.join(ids_parent(a, b, plan).path, "generation_config.json")
+    gen = os.path.join(ids_parent(inputs, plan).path, "generation_config.json")
     if os.path.isfile(gen):
         with open(gen) as f:
             write_atomic(os.path.join(out_dir, "generation_config.json"), f.read())
-    write_atomic(os.path.join(out_dir, "README.md"), model_card(a, b, t_label, options))
-    write_json(os.path.join(out_dir, PROVENANCE_NAME), provenance(a, b, plan, options, t_label, fingerprint, shards))
+    write_atomic(os.path.join(out_dir, "README.md"), model_card(inputs, t_label, options))
+    write_json(os.path.join(out_dir, PROVENANCE_NAME), provenance(inputs, plan, options, t_label, fingerprint, shards))
     if len(plan.shards) > 1:
         write_json(os.path.join(out_dir, INDEX_NAME), index_json(plan))
     # Everything above reaches the disk before config.json names the directory a model, so a
@@ -151,6 +172,6 @@ def assemble(out_dir: str, a: Parent, b: Parent, plan: MergePlan, options: Merge
         if os.path.isfile(os.path.join(out_dir, name)):
             fsync_path(os.path.join(out_dir, name))
     fsync_path(out_dir)
-    write_json(os.path.join(out_dir, "config.json"), child_config(a, b, plan))
+    write_json(os.path.join(out_dir, "config.json"), child_config(inputs, plan))
     fsync_path(out_dir)
 

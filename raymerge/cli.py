@@ -12,7 +12,8 @@ import click
 from raymerge.errors import InputError, RaymergeError
 from raymerge.options import (DEFAULT_SIZES, DEVICE_CHOICES, DTYPE_CHOICES, PAD_STRATEGIES, VOCAB_MODES, MergeOptions,
                               parse_size)
-from raymerge.schedule import parse_range, parse_t_for
+from raymerge.family import METHODS, FamilyMethod
+from raymerge.schedule import Schedule, parse_range, parse_t_for, parse_values
 from raymerge.session import RaySession
 
 
@@ -118,10 +119,9 @@ def run_options(f):
 
 
 def t_options(f):
-    """Parents and t: shared by `merge` and `plan`."""
+    """Parents, t and the SLERP family's method: shared by `merge` and `plan`."""
     return _apply(f, [
-        click.argument("a"),
-        click.argument("b"),
+        click.argument("parents", nargs=-1, required=True),
         click.option("-t", "t_values", type=float, multiple=True,
                      help="Interpolation factor in [0, 1] (0 = A, 1 = B), default 0.5. Repeat for a sweep. "
                           "With --t-for, the default for unmatched tensors (none: every tensor must "
@@ -131,6 +131,15 @@ def t_options(f):
                      help="Per-layer schedule FILTER=V or FILTER=V0,V1,... (repeatable, first match wins)."),
         click.option("--dtype", type=click.Choice(list(DTYPE_CHOICES)), default=None,
                      help="Output dtype (default: parent A's)."),
+        click.option("--method", type=click.Choice(["slerp", *METHODS]), default="slerp", show_default=True,
+                     help="slerp (two parents, -t), or a SLERP-family method over the parents, with mergekit's "
+                          "default parameters: multislerp (2 or more, --weights, --base), nuslerp (2, --weights, "
+                          "--base) or karcher (2 or more). A recipe (`raymerge run`) sets their parameters."),
+        click.option("--base", default=None,
+                     help="multislerp and nuslerp: a base model; the parents are merged as task vectors against it."),
+        click.option("--weights", "weights", multiple=True,
+                     help="multislerp and nuslerp: one weight per parent, W1,W2,... (default: all 1). Repeat for "
+                          "a sweep into OUT/w-<weights>, made from one read of the parents."),
     ])
 
 
@@ -139,10 +148,23 @@ _RENAMED = {"block_size": "block_bytes", "schedule_timeout": "schedule_timeout_s
 _SIZES = ("max_shard_size", "block_bytes", "eval_bytes")
 
 
-def build_options(*, a: str, b: str, out: str, t_values=(), t_range=None, t_for=(), quiet: bool = False,
-                  debug: bool = False, **values) -> MergeOptions:
+def build_options(*, out: str, parents: tuple[str, ...] = (), a: str | None = None, b: str | None = None,
+                  t_values=(), t_range=None, t_for=(), quiet: bool = False, debug: bool = False,
+                  method: str = "slerp", weights=(), **values) -> MergeOptions:
     """MergeOptions from the command line's values: an option not given (None) keeps
-    MergeOptions' default (``debug`` is the CLI's own business)."""
+    MergeOptions' default (``debug`` is the CLI's own business). The parents come as
+    ``parents`` (the command line's arguments) or as ``a`` and ``b``."""
+    parents = tuple(parents) or tuple(p for p in (a, b) if p is not None)
+    if len(parents) < 2:
+        raise InputError(f"give at least two parents to merge; got {len(parents)}")
+    if method == "slerp" and len(parents) > 2:
+        raise InputError(f"slerp merges two parents; for {len(parents)}, choose --method multislerp or karcher")
+    if method != "slerp" and "family" not in values:
+        values["family"] = FamilyMethod(method, base=values.get("base") is not None)
+    if weights:  # the command line's W1,W2,... (or a recipe's schedules, taken as they are)
+        values["weights"] = tuple(tuple(Schedule((w,), kind="weight") for w in parse_values(ws, "--weights"))
+                                  if isinstance(ws, str) else ws for ws in weights)
+    a, b, values["more"] = parents[0], parents[1], parents[2:]
     t = tuple(t_values) + (parse_range(t_range) if t_range else ())
     if t_for:
         if len(t) > 1:
@@ -162,7 +184,8 @@ def build_options(*, a: str, b: str, out: str, t_values=(), t_range=None, t_for=
 @t_options
 @run_options
 def merge(**values):
-    """Merge parents A (t=0) and B (t=1) into OUT by SLERP."""
+    """Merge parents A (t=0) and B (t=1) into OUT by SLERP, or two or more parents by a SLERP-family
+    method (--method multislerp, nuslerp, karcher)."""
 
     def go():
         options = build_options(**values)
@@ -198,9 +221,9 @@ def plan(save_path, **values):
         from raymerge.report import describe_plan
 
         options = build_options(out="(plan)", **values)
-        pa_, pb_ = load_parents(options)
-        the_plan = build_plan(pa_, pb_, options, options.workers or os.cpu_count() or 1)
-        click.echo(describe_plan(pa_, pb_, the_plan, options))
+        inputs = load_parents(options)
+        the_plan = build_plan(inputs, options, options.workers or os.cpu_count() or 1)
+        click.echo(describe_plan(inputs, the_plan, options))
         if save_path:
             pq.write_table(the_plan.to_table(), save_path)
             click.echo(f"plan table written to {save_path}")
@@ -222,17 +245,20 @@ def token_map_path(plan_path: str) -> str:
 @click.argument("recipe")
 @run_options
 def run_recipe(recipe, **values):
-    """Merge as a mergekit slerp RECIPE (YAML) says: models, base_model, parameters.t, dtype,
-    tokenizer_source."""
+    """Merge as a mergekit RECIPE (YAML) says: slerp (models, base_model, parameters.t), or
+    multislerp, nuslerp, karcher (models and their weights, base_model, the method's parameters);
+    dtype, out_dtype, tokenizer_source."""
 
     def go():
         from raymerge.parents import load_parent
         from raymerge.recipe import check_layer_range, load_recipe
 
         r = load_recipe(recipe)
-        check_layer_range(r, load_parent(r.a, "A").num_layers, load_parent(r.b, "B").num_layers)
-        options = build_options(a=r.a, b=r.b, schedule=r.schedule, dtype=r.dtype,
-                                **{**values, "vocab": values["vocab"] or r.vocab})
+        if r.layer_range is not None:
+            check_layer_range(r, load_parent(r.a, "A").num_layers, load_parent(r.b, "B").num_layers)
+        for note in r.notes:
+            click.echo(f"note: {note}", err=True)
+        options = build_options(**r.merge_values(), **{**values, "vocab": values["vocab"] or r.vocab})
         with RaySession(options.address) as session:
             from raymerge.driver import merge as run_merge, print_summary
 

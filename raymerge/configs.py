@@ -139,7 +139,7 @@ def _with_value(cfg: ParentConfig, key: str, value):
     return hf
 
 
-def compare_configs(a: ParentConfig, b: ParentConfig) -> list[str]:
+def compare_configs(a: ParentConfig, b: ParentConfig, labels: tuple[str, str] = ("A", "B")) -> list[str]:
     """Refuse configs that would give a broken child; return notes for harmless differences.
 
     The tie is not compared: one tied parent and one untied one make an untied child (the aligner
@@ -148,8 +148,9 @@ def compare_configs(a: ParentConfig, b: ParentConfig) -> list[str]:
     Raises:
         InputError: naming the first attribute that differs in shape or meaning, with both values.
     """
+    la, lb = labels
     def refuse(name, va, vb, why="it decides the weights' shapes or meaning"):
-        raise InputError(f"the parents' configs differ in {name} (A {va!r}, B {vb!r}): {why}, "
+        raise InputError(f"the parents' configs differ in {name} ({la} {va!r}, {lb} {vb!r}): {why}, "
                          "so they cannot be merged")
 
     for name in SHAPE_ATTRIBUTES:
@@ -179,12 +180,12 @@ def compare_configs(a: ParentConfig, b: ParentConfig) -> list[str]:
             try:
                 shapes = _meta_shapes(_with_value(a, key, vb))
             except Exception:  # transformers cannot build A's model with B's value
-                refuse(key, va, vb, "transformers cannot build parent A's model with B's value")
+                refuse(key, va, vb, f"transformers cannot build parent {la}'s model with {lb}'s value")
             if shapes != base_shapes:
                 refuse(key, va, vb, "it changes the model's tensors")
-        notes.append(f"config: {key} differs (A {va!r}, B {vb!r}); the child takes A's value")
+        notes.append(f"config: {key} differs ({la} {va!r}, {lb} {vb!r}); the child takes {la}'s value")
     if theta_a != theta_b:
-        notes.append(f"config: rope_theta differs (A {theta_a!r}, B {theta_b!r}); the child takes A's value")
+        notes.append(f"config: rope_theta differs ({la} {theta_a!r}, {lb} {theta_b!r}); the child takes {la}'s value")
     return notes
 
 

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from raymerge import evaluation, storage, timing
 from raymerge.actors import remote_actor_class
 from raymerge.assemble import assemble
+from raymerge.family import METHODS
 from raymerge.options import ClusterOptions, MergeOptions
 from raymerge.outdir import OutputDir
 from raymerge.parents import Parent, load_parent
@@ -60,8 +61,11 @@ class Choice:
     scores: pa.Table | None = None
 
 
-def load_parents(options: MergeOptions) -> tuple[Parent, Parent]:
-    return load_parent(options.a, "A"), load_parent(options.b, "B")
+def load_parents(options: MergeOptions) -> tuple[Parent, ...]:
+    """What the merge reads, in the plan's input order: the parents (A, B, C, ...), then the
+    SLERP family's base model."""
+    labels = [chr(ord("A") + i) for i in range(len(options.parents))] + (["base"] if options.base else [])
+    return tuple(load_parent(spec, label) for spec, label in zip(options.inputs, labels))
 
 
 def merge(options: MergeOptions, session: RaySession | None = None) -> MergeResult:
@@ -79,25 +83,29 @@ def merge(options: MergeOptions, session: RaySession | None = None) -> MergeResu
     phases = timing.Phases()
     session = session or RaySession(options.address).start()
     try:
-        a, b = load_parents(options)
+        inputs = load_parents(options)
         out = OutputDir(options.out, options.output_dirs())
-        out.check_target([a.where, b.where])
-        plan = build_plan(a, b, options, options.workers or os.cpu_count() or 1)
+        out.check_target([p.where for p in inputs])
+        plan = build_plan(inputs, options, options.workers or os.cpu_count() or 1)
         out.lock()
         try:
-            return _merge_into(out, a, b, plan, options, session, phases, started)
+            return _merge_into(out, inputs, plan, options, session, phases, started)
         finally:
             out.unlock()
     finally:
         session.stop()
 
 
-def _merge_into(out: OutputDir, a: Parent, b: Parent, plan: MergePlan, options: MergeOptions,
+def _merge_into(out: OutputDir, inputs: tuple[Parent, ...], plan: MergePlan, options: MergeOptions,
                 session: RaySession, phases: timing.Phases, started: float) -> MergeResult:
     """The merge, once OUT is held: check it, plan the actors, (score), write, assemble."""
+    a, b = inputs[:2]
     fingerprint = plan.fingerprint(options)
     out.check_existing(fingerprint, options.resume, options.overwrite)
-    t_by_name = {t.name: options.t_for(t.name, plan.n_layers) for t in plan.tensors if t.op == "slerp"}
+    t_by_name = {t.name: options.t_for(t.name, plan.n_layers) for t in plan.tensors if t.op in ("slerp", "mix")}
+    if plan.family is not None:
+        for weights in {w for ws in t_by_name.values() for w in ws}:
+            plan.family.check_weights(weights)
     eval_inputs = evaluation.prepare(options.scoring, a, b, plan) if options.scoring else None
     phases.lap("plan")
 
@@ -107,7 +115,7 @@ def _merge_into(out: OutputDir, a: Parent, b: Parent, plan: MergePlan, options: 
     plan = assign_actors(plan, shape.count)
     pool = start_actors(options.cluster, shape, plan.n_actors, keep=not session.owns_ray)
     try:
-        read_paths = sorted({e.file for t in plan.tensors for e in (t.a, t.b) if e is not None})
+        read_paths = sorted({e.file for t in plan.tensors for e in t.inputs if e is not None})
         placed = wait_placed(pool, (read_paths, out.probe_dir()), options.schedule_timeout_s, live_nodes,
                              show=options.progress, waits=shape.waits)
         check_reports(placed, out.probe_dir())
@@ -153,7 +161,7 @@ def _merge_into(out: OutputDir, a: Parent, b: Parent, plan: MergePlan, options: 
         shards = {plan.shards[k].filename: {**r["files"][sub], "writer": r["writer"]}
                   for k, r in sorted(done.records.items())}
         out.write_output(sub, lambda d, label=labels[i], shards=shards:
-                         assemble(d, a, b, plan, options, label, fingerprint, shards))
+                         assemble(d, inputs, plan, options, label, fingerprint, shards))
         outputs[labels[i]] = out.output_path(sub)
     score_files = ()
     if choice.scores is not None:
@@ -206,7 +214,9 @@ def print_summary(result: MergeResult, stream=None) -> None:
           f"in {result.seconds:.1f} s "
           f"({result.bytes_written / 1e9:.2f} GB written)", file=stream)
     for label, path in result.outputs.items():
-        print(f"  {'schedule ' + label if '=' in label else 't=' + label}: {path}", file=stream)
+        if not label.startswith(METHODS):  # the SLERP family's labels name their method
+            label = f"schedule {label}" if "=" in label else f"t={label}"
+        print(f"  {label}: {path}", file=stream)
     if result.scores is not None:
         print(evaluation.describe(result.scores), file=stream)
         print(f"  best: t={evaluation.best_label(result.scores)}; table and plot: "

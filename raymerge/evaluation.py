@@ -56,7 +56,7 @@ def prepare(options: ScoringOptions, a: Parent, b: Parent, plan: MergePlan) -> E
     return EvalInputs(
         child=make_windows(child_tok, text, context),
         parents={p.label: make_windows(p.tokenizer, text, context) for p in (a, b)},
-        child_config=child_config(a, b, plan), context=context,
+        child_config=child_config((a, b), plan), context=context,
     )
 
 
@@ -66,7 +66,7 @@ def child_tokenizer(a: Parent, b: Parent, plan: MergePlan):
     from raymerge.tokens import union_tokenizer
 
     if plan.token_map is not None and plan.token_map.mode == "union":
-        return union_tokenizer(a.path, b.vocab, plan.token_map)
+        return union_tokenizer(a.path, plan.token_map)
     return (a if plan.tokenizer_from == "a" else b).tokenizer
 
 

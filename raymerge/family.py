@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -109,7 +110,10 @@ def multislerp_coefficients(
 
     Differences from mergekit: one parent is refused (mergekit returns it unchanged); weights
     that sum to zero up to rounding are refused when normalised (mergekit divides by the sum);
-    the parents are summed in the recipe's order (mergekit's follows a Python set's).
+    the parents are summed in the recipe's order (mergekit's follows a Python set's); a tensor
+    that every input holds as zeros (every parent equal to the base there) gives zeros (the base),
+    where mergekit, for three parents or more, stops the merge ("the weighted sum of the input
+    tensors is zero").
 
     Args:
         gram: float64 ``[N, N]`` Gram matrix of the parents, or of their task vectors
@@ -141,6 +145,10 @@ def multislerp_coefficients(
     # in mergekit too; its coefficient is 0, never w / eps, which pass 2 would multiply into
     # rounding noise (with a base, a parent equal to the base is exactly such a vector).
     a = torch.where(norms == 0, 0.0, w / (norms + eps))
+    if bool((norms == 0).all()):
+        # Every input is zero (with a base: no parent changed this tensor, as for a frozen layer):
+        # the output is zero, or the base. mergekit raises here for three parents or more.
+        return _with_base(torch.zeros(n, dtype=torch.float64), base)
     mean_norm = _sqnorm(a, g)
     if mean_norm < eps:
         if n == 2:
@@ -292,3 +300,111 @@ def nuslerp_coefficients(
     c0 = torch.where(colinear, 1.0 - t, torch.sin((1.0 - t) * theta) / sin_theta)
     c1 = torch.where(colinear, t, torch.sin(t * theta) / sin_theta)
     return _with_base(torch.stack([c0, c1], dim=-1), base)
+
+
+METHODS = ("multislerp", "nuslerp", "karcher")
+
+
+@dataclass(frozen=True)
+class FamilyMethod:
+    """One of the SLERP family's methods with its parameters (mergekit's names and defaults).
+
+    Attributes:
+        name: ``multislerp``, ``nuslerp`` or ``karcher``.
+        base: a ``base_model`` is the merge's last input (multislerp, nuslerp): the parents are
+            merged as task vectors ``x_i - base``.
+        normalize_weights, eps: multislerp's.
+        nuslerp_flatten, nuslerp_row_wise: nuslerp's (one angle per tensor, or per row / column).
+        max_iter, tol: karcher's.
+    """
+
+    name: str
+    base: bool = False
+    normalize_weights: bool = True
+    eps: float = MULTISLERP_EPS
+    nuslerp_flatten: bool = True
+    nuslerp_row_wise: bool = False
+    max_iter: int = KARCHER_MAX_ITER
+    tol: float = KARCHER_TOL
+
+    def __post_init__(self):
+        if self.name not in METHODS:
+            raise InputError(f"unknown merge method {self.name!r}: choose from slerp, {', '.join(METHODS)}")
+        if self.base and self.name == "karcher":
+            raise InputError("karcher takes no base_model (it averages the parents themselves)")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise InputError(f"{self.name}: eps must be a positive number, got {self.eps}")
+        if self.max_iter < 0 or not (self.tol >= 0 and math.isfinite(self.tol)):
+            raise InputError(f"{self.name}: max_iter and tol must be >= 0; got {self.max_iter} and {self.tol}")
+
+    @property
+    def weighted(self) -> bool:
+        """Whether the method takes one weight per parent (karcher takes none)."""
+        return self.name != "karcher"
+
+    def vectors(self, shape: tuple[int, ...]) -> str:
+        """What one angle is taken over: ``tensor`` (the whole tensor, flattened), ``rows``
+        (vectors along the last dimension: mergekit's nuslerp with flatten off) or ``columns``
+        (vectors along the first dimension: with ``nuslerp_row_wise`` too). A tensor of one
+        dimension is one vector either way, as in mergekit."""
+        if self.name != "nuslerp" or self.nuslerp_flatten or len(shape) < 2:
+            return "tensor"
+        return "columns" if self.nuslerp_row_wise else "rows"
+
+    def coefficients(self, gram: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+        """Coefficients over the inputs (the base last, with one): ``[N]``, or ``[V, N]`` for a
+        batch of ``V`` Gram matrices (nuslerp per row or column)."""
+        if self.name == "multislerp":
+            return multislerp_coefficients(gram, weights, base=self.base,
+                                           normalize_weights=self.normalize_weights, eps=self.eps)
+        if self.name == "karcher":
+            return karcher_coefficients(gram, max_iter=self.max_iter, tol=self.tol)
+        return nuslerp_coefficients(gram, weights, base=self.base)
+
+    def check_weights(self, weights: Sequence[float]) -> None:
+        """Refuse, before anything is read, weights the method cannot use on any tensor."""
+        if self.name == "nuslerp":
+            nuslerp_t(weights)
+        elif self.name == "multislerp":
+            w = _weights(weights, len(weights), self.name)
+            if self.normalize_weights and abs(float(w.sum())) <= ZERO_SUM_RELATIVE * float(w.abs().sum()):
+                raise InputError(f"{self.name}: the weights {w.tolist()} sum to zero, so they cannot be normalised")
+
+    def describe(self) -> str:
+        """The method and the parameters that differ from mergekit's defaults."""
+        changed = [f"{f}={getattr(self, f)}" for f in ("normalize_weights", "eps", "nuslerp_flatten", "nuslerp_row_wise",
+                                                         "max_iter", "tol")
+                   if getattr(self, f) != getattr(FamilyMethod, f)
+                   and f in PARAMETERS[self.name]]
+        return self.name + (f" ({', '.join(changed)})" if changed else "")
+
+
+# The method parameters each method takes, as mergekit names them.
+PARAMETERS = {
+    "multislerp": ("normalize_weights", "eps"),
+    "nuslerp": ("nuslerp_flatten", "nuslerp_row_wise"),
+    "karcher": ("max_iter", "tol"),
+}
+
+
+def gram_pairs(n_parents: int, base: bool) -> tuple[tuple[int, int], ...]:
+    """The products pass 1 sums for a Gram matrix over ``n_parents`` (task vectors with a base):
+    each pair (i, j), i <= j, once; with a base, also the base's own square, whose finiteness
+    tells a non-finite base from a non-finite parent.
+
+    Example:
+        >>> gram_pairs(2, base=True)
+        ((0, 0), (0, 1), (1, 1), (2, 2))
+    """
+    pairs = tuple((i, j) for i in range(n_parents) for j in range(i, n_parents))
+    return pairs + ((n_parents, n_parents),) if base else pairs
+
+
+def gram_matrix(sums: torch.Tensor, n_parents: int) -> torch.Tensor:
+    """The symmetric Gram matrix from ``gram_pairs``' sums (last dimension: pairs), float64
+    ``[..., n, n]``; the base's square, if summed, is left out."""
+    g = torch.empty((*sums.shape[:-1], n_parents, n_parents), dtype=torch.float64)
+    for k, (i, j) in enumerate(gram_pairs(n_parents, base=False)):
+        g[..., i, j] = sums[..., k]
+        g[..., j, i] = sums[..., k]
+    return g

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raymerge.errors import InputError
+from raymerge.family import FamilyMethod
 from raymerge.schedule import Schedule, check_t
 
 # The one map of dtype names: what users and config.json say -> what safetensors headers say.
@@ -52,6 +53,17 @@ def config_dtype(safetensors_name: str) -> str | None:
 def t_dirname(t: float) -> str:
     """The sub-directory of one sweep output: ``t-0.5`` (Python's ``format(t, "g")``)."""
     return f"t-{format(t, 'g')}"
+
+
+def weights_label(weights: tuple[Schedule, ...]) -> str:
+    """One output's weights as a label: ``1,2,1``, a gradient or filters in brackets.
+
+    Example:
+        >>> weights_label((Schedule((1.0,), kind="weight"), Schedule((0.0, 1.0), kind="weight")))
+        '1,[default=[0, 1]]'
+    """
+    return ",".join(format(w.default[0], "g") if not w.filters and len(w.default) == 1 else f"[{w.describe()}]"
+                    for w in weights)
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,14 @@ class MergeOptions:
         report: where to write the per-tensor report (Parquet), or None.
         schedule_timeout_s: how long actors may wait for resources (e.g. an autoscaler) before
             the merge gives up.
+        family: the SLERP family's method (multislerp, nuslerp, karcher) and its parameters, or
+            None for two-parent SLERP (``t``, ``schedule``).
+        more: the SLERP family's third and later parents (``a`` and ``b`` are the first two).
+        base: the family's ``base_model`` (multislerp, nuslerp): the parents are merged as task
+            vectors against it.
+        weights: the family's weights: one tuple per output (several make a sweep into
+            ``out/w-<weights>``), each with one schedule (``kind="weight"``) per parent; empty:
+            every parent weighs 1.
         eval_text: a text (.txt, .jsonl, .parquet) to score every t and both parents on (scoring.py).
         eval_column: the text field of a .jsonl, or column of a .parquet.
         eval_bytes: the bytes of the text scored (its first ones).
@@ -136,6 +156,10 @@ class MergeOptions:
     eval_bytes: int = parse_size(DEFAULT_SIZES["eval_bytes"])
     context: int | None = None
     keep: str | None = None
+    family: FamilyMethod | None = None
+    more: tuple[str, ...] = ()
+    base: str | None = None
+    weights: tuple[tuple[Schedule, ...], ...] = ()
     command: str = field(default="", compare=False)
 
     def __post_init__(self):
@@ -169,19 +193,78 @@ class MergeOptions:
             raise InputError(f"--eval-bytes must be positive, got {self.eval_bytes}")
         if self.resume and self.overwrite:
             raise InputError("--resume and --overwrite exclude each other")
+        if self.family is None:
+            if self.more or self.base or self.weights:
+                raise InputError("more than two parents, a base model and weights need a SLERP-family method: "
+                                 "--method multislerp, nuslerp or karcher")
+        else:
+            self._check_family()
+
+    def _check_family(self) -> None:
+        f, n = self.family, 2 + len(self.more)
+        name = f.name
+        if self.schedule is not None or self.t != (0.5,):
+            raise InputError(f"-t, --t-range and --t-for are SLERP's; {name} takes "
+                             + ("--weights (one per parent)" if f.weighted else "no t"))
+        for flag, given in (("--eval", self.eval_text), ("--report", self.report), ("--keep", self.keep),
+                            ("--tokenizer-from", self.tokenizer_from)):
+            if given is not None:
+                raise InputError(f"{flag} is not supported with {name} (two-parent SLERP only); "
+                                 + ("use --vocab" if flag == "--tokenizer-from" else "merge, then score the child"))
+        if f.base != (self.base is not None):
+            raise InputError(f"{name}: the method's base flag and the base model disagree")
+        if self.base is not None and self.base in self.parents:
+            raise InputError(f"{name}: the base model {self.base} is also one of the parents")
+        if name == "nuslerp" and n != 2:
+            raise InputError(f"nuslerp merges exactly two parents (plus an optional base model); got {n}")
+        if not f.weighted and self.weights:
+            raise InputError(f"{name} takes no weights (every parent counts equally)")
+        for ws in self.weights:
+            if len(ws) != n:
+                raise InputError(f"{name}: {len(ws)} weights for {n} parents")
+        labels = [weights_label(ws) for ws in self.weights]
+        if len(set(labels)) != len(labels):
+            raise InputError(f"the same weights are given twice: {labels}")
+
+    @property
+    def parents(self) -> tuple[str, ...]:
+        """The parents, in order (two for SLERP)."""
+        return (self.a, self.b, *self.more)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """What a merge reads, in the plan's input order: the parents, then the base (if any)."""
+        return self.parents + ((self.base,) if self.base is not None else ())
+
+    def weights_for(self, name: str, n_layers: int) -> tuple[tuple[float, ...], ...]:
+        """The SLERP family's weights for one tensor: per output, one per parent."""
+        return tuple(tuple(w.t_for(name, n_layers) for w in ws) for ws in self._outputs_weights())
+
+    def _outputs_weights(self) -> tuple[tuple[Schedule, ...], ...]:
+        return self.weights or ((Schedule((1.0,), kind="weight"),) * len(self.parents),)
 
     @property
     def sweep(self) -> bool:
+        if self.family is not None:
+            return len(self.weights) > 1
         return self.schedule is None and len(self.t) > 1
 
-    def t_for(self, name: str, n_layers: int) -> tuple[float, ...]:
-        """The t values one tensor is merged at: one per output."""
+    def t_for(self, name: str, n_layers: int) -> tuple:
+        """What one tensor is merged at, one per output: a t for SLERP, the parents' weights for
+        the SLERP family."""
+        if self.family is not None:
+            return self.weights_for(name, n_layers)
         if self.schedule is not None:
             return (self.schedule.t_for(name, n_layers),)
         return self.t
 
     def t_labels(self) -> list[str]:
-        """One label per output: ``0.5``, or the schedule's description."""
+        """One label per output: ``0.5``, the schedule's description, or the family's method
+        and weights."""
+        if self.family is not None:
+            if not self.family.weighted:
+                return [self.family.describe()]
+            return [f"{self.family.describe()} weights {weights_label(ws)}" for ws in self._outputs_weights()]
         if self.schedule is not None:
             return [self.schedule.describe()]
         return [format(t, "g") for t in self.t]
@@ -202,6 +285,12 @@ class MergeOptions:
     def output_dirs(self) -> list[str]:
         """Sub-directories of ``out`` holding the models, one per t ("" for a single t, or a
         schedule); with ``--eval``, every t has its ``t-<t>`` even alone."""
+        if self.family is not None:
+            if not self.sweep:
+                return [""]
+            labels = [weights_label(ws) for ws in self.weights]
+            # Gradients and filters make no tidy name: those sweeps' outputs are numbered.
+            return [f"w-{label}" if "[" not in label else f"w-{i}" for i, label in enumerate(labels)]
         if self.schedule is None and (self.sweep or self.eval_text is not None):
             return [t_dirname(t) for t in self.t]
         return [""]

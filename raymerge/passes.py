@@ -43,9 +43,10 @@ def check_stats(plan: MergePlan, stats: dict[str, TensorStats]) -> None:
         s = stats.get(t.name)
         if s is None:
             continue
-        for ok, entry, label in ((s.finite_a, t.a, "A"), (s.finite_b, t.b, "B")):
+        for ok, entry, label in zip(s.finite, t.inputs, plan.labels):
             if not ok and entry is not None:
-                raise InputError(f"parent {label}: {entry.file}: tensor {entry.name!r} holds NaN or inf")
+                who = "the base model" if label == "base" else f"parent {label}"
+                raise InputError(f"{who}: {entry.file}: tensor {entry.name!r} holds NaN or inf")
         if not s.equal:
             raise InputError(f"non-float tensor {t.name!r} differs between the parents: it cannot be merged")
 
@@ -55,7 +56,7 @@ def coefficients(stats: dict[str, TensorStats], t_by_name: dict[str, tuple[float
     return {name: tuple(slerp_coefficients(stats[name].reductions, x) for x in ts) for name, ts in t_by_name.items()}
 
 
-def reduce_pass(pool: ActorPool, tensors, show: bool) -> dict[str, TensorStats]:
+def reduce_pass(pool: ActorPool, tensors, show: bool, family=None) -> dict[str, TensorStats]:
     """The reductions, finiteness and equality of ``tensors``; nothing is written."""
     stats: dict[str, TensorStats] = {}
     progress = Progress("reduce", sum(t.read_bytes for t in tensors), enabled=show)
@@ -64,7 +65,7 @@ def reduce_pass(pool: ActorPool, tensors, show: bool) -> dict[str, TensorStats]:
         by_actor[t.actor].append(t)
     for i, mine in by_actor.items():
         for chunk in chunk_by_size(mine, CALL_BYTES, lambda t: t.read_bytes):
-            pool.submit(i, "reduce", chunk, tag=sum(t.read_bytes for t in chunk))
+            pool.submit(i, "reduce", chunk, family, tag=sum(t.read_bytes for t in chunk))
 
     def reduced(nbytes, values):
         for s in values:

@@ -11,14 +11,16 @@ import hashlib
 import json
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 
 from raymerge import storage
-from raymerge.align import Alignment, PadSpec, align_parents
+from raymerge.align import Alignment, PadSpec, align_inputs, align_parents
 from raymerge.configs import compare_configs
 from raymerge.errors import InputError
+from raymerge.family import FamilyMethod
 from raymerge.options import DTYPE_CHOICES, MergeOptions
 from raymerge.parents import Parent
 from raymerge.shards import FLOAT_DTYPES, ShardLayout, TensorEntry, itemsize, layout_shard, numel
@@ -37,7 +39,8 @@ class TensorPlan:
     """How one output tensor is made.
 
     op is "slerp" (both parents), "copy_a" / "copy_b" (present in one parent only: copied and
-    cast), or "equal" (a non-float tensor that must be identical in both parents: copied).
+    cast), "equal" (a non-float tensor that must be identical in every input: copied), or "mix"
+    (the SLERP family: a weighted sum of every input, ``inputs``, from their Gram matrix).
     """
 
     name: str
@@ -51,6 +54,12 @@ class TensorPlan:
     shard: int = -1
     offset: int = -1
     actor: int = -1
+    more: tuple[TensorEntry, ...] = ()  # the third and later inputs (the SLERP family; a base last)
+
+    @property
+    def inputs(self) -> tuple[TensorEntry | None, ...]:
+        """Every input's entry, in the plan's input order (None where a parent lacks the tensor)."""
+        return (self.a, self.b, *self.more)
 
     @property
     def nbytes(self) -> int:
@@ -58,7 +67,7 @@ class TensorPlan:
 
     @property
     def read_bytes(self) -> int:
-        return sum(e.nbytes for e in (self.a, self.b) if e is not None)
+        return sum(e.nbytes for e in self.inputs if e is not None)
 
 
 @dataclass(frozen=True)
@@ -76,11 +85,13 @@ class MergePlan:
     out_dtype: str
     vocab_size: int | None
     tied_output: bool
-    tokenizer_from: str  # "a" or "b"
+    tokenizer_from: str  # the letter of the input whose tokenizer files are copied: "a", "b", ...
     n_layers: int
     notes: tuple[str, ...] = field(default=())
     pad: str = "gradient"  # the pad (or, by token string, fill) strategy in force
     token_map: TokenMap | None = field(default=None, compare=False)
+    family: FamilyMethod | None = None  # the SLERP family's method; None: two-parent SLERP
+    labels: tuple[str, ...] = ("A", "B")  # the inputs, in order, for messages
 
     def actor_bytes(self) -> list[int]:
         load = [0] * self.n_actors
@@ -106,6 +117,7 @@ class MergePlan:
                 "a_dtype": t.a.dtype if t.a else None,
                 "b_file": t.b.file if t.b else None, "b_shape": list(t.b.shape) if t.b else None,
                 "b_dtype": t.b.dtype if t.b else None,
+                "more_files": [e.file for e in t.more],
                 "shard": self.shards[t.shard].filename, "offset": t.offset, "nbytes": t.nbytes,
                 "actor": t.actor,
                 "pad_axis": pad.axis if pad else None, "pad_short": pad.short if pad else None,
@@ -117,19 +129,23 @@ class MergePlan:
 
     def fingerprint(self, options: MergeOptions) -> str:
         """A digest of everything that decides the output bytes, used to refuse a foreign resume."""
-        def stat(parent: str) -> list:
-            # Per parent, in order: A and B swapped is another merge (t=0.3 becomes t=0.7).
-            files = sorted({e.file for t in self.tensors for e in ((t.a,) if parent == "a" else (t.b,)) if e})
+        def stat(i: int) -> list:
+            # Per input, in order: A and B swapped is another merge (t=0.3 becomes t=0.7).
+            files = sorted({t.inputs[i].file for t in self.tensors if len(t.inputs) > i and t.inputs[i]})
             return [(f, storage.size(f), storage.mtime_ns(f)) for f in files]
 
         data = {
-            "files_a": stat("a"), "files_b": stat("b"), "t": list(options.t),
+            "files_a": stat(0), "files_b": stat(1), "t": list(options.t),
             "schedule": options.schedule.describe() if options.schedule else None,
             "dtype": self.out_dtype, "pad": self.pad,
             "token_map": self.token_map.digest() if self.token_map else None,
             "shards": [(s.filename, hashlib.sha256(s.layout.header).hexdigest()) for s in self.shards],
             "tokenizer_from": self.tokenizer_from,
         }
+        if self.family is not None:
+            data["family"] = repr(self.family)
+            data["inputs"] = [stat(i) for i in range(2, len(self.labels))]
+            data["weights"] = [[w.describe() for w in ws] for ws in options.weights]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -197,45 +213,58 @@ def _assign_shards(shards: list[tuple[int, int]], n_actors: int) -> dict[int, in
 FP8_DTYPES = ("F8_E5M2", "F8_E4M3")
 
 
-def _tensor_plans(aligned: Alignment, out_dtype: str) -> list[TensorPlan]:
+def _tensor_plans(aligned: Alignment, out_dtype: str, labels: tuple[str, ...], family: bool) -> list[TensorPlan]:
     plans = []
     for item in aligned.tensors:
-        ea, eb = item.a, item.b
-        src = ea or eb
-        for e, label in ((ea, "A"), (eb, "B")):
+        entries = (item.a, item.b, *item.more)
+        src = next(e for e in entries if e is not None)
+        for e, label in zip(entries, labels):
             if e is not None and e.dtype in FP8_DTYPES:
                 raise InputError(f"parent {label}: {e.file}: tensor {item.name!r} is {e.dtype} (float8): FP8 "
                                  "checkpoints, whose weights come with scale tensors, cannot be merged by SLERP; "
                                  "merge the parents' bf16 or fp16 weights")
         if src.dtype not in FLOAT_DTYPES:
-            if ea is None or eb is None:
-                op = "copy_a" if ea else "copy_b"
+            if item.a is None or item.b is None:
+                op = "copy_a" if item.a else "copy_b"
             else:
-                if ea.dtype != eb.dtype or ea.shape != eb.shape:
-                    raise InputError(
-                        f"non-float tensor {item.name!r} differs between the parents: "
-                        f"A {ea.dtype}{list(ea.shape)}, B {eb.dtype}{list(eb.shape)}"
-                    )
+                for e, label in zip(entries[1:], labels[1:]):
+                    if e.dtype != src.dtype or e.shape != src.shape:
+                        raise InputError(
+                            f"non-float tensor {item.name!r} differs between the parents: "
+                            f"{labels[0]} {src.dtype}{list(src.shape)}, {label} {e.dtype}{list(e.shape)}"
+                        )
                 op = "equal"
-            plans.append(TensorPlan(item.name, op, item.shape, src.dtype, ea, eb))
+            plans.append(TensorPlan(item.name, op, item.shape, src.dtype, item.a, item.b, more=item.more))
             continue
-        op = "slerp" if ea is not None and eb is not None else ("copy_a" if ea else "copy_b")
-        plans.append(TensorPlan(item.name, op, item.shape, out_dtype, ea, eb, item.pad, item.rowmap))
+        if family:
+            op = "mix"
+        else:
+            op = "slerp" if item.a is not None and item.b is not None else ("copy_a" if item.a else "copy_b")
+        plans.append(TensorPlan(item.name, op, item.shape, out_dtype, item.a, item.b, item.pad, item.rowmap,
+                                more=item.more))
     return plans
 
 
-def build_plan(a: Parent, b: Parent, options: MergeOptions, n_actors: int) -> MergePlan:
-    """Build the whole plan from the parents' headers, configs and tokenizers and the options.
+def build_plan(inputs: Sequence[Parent], options: MergeOptions, n_actors: int) -> MergePlan:
+    """Build the whole plan from the inputs' headers, configs and tokenizers and the options:
+    two parents for SLERP, or the SLERP family's parents and base (``MergeOptions.inputs``).
 
     Raises InputError before any work when the configs or the tensors cannot be merged.
     """
-    config_notes = compare_configs(a.config, b.config)
+    a = inputs[0]
+    labels = tuple(p.label for p in inputs)
+    config_notes = []
+    for p in inputs[1:]:
+        config_notes += compare_configs(a.config, p.config, (a.label, p.label))
     out_dtype = DTYPE_CHOICES[options.dtype] if options.dtype else a.dtype
-    aligned = align_parents(a, b, options.vocab, options.pad)
+    if options.family is None:
+        aligned = align_parents(a, inputs[1], options.vocab, options.pad)
+    else:
+        aligned = align_inputs(list(inputs), options.vocab, options.pad)
     if aligned.token_map is not None and options.tokenizer_from is not None:
         raise InputError("--tokenizer-from applies to rows matched by id; with rows aligned by token "
                          "string, --vocab decides the tokenizer")
-    plans = _tensor_plans(aligned, out_dtype)
+    plans = _tensor_plans(aligned, out_dtype, labels, options.family is not None)
     limit = shard_limit(sum(t.nbytes for t in plans), options.max_shard_size)
     groups = chunk_by_size(sorted(plans, key=lambda t: natural_key(t.name)), limit, lambda t: t.nbytes)
     names = shard_filenames(len(groups))
@@ -253,6 +282,7 @@ def build_plan(a: Parent, b: Parent, options: MergeOptions, n_actors: int) -> Me
         vocab_size=aligned.vocab_size, tied_output=aligned.tied_output,
         tokenizer_from=options.tokenizer_from or aligned.tokenizer_from, n_layers=a.num_layers,
         notes=tuple(config_notes) + aligned.notes, pad=pad, token_map=aligned.token_map,
+        family=options.family, labels=labels,
     )
     return assign_actors(plan, n_actors)
 

@@ -55,7 +55,7 @@ ALIGN = DIRECT_ALIGN  # O_DIRECT's alignment of buffers, offsets and lengths
 
 def _entries(tensor) -> list[TensorEntry]:
     """The parent entries (file byte ranges) a planned tensor reads."""
-    return [e for e in (tensor.a, tensor.b) if e is not None and not e.file.endswith(".bin")]
+    return [e for e in tensor.inputs if e is not None and not e.file.endswith(".bin")]
 
 
 class Buffers:
@@ -219,7 +219,7 @@ class ReadAhead:
         """Whether ``tensor`` is read whole (else streamed, with the kernel asked to read ahead)."""
         entries = _entries(tensor)
         # An object in a bucket has no page cache to stream from twice: its tensors are read whole.
-        return bool(entries) and len(entries) == sum(e is not None for e in (tensor.a, tensor.b)) \
+        return bool(entries) and len(entries) == sum(e is not None for e in tensor.inputs) \
             and (sum(e.nbytes for e in entries) <= self.load_bytes or any(storage.is_uri(e.file) for e in entries))
 
     def take(self, i: int) -> dict[tuple[str, str], torch.Tensor]:

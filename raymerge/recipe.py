@@ -1,39 +1,75 @@
-"""mergekit slerp recipes (YAML) read into raymerge's terms: parents, schedule and dtype.
+"""mergekit recipes (YAML) read into raymerge's terms: parents, schedule or weights, dtype.
 
-Accepted: ``merge_method: slerp``; two models, given as ``models:`` or as one slice of
+Accepted for ``merge_method: slerp``: two models, given as ``models:`` or as one slice of
 ``slices:`` whose two sources cover the full, equal layer range; ``base_model`` (parent A);
 ``parameters.t`` as a number, a list (a gradient across layers) or filtered entries
 (``- filter: self_attn`` / ``value: ...``, a last entry without filter as the default); ``dtype``;
 ``tokenizer_source`` (or ``tokenizer.source``): ``union``, ``base`` or one of the models, which
 become ``--vocab union``, ``a`` or ``b`` (rows aligned by token string).
+
+Accepted for ``merge_method: multislerp | nuslerp | karcher`` (the SLERP family, family.py):
+``models:`` with per-model ``parameters.weight`` (a number, a gradient or filtered entries, as t
+above; a model equal to ``base_model`` is the base, not a parent, as in mergekit); the method's
+parameters under ``parameters`` (``normalize_weights``, ``eps``; ``nuslerp_flatten``,
+``nuslerp_row_wise``; ``max_iter``, ``tol``), where a ``weight`` is every model's default;
+``base_model`` (multislerp, nuslerp); ``dtype`` and ``out_dtype`` (raymerge computes in float64:
+the output dtype is ``out_dtype``, else ``dtype``); ``tokenizer_source``.
+
 Anything else is refused with what it was, rather than silently merged differently.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import yaml
 
 from raymerge.errors import InputError
+from raymerge.family import METHODS, PARAMETERS, FamilyMethod
 from raymerge.options import DTYPE_ALIASES, DTYPE_CHOICES
 from raymerge.schedule import Schedule
 
-KNOWN_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "tokenizer_source", "tokenizer"}
+KNOWN_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "tokenizer_source", "tokenizer",
+              "out_dtype"}
+# The method parameters' types (mergekit's names; defaults in family.FamilyMethod).
+PARAMETER_TYPES = {"normalize_weights": bool, "eps": float, "nuslerp_flatten": bool, "nuslerp_row_wise": bool,
+                   "max_iter": int, "tol": float}
 DTYPES = {**{name: name for name in DTYPE_CHOICES}, **DTYPE_ALIASES}
 
 
 @dataclass(frozen=True)
 class Recipe:
-    a: str  # base_model, t=0
-    b: str
-    schedule: Schedule
+    parents: tuple[str, ...]  # slerp: (base_model, the other): t=0, t=1
+    schedule: Schedule | None  # slerp's t
     dtype: str | None
     layer_range: tuple[int, int] | None  # from the slices form, checked against the parents
-    vocab: str = "auto"  # from tokenizer_source: union, base (a) or a model (a or b)
+    vocab: str = "auto"  # from tokenizer_source: union, or an input's letter (a, b, ...)
+    family: FamilyMethod | None = None
+    base: str | None = None  # the SLERP family's base_model
+    weights: tuple[Schedule, ...] = ()  # the SLERP family's: one per parent
+    notes: tuple[str, ...] = ()
+
+    @property
+    def a(self) -> str:
+        return self.parents[0]
+
+    @property
+    def b(self) -> str:
+        return self.parents[1]
+
+    def merge_values(self) -> dict:
+        """The recipe as ``cli.build_options`` arguments."""
+        values = {"parents": self.parents, "dtype": self.dtype}
+        if self.family is None:
+            return {**values, "schedule": self.schedule}
+        return {**values, "method": self.family.name, "family": self.family, "base": self.base,
+                "weights": (self.weights,) if self.weights else ()}
 
 
 def _values(value, where: str) -> tuple[float, ...]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+        raise InputError(f"recipe: {where} must be a finite number, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float, list)):
         raise InputError(f"recipe: {where} must be a number or a list of numbers, got {value!r}")
     values = value if isinstance(value, list) else [value]
@@ -42,27 +78,32 @@ def _values(value, where: str) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def parse_t(setting) -> Schedule:
-    """``parameters.t`` in any of mergekit's forms -> a Schedule."""
+def parse_t(setting, kind: str = "t") -> Schedule:
+    """``parameters.t`` (or a model's ``weight``) in any of mergekit's forms -> a Schedule."""
     if isinstance(setting, list) and setting and all(isinstance(e, dict) for e in setting):
         filters, default = [], ()
         for entry in setting:
             if set(entry) - {"filter", "value"} or "value" not in entry:
-                raise InputError(f"recipe: t entry {entry!r} needs 'value' and at most 'filter'")
+                raise InputError(f"recipe: {kind} entry {entry!r} needs 'value' and at most 'filter'")
             needle = entry.get("filter")
             if needle in (None, "*"):
-                default = _values(entry["value"], "t")
+                default = _values(entry["value"], kind)
                 break  # mergekit stops at the first entry that matches everything
-            filters.append((str(needle), _values(entry["value"], f"t for filter {needle!r}")))
-        return Schedule(default=default, filters=tuple(filters))
-    return Schedule(default=_values(setting, "t"))
+            filters.append((str(needle), _values(entry["value"], f"{kind} for filter {needle!r}")))
+        return Schedule(default=default, filters=tuple(filters), kind=kind)
+    return Schedule(default=_values(setting, kind), kind=kind)
 
 
-def _model(entry, where: str) -> str:
+def _model(entry, where: str, allowed: tuple[str, ...] = ()) -> str:
     if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
         raise InputError(f"recipe: {where} needs 'model: PATH'")
-    if entry.get("parameters"):
+    params = entry.get("parameters") or {}
+    extra = sorted(set(params) - set(allowed)) if isinstance(params, dict) else [repr(params)]
+    if extra and not allowed:
         raise InputError(f"recipe: per-model parameters ({where}) are not supported; use parameters.t")
+    if extra:
+        raise InputError(f"recipe: per-model parameters {', '.join(extra)} ({where}) are not supported; "
+                         f"a model takes {', '.join(allowed)}")
     return entry["model"]
 
 
@@ -81,8 +122,13 @@ def load_recipe(path: str) -> Recipe:
     if unknown:
         raise InputError(f"recipe {path}: unsupported keys {', '.join(unknown)}")
     method = doc.get("merge_method")
+    if method in METHODS:
+        return _family_recipe(doc, method, path)
     if method != "slerp":
-        raise InputError(f"recipe {path}: merge_method {method!r} is not supported (raymerge does slerp)")
+        raise InputError(f"recipe {path}: merge_method {method!r} is not supported "
+                         f"(raymerge does slerp, {', '.join(METHODS)})")
+    if "out_dtype" in doc:
+        raise InputError(f"recipe {path}: out_dtype is not supported for slerp; dtype is the output's")
     base = doc.get("base_model")
     if not isinstance(base, str):
         raise InputError(f"recipe {path}: slerp needs base_model (the model at t=0)")
@@ -123,11 +169,72 @@ def load_recipe(path: str) -> Recipe:
     dtype = doc.get("dtype")
     if dtype is not None and dtype not in DTYPES:
         raise InputError(f"recipe {path}: dtype {dtype!r} is not supported ({', '.join(DTYPES)})")
-    return Recipe(base, other, parse_t(params["t"]), DTYPES.get(dtype), layer_range,
-                  _vocab(doc, base, other, path))
+    return Recipe((base, other), parse_t(params["t"]), DTYPES.get(dtype), layer_range,
+                  _vocab(doc, [base, other], None, path))
 
 
-def _vocab(doc: dict, base: str, other: str, path: str) -> str:
+def _family_recipe(doc: dict, method: str, path: str) -> Recipe:
+    """A multislerp, nuslerp or karcher recipe (see the module docstring)."""
+    if "slices" in doc or not isinstance(doc.get("models"), list):
+        raise InputError(f"recipe {path}: {method} takes its parents as 'models' (slices are supported for slerp only)")
+    base = doc.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise InputError(f"recipe {path}: base_model must be a path")
+    family = FamilyMethod(method)
+    allowed = ("weight",) if family.weighted else ()
+    entries = [(entry, _model(entry, "models", allowed)) for entry in doc["models"]]
+    # As in mergekit, a listed model equal to base_model is the base, not one more parent.
+    entries = [(entry, m) for entry, m in entries if m != base]
+    notes = []
+    if base is not None and method == "karcher":
+        notes.append("karcher uses no base_model (mergekit's documentation says so; its code averages the base "
+                     f"in as one more model): {base} is not read")
+        base = None
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InputError(f"recipe {path}: parameters must be a mapping, got {params!r}")
+    settings = {}
+    for key, value in params.items():
+        if key == "weight" and family.weighted:
+            continue
+        if key not in PARAMETERS[method]:
+            raise InputError(f"recipe {path}: {method} takes no parameter {key!r}"
+                             f" (it takes {', '.join(PARAMETERS[method] + (('weight',) if family.weighted else ()))})")
+        kind = PARAMETER_TYPES[key]
+        if kind is bool and not isinstance(value, bool) or kind is not bool and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or kind is int and not isinstance(value, int)):
+            raise InputError(f"recipe {path}: {key} must be a single {kind.__name__}, got {value!r} "
+                             "(gradients and filters apply to weights only)")
+        settings[key] = kind(value)
+    family = FamilyMethod(method, base=base is not None, **settings)
+    weights = ()
+    if family.weighted:
+        default = params.get("weight")
+        missing = [m for entry, m in entries if "weight" not in (entry.get("parameters") or {}) and default is None]
+        if missing:
+            raise InputError(f"recipe {path}: {method} needs a weight for every model (mergekit has no default); "
+                             f"none for {', '.join(missing)}")
+        weights = tuple(parse_t((entry.get("parameters") or {}).get("weight", default), "weight")
+                        for entry, _ in entries)
+    parents = tuple(m for _, m in entries)
+    if len(parents) < 2:
+        raise InputError(f"recipe {path}: {method} merges at least two models besides the base_model; got "
+                         f"{len(parents)}" + (f" ({base} is the base)" if base in [m for _, m in doc_models(doc)] else ""))
+    if len(set(parents)) != len(parents):
+        raise InputError(f"recipe {path}: a model is listed twice: {list(parents)}")
+    dtype = doc.get("out_dtype") or doc.get("dtype")
+    for key in ("dtype", "out_dtype"):
+        if doc.get(key) is not None and doc[key] not in DTYPES:
+            raise InputError(f"recipe {path}: {key} {doc[key]!r} is not supported ({', '.join(DTYPES)})")
+    return Recipe(parents, None, DTYPES.get(dtype), None, _vocab(doc, list(parents), base, path), family, base,
+                  weights, tuple(notes))
+
+
+def doc_models(doc: dict) -> list:
+    return [(e, e.get("model")) for e in doc.get("models") or [] if isinstance(e, dict)]
+
+
+def _vocab(doc: dict, parents: list[str], base: str | None, path: str) -> str:
     """mergekit's ``tokenizer_source`` (or ``tokenizer: {source: ...}``) as a ``--vocab`` mode."""
     if "tokenizer_source" in doc and "tokenizer" in doc:
         raise InputError(f"recipe {path}: give tokenizer_source or tokenizer, not both")
@@ -141,11 +248,14 @@ def _vocab(doc: dict, base: str, other: str, path: str) -> str:
         return "auto"
     if source == "union":
         return "union"
-    if source == "base" or source == base:
-        return "a"
-    if source == other:
-        return "b"
-    raise InputError(f"recipe {path}: tokenizer_source {source!r} is not union, base or one of the two models")
+    inputs = parents + ([base] if base else [])
+    if source == "base":
+        if base is None and len(parents) > 2:
+            raise InputError(f"recipe {path}: tokenizer_source 'base', but the recipe has no base_model")
+        source = base or parents[0]
+    if source in inputs:
+        return chr(ord("a") + inputs.index(source))
+    raise InputError(f"recipe {path}: tokenizer_source {source!r} is not union, base or one of the models")
 
 
 def check_layer_range(recipe: Recipe, n_layers_a: int, n_layers_b: int) -> None:

@@ -3,6 +3,8 @@ of a finished merge (``--report report.parquet``, read back by ``raymerge report
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import math
 from collections import defaultdict
 
@@ -21,19 +23,20 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def describe_plan(a: Parent, b: Parent, plan: MergePlan, options: MergeOptions) -> str:
+def describe_plan(inputs: Sequence[Parent], plan: MergePlan, options: MergeOptions) -> str:
     """The plan as a user reads it: vocabularies, padding, copies, ties, tokenizer, shards, actors."""
-    lines = [
-        f"parent A (t=0): {a.path}",
-        f"  vocab_size {a.vocab_size}, {len(a.tensors)} tensors, dtype {a.dtype}, "
-        f"tied embeddings: {'yes' if tied(a) else 'no'}",
-        f"parent B (t=1): {b.path}",
-        f"  vocab_size {b.vocab_size}, {len(b.tensors)} tensors, dtype {b.dtype}, "
-        f"tied embeddings: {'yes' if tied(b) else 'no'}",
-        f"t: {', '.join(options.t_labels())}",
+    roles = {"A": " (t=0)", "B": " (t=1)"} if plan.family is None else {}
+    lines = []
+    for p in inputs:
+        lines += [f"{'base model' if p.label == 'base' else 'parent ' + p.label}{roles.get(p.label, '')}: {p.path}",
+                  f"  vocab_size {p.vocab_size}, {len(p.tensors)} tensors, dtype {p.dtype}, "
+                  f"tied embeddings: {'yes' if tied(p) else 'no'}"]
+    first = plan.labels[0]
+    lines += [
+        ("t: " if plan.family is None else "method: ") + ", ".join(options.t_labels()),
         f"output: {len(plan.tensors)} tensors, dtype {plan.out_dtype}, vocab_size {plan.vocab_size}, "
         f"tied embeddings: {'yes' if plan.tied_output else 'no'}, "
-        + ("tokenizer: A's tokens, then B's others (union)" if plan.token_map and plan.token_map.mode == "union"
+        + (f"tokenizer: {first}'s tokens, then the others' (union)" if plan.token_map and plan.token_map.mode == "union"
            else f"tokenizer from parent {plan.tokenizer_from.upper()}"),
     ]
     padded = [t for t in plan.tensors if t.pad is not None]

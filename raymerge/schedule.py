@@ -8,8 +8,9 @@ mergekit), and tensors outside the layers (embeddings, final norm, lm_head) sit 
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from raymerge.errors import InputError
 
@@ -70,11 +71,15 @@ class Schedule:
 
     default: tuple[float, ...] = ()
     filters: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    kind: str = field(default="t", repr=False)  # what it schedules: t (in [0, 1]) or a parent's weight (any finite number)
 
     def __post_init__(self):
         for values in (self.default, *(v for _, v in self.filters)):
             for v in values:
-                check_t(v, " in a schedule")
+                if self.kind == "t":
+                    check_t(v, " in a schedule")
+                elif not math.isfinite(v):
+                    raise InputError(f"{self.kind} {v} is not a finite number")
 
     def t_for(self, name: str, n_layers: int) -> float:
         x = position(name, n_layers)
@@ -82,7 +87,7 @@ class Schedule:
             if needle in name:
                 return evaluate(values, x)
         if not self.default:
-            raise InputError(f"no t for tensor {name!r}: no filter matches and no default is given")
+            raise InputError(f"no {self.kind} for tensor {name!r}: no filter matches and no default is given")
         return evaluate(self.default, x)
 
     def describe(self) -> str:
@@ -95,12 +100,12 @@ class Schedule:
         return "; ".join(parts)
 
 
-def parse_values(text: str) -> tuple[float, ...]:
+def parse_values(text: str, what: str = "t values") -> tuple[float, ...]:
     """``0.5`` or ``0,0.5,0.3,0.7,1`` -> a tuple of floats."""
     try:
         values = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise InputError(f"cannot read t values {text!r}: use numbers separated by commas") from None
+        raise InputError(f"cannot read {what} {text!r}: use numbers separated by commas") from None
     return values
 
 

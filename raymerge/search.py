@@ -172,7 +172,7 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
         a, b = driver.load_parents(m)
         identity = options.identity([a.path, b.path])
         _check_output(m, identity)
-        plan = build_plan(a, b, m, m.workers or os.cpu_count() or 1)
+        plan = build_plan((a, b), m, m.workers or os.cpu_count() or 1)
         options = dataclasses.replace(options, space=options.space.for_tensors(
             [t.name for t in plan.tensors if t.op == "slerp"]))
         for p in (a, b):
@@ -195,7 +195,7 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
         means = {n: s.means for n, s in stats.items() if s.means}
         scoring = scoring_shape(live_nodes(), options.parallel or options.trials, plan.total_size(), m.device)
         parallel = options.parallel or scoring.count
-        ctx = _Context(plan, stats, means, child_config(a, b, plan), windows, options.space, m.block_bytes, scoring.threads,
+        ctx = _Context(plan, stats, means, child_config((a, b), plan), windows, options.space, m.block_bytes, scoring.threads,
                        scoring.num_gpus > 0)
         grid = _tune(options, ctx, parallel, {"cpu": scoring.num_cpus, "gpu": scoring.num_gpus}, len(windows.dev))
         table = _table(grid, options.space)

@@ -82,38 +82,50 @@ def chunk_sums(a: torch.Tensor, b: torch.Tensor, chunk_elems: int) -> torch.Tens
                 [16.,  1.],
                 [ 0.,  1.]], dtype=torch.float64)
     """
-    if a.device.type == "cpu":
-        sums = pair_sums([a.reshape(-1), b.reshape(-1)], PAIRS, chunk_elems)
+    return pair_chunk_sums([a, b], PAIRS, chunk_elems)
+
+
+def pair_chunk_sums(inputs: list[torch.Tensor], pairs, chunk_elems: int) -> torch.Tensor:
+    """``torch_pair_sums``, by the compiled kernel where it can run (a CPU), else by torch."""
+    if inputs[0].device.type == "cpu":
+        sums = pair_sums([x.reshape(-1) for x in inputs], pairs, chunk_elems)
         if sums is not None:
             return sums
-    return torch_chunk_sums(a, b, chunk_elems)
+    return torch_pair_sums(inputs, pairs, chunk_elems)
 
 
 def torch_chunk_sums(a: torch.Tensor, b: torch.Tensor, chunk_elems: int) -> torch.Tensor:
     """``chunk_sums`` in torch operations, on any device: the fixed order's specification."""
-    a64 = a.reshape(-1).to(torch.float64)
-    b64 = b.reshape(-1).to(torch.float64)
-    n = a64.numel()
+    return torch_pair_sums([a, b], PAIRS, chunk_elems)
+
+
+def torch_pair_sums(inputs: list[torch.Tensor], pairs, chunk_elems: int) -> torch.Tensor:
+    """The sum of ``inputs[i] * inputs[j]`` over each chunk of ``chunk_elems`` consecutive
+    elements, for each ``(i, j)`` in ``pairs``: float64, shape ``(len(pairs), chunks)``, in the
+    fixed order (raymerge.native computes the same bits in one pass)."""
+    flat = [x.reshape(-1).to(torch.float64) for x in inputs]
+    n = flat[0].numel()
     full = n // chunk_elems * chunk_elems
     sums = []
     for lo, hi, width in ((0, full, chunk_elems), (full, n, n - full)):  # whole chunks, then the tail
         if hi > lo:
-            sums.append(_halve(_first_level(a64[lo:hi].view(-1, width), b64[lo:hi].view(-1, width))))
+            sums.append(_halve(_first_level([x[lo:hi].view(-1, width) for x in flat], pairs)))
     return torch.cat(sums, dim=1)
 
 
-def _first_level(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The three products of (chunks, m) float64 rows, halved once as they are made (the halving's
-    first level, without writing every product first): shape (3, chunks, max(1, m // 2))."""
-    m = a.shape[1]
+def _first_level(rows: list[torch.Tensor], pairs) -> torch.Tensor:
+    """The products of (chunks, m) float64 rows, one per pair, halved once as they are made (the
+    halving's first level, without writing every product first): shape (pairs, chunks, max(1, m // 2))."""
+    m = rows[0].shape[1]
     h = max(1, m // 2)
-    out = torch.empty((3, a.shape[0], h), dtype=torch.float64, device=a.device)
-    for i, (x, y) in enumerate(((a, a), (b, b), (a, b))):
-        torch.mul(x[:, :h], y[:, :h], out=out[i])
+    out = torch.empty((len(pairs), rows[0].shape[0], h), dtype=torch.float64, device=rows[0].device)
+    for k, (i, j) in enumerate(pairs):
+        x, y = rows[i], rows[j]
+        torch.mul(x[:, :h], y[:, :h], out=out[k])
         if m > 1:
-            out[i] += x[:, h:2 * h] * y[:, h:2 * h]
+            out[k] += x[:, h:2 * h] * y[:, h:2 * h]
         if m > 2 and m % 2:
-            out[i, :, 0] += x[:, 2 * h] * y[:, 2 * h]
+            out[k, :, 0] += x[:, 2 * h] * y[:, 2 * h]
     return out
 
 
@@ -134,8 +146,12 @@ def total(partials: list[torch.Tensor]) -> Reductions:
     """A tensor's reductions from its chunks' sums, in order: one host sync for a GPU's."""
     if not partials:
         return Reductions()
-    aa, bb, ab = _halve(torch.cat(partials, dim=1)).tolist()
-    return Reductions(aa, bb, ab)
+    return Reductions(*totals(partials))
+
+
+def totals(partials: list[torch.Tensor]) -> list[float]:
+    """Each row's total of its chunks' sums (``(pairs, chunks)`` tensors, in order), halved."""
+    return _halve(torch.cat(partials, dim=1)).tolist()
 
 
 def reduce_tensor(a: torch.Tensor, b: torch.Tensor) -> Reductions:

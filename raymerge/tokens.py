@@ -80,31 +80,38 @@ def first_difference(va: Vocab, vb: Vocab) -> int | None:
 
 @dataclass(frozen=True, eq=False)
 class RowMap:
-    """What an actor needs of a token map: each child row's row in A and in B (-1: filled), and how
-    a missing row is filled. Small: two int32 vectors, no token strings."""
+    """What an actor needs of a token map: each child row's row in every input (-1: filled), and
+    how a missing row is filled. Small: one int32 vector per input, no token strings."""
 
-    a_rows: torch.Tensor  # int32 [rows]
-    b_rows: torch.Tensor
+    sources: tuple[torch.Tensor, ...]  # int32 [rows] per input, in the plan's input order
     fill: str  # "copy", "mean" or "zeros"
 
     @property
     def rows(self) -> int:
-        return len(self.a_rows)
+        return len(self.sources[0])
 
-    def source(self, parent: str) -> torch.Tensor:
-        return self.a_rows if parent == "a" else self.b_rows
+    def source(self, i: int) -> torch.Tensor:
+        """Input ``i``'s row for each child row (-1 where it lacks the token)."""
+        return self.sources[i]
+
+
+def input_index(mode: str) -> int:
+    """The input a one-tokenizer mode names: ``a`` is the first, ``b`` the second, ..."""
+    return ord(mode) - ord("a")
 
 
 @dataclass(frozen=True, eq=False)
 class TokenMap:
-    """The child's vocabulary, and for each child row the row each parent gives it."""
+    """The child's vocabulary, and for each child row the row each input gives it."""
 
-    mode: str  # "union", "a" or "b"
+    mode: str  # "union", or the letter of the input whose tokenizer the child keeps ("a", "b", ...)
     tokens: tuple[str | None, ...]  # the child's tokens by id
     rowmap: RowMap
-    added: tuple[str, ...]  # union: B's tokens appended to A's tokenizer, in order
-    dropped: int  # a / b: tokens of the other parent the child does not have
-    first_difference: int | None
+    added: tuple[str, ...]  # union: the later inputs' tokens appended to the first's, in order
+    dropped: int  # one input's tokenizer: tokens of the others the child does not have
+    first_difference: int | None  # where the first two vocabularies first differ
+    labels: tuple[str, ...] = ("A", "B")  # the inputs, for messages ("A", "B", "C", "base")
+    added_flags: dict = field(default_factory=dict, compare=False)  # added token -> AddedToken flags
 
     @property
     def fill(self) -> str:
@@ -112,11 +119,11 @@ class TokenMap:
 
     @property
     def a_rows(self) -> torch.Tensor:
-        return self.rowmap.a_rows
+        return self.rowmap.sources[0]
 
     @property
     def b_rows(self) -> torch.Tensor:
-        return self.rowmap.b_rows
+        return self.rowmap.sources[1]
 
     @property
     def rows(self) -> int:
@@ -126,38 +133,48 @@ class TokenMap:
         import hashlib
 
         h = hashlib.sha256(f"{self.mode}/{self.fill}/".encode())
-        h.update(self.a_rows.numpy().tobytes())
-        h.update(self.b_rows.numpy().tobytes())
+        for src in self.rowmap.sources:
+            h.update(src.numpy().tobytes())
         h.update("\x00".join(t or "" for t in self.tokens).encode())
         return h.hexdigest()
 
     def describe(self) -> list[str]:
         """What the alignment does, for ``raymerge plan`` and the notes."""
         n = len(self.tokens)
-        filled_a = int((self.a_rows < 0).sum())
-        filled_b = int((self.b_rows < 0).sum())
+        filled = [int((src < 0).sum()) for src in self.rowmap.sources]
         a, b = self.a_rows[:n], self.b_rows[:n]
         moved = int(((a >= 0) & (b >= 0) & (a != b)).sum())
-        how = {"copy": "the other parent's row", "mean": "the parent's mean row", "zeros": "zeros"}[self.fill]
+        how = {"copy": "another input's row", "mean": "the input's mean row", "zeros": "zeros"}[self.fill]
+        if len(self.labels) == 2:
+            how = how.replace("another input", "the other parent").replace("the input", "the parent")
         lines = [f"vocabulary by token string ({self.mode}): {n} tokens, {self.rows} rows"
                  + (f"; the tokenizers first differ at id {self.first_difference}" if self.first_difference is not None else "")]
         if self.added:
             shown = ", ".join(repr(t) for t in self.added[:5]) + (", ..." if len(self.added) > 5 else "")
-            lines.append(f"  {len(self.added)} token(s) only B has, appended after A's: {shown}")
+            first = self.labels[0]
+            lines.append(f"  {len(self.added)} token(s) only "
+                         + (f"B has, appended after A's: " if len(self.labels) == 2 else f"later inputs have, appended after {first}'s: ")
+                         + shown)
         if self.dropped:
-            lines.append(f"  {self.dropped} token(s) of parent {'B' if self.mode == 'a' else 'A'} dropped")
+            if len(self.labels) == 2:
+                lines.append(f"  {self.dropped} token(s) of parent {'B' if self.mode == 'a' else 'A'} dropped")
+            else:
+                lines.append(f"  {self.dropped} token(s) of the other inputs dropped")
         if moved:
             lines.append(f"  {moved} token(s) at different ids in the parents, matched by string")
-        lines.append(f"  rows filled with {how}: {filled_a} for parent A, {filled_b} for parent B")
+        lines.append(f"  rows filled with {how}: "
+                     + ", ".join(f"{k} for {'parent ' if label != 'base' else ''}{label}" for k, label in zip(filled, self.labels)))
         return lines
 
     def to_table(self):
-        """One row per child id: token, A's row, B's row (-1 where filled)."""
+        """One row per child id: token, then each input's row (-1 where filled)."""
         import pyarrow as pa
 
         tokens = list(self.tokens) + [None] * (self.rows - len(self.tokens))
-        return pa.table({"id": list(range(self.rows)), "token": tokens,
-                         "a_row": self.a_rows.tolist(), "b_row": self.b_rows.tolist()})
+        columns = {"id": list(range(self.rows)), "token": tokens}
+        for label, src in zip(self.labels, self.rowmap.sources):
+            columns[f"{label.lower()}_row"] = src.tolist()
+        return pa.table(columns)
 
 
 def token_map(va: Vocab, vb: Vocab, rows_a: int, rows_b: int, mode: str, fill: str) -> TokenMap:
@@ -168,46 +185,74 @@ def token_map(va: Vocab, vb: Vocab, rows_a: int, rows_b: int, mode: str, fill: s
         >>> m.tokens, m.a_rows.tolist(), m.b_rows.tolist()
         (('x', 'y', 'z'), [0, 1, -1], [0, 2, 1])
     """
-    ids_a, ids_b = va.ids(), vb.ids()
+    return inputs_token_map((va, vb), (rows_a, rows_b), mode, fill)
+
+
+def inputs_token_map(vocabs: tuple[Vocab, ...], rows: tuple[int, ...], mode: str, fill: str,
+                     labels: tuple[str, ...] | None = None) -> TokenMap:
+    """Map every input's embedding rows onto the child's vocabulary.
+
+    ``union``: the first input's tokens at its ids, then each next input's new tokens in its id
+    order; a letter (``a``, ``b``, ...): that input's tokenizer and ids, the others' other tokens
+    dropped.
+
+    Example:
+        >>> m = inputs_token_map((Vocab(("x",)), Vocab(("x", "y")), Vocab(("z", "x"))), (1, 2, 2), "union", "copy")
+        >>> m.tokens, [s.tolist() for s in m.rowmap.sources]
+        (('x', 'y', 'z'), [[0, -1, -1], [0, 1, -1], [1, -1, 0]])
+    """
+    labels = labels or tuple(chr(ord("A") + i) for i in range(len(vocabs)))
+    ids = [v.ids() for v in vocabs]
     if mode == "union":
-        added = tuple(t for t in vb.tokens if t is not None and t not in ids_a)
-        tokens, base_rows, dropped = va.tokens + added, rows_a, 0
-    elif mode in ("a", "b"):
-        keep, other = (va, ids_b) if mode == "a" else (vb, ids_a)
-        added, tokens = (), keep.tokens
-        base_rows = rows_a if mode == "a" else rows_b
-        dropped = len(set(other) - set(keep.ids()))
+        tokens, seen = list(vocabs[0].tokens), set(ids[0])
+        for v in vocabs[1:]:
+            for t in v.tokens:
+                if t is not None and t not in seen:
+                    tokens.append(t)
+                    seen.add(t)
+        tokens = tuple(tokens)
+        added, base_rows, dropped = tokens[len(vocabs[0].tokens):], rows[0], 0
+    elif len(mode) == 1 and 0 <= input_index(mode) < len(vocabs):
+        k = input_index(mode)
+        added, tokens, base_rows = (), vocabs[k].tokens, rows[k]
+        others = set().union(*(set(d) for i, d in enumerate(ids) if i != k))
+        dropped = len(others - set(ids[k]))
     else:
         raise ValueError(f"unknown vocabulary mode {mode!r}")
-    rows = max(len(tokens), base_rows)
+    n_rows = max(len(tokens), base_rows)
     sources = []
-    for vocab, ids, parent_rows in ((va, ids_a, rows_a), (vb, ids_b, rows_b)):
-        src = [-1] * rows
-        for i in range(rows):
+    for vocab, vocab_ids, parent_rows in zip(vocabs, ids, rows):
+        src = [-1] * n_rows
+        for i in range(n_rows):
             token = tokens[i] if i < len(tokens) else None
             if token is not None:
-                j = ids.get(token, -1)
-            else:  # no token at this id: a padding row, matched by position where the parent has one too
+                j = vocab_ids.get(token, -1)
+            else:  # no token at this id: a padding row, matched by position where the input has one too
                 j = i if i >= len(vocab.tokens) or vocab.tokens[i] is None else -1
             src[i] = j if j < parent_rows else -1
         sources.append(torch.tensor(src, dtype=torch.int32))
-    return TokenMap(mode, tuple(tokens), RowMap(sources[0], sources[1], fill), added, dropped,
-                    first_difference(va, vb))
+    flags: dict = {}
+    for v in vocabs:
+        for content, f in v.added.items():
+            flags.setdefault(content, f)
+    return TokenMap(mode, tokens, RowMap(tuple(sources), fill), tuple(added), dropped,
+                    first_difference(vocabs[0], vocabs[1]), labels, flags)
 
 
-def union_tokenizer(a_dir: str, vb: Vocab, tmap: TokenMap):
-    """A's tokenizer, loaded by transformers, with B's tokens added in B's id order.
+def union_tokenizer(a_dir: str, tmap: TokenMap):
+    """The first input's tokenizer, loaded by transformers, with the later inputs' tokens added in
+    the token map's order.
 
-    B's added tokens keep their flags (special, normalized, lstrip, rstrip, single_word); tokens
-    from B's base vocabulary become added tokens matched literally. Special tokens, chat template
-    and bos/eos/pad stay A's.
+    Added tokens keep their flags (special, normalized, lstrip, rstrip, single_word); tokens from
+    another input's base vocabulary become added tokens matched literally. Special tokens, chat
+    template and bos/eos/pad stay the first input's.
     """
     from tokenizers import AddedToken
 
     tok = load_tokenizer(a_dir)
     groups: list[tuple[bool, list]] = []
     for content in tmap.added:
-        flags = vb.added.get(content, {"special": False, "normalized": False})
+        flags = tmap.added_flags.get(content, {"special": False, "normalized": False})
         token = AddedToken(content, **flags)
         if groups and groups[-1][0] == bool(flags.get("special")):
             groups[-1][1].append(token)
@@ -224,11 +269,11 @@ def union_tokenizer(a_dir: str, vb: Vocab, tmap: TokenMap):
     return tok
 
 
-def write_union_tokenizer(out_dir: str, a_dir: str, vb: Vocab, tmap: TokenMap) -> None:
-    """The union tokenizer saved by transformers into ``out_dir``; A's ``tokenizer.model``, if any,
+def write_union_tokenizer(out_dir: str, a_dir: str, tmap: TokenMap) -> None:
+    """The union tokenizer saved by transformers into ``out_dir``; the first input's ``tokenizer.model``, if any,
     is copied alongside (it holds A's pieces; the added tokens live in ``tokenizer.json`` and
     ``tokenizer_config.json``)."""
-    tok = union_tokenizer(a_dir, vb, tmap)
+    tok = union_tokenizer(a_dir, tmap)
     with tempfile.TemporaryDirectory(prefix="raymerge-tokenizer-") as tmp:
         tok.save_pretrained(tmp)
         if os.path.isfile(os.path.join(a_dir, "tokenizer.model")):

@@ -16,7 +16,7 @@ from raymerge.slerp import Coefficients
 
 def _job(parents, tmp_path, paths):
     a, b = parents
-    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), MergeOptions(a=a, b=b, out=str(tmp_path)), 1)
+    plan = build_plan((load_parent(a, "A"), load_parent(b, "B")), MergeOptions(a=a, b=b, out=str(tmp_path)), 1)
     coefs = {t.name: (Coefficients(0.5, 0.5, True, 0.0),) * len(paths) for t in plan.shard_tensors(0)
              if t.op == "slerp"}
     return WriteJob.for_shard(plan, 0, tuple(paths), reduced=True, coefficients=coefs)

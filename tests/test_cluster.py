@@ -169,7 +169,7 @@ ray.init(address={fake_gpu_head.address!r}, logging_level="ERROR")
 options = MergeOptions(a={tiny_parents[0]!r}, b={tiny_parents[1]!r}, out="unused", eval_text={str(text)!r},
                        schedule_timeout_s=60, progress=False)
 a, b = load_parent(options.a, "A"), load_parent(options.b, "B")
-plan = build_plan(a, b, options, 1)
+plan = build_plan((a, b), options, 1)
 try:
     evaluation.evaluate(options.cluster, plan, evaluation.prepare(options.scoring, a, b, plan), a, b, {{}}, {{}}, [])
     print("scored")

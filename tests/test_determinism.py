@@ -29,7 +29,7 @@ def float32_parents(session_dir):
 
 def test_reductions_do_not_depend_on_the_actor_thread_count(float32_parents, tmp_path):
     a, b = float32_parents
-    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), MergeOptions(a=a, b=b, out=str(tmp_path)), 1)
+    plan = build_plan((load_parent(a, "A"), load_parent(b, "B")), MergeOptions(a=a, b=b, out=str(tmp_path)), 1)
     results = [{s.name: s.reductions for s in MergeActor(2**20, num_threads=n).reduce(list(plan.tensors))}
                for n in (1, 2, 3)]
     assert results[0] == results[1] == results[2]
@@ -65,7 +65,7 @@ def test_block_sizes_give_the_fixed_order_reductions(float32_parents, tmp_path):
     """Blocks are cut in whole reduction chunks: 64 KiB, 1 MiB and 64 MiB blocks (a GPU actor's
     size) give the bits of the whole tensor reduced at once, as the contract orders it."""
     a, b = float32_parents
-    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), MergeOptions(a=a, b=b, out=str(tmp_path)), 1)
+    plan = build_plan((load_parent(a, "A"), load_parent(b, "B")), MergeOptions(a=a, b=b, out=str(tmp_path)), 1)
     results = [{s.name: s.reductions for s in MergeActor(block).reduce(list(plan.tensors))}
                for block in (2**16, 2**20, 2**26)]
     assert results[0] == results[1] == results[2]

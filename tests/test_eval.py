@@ -100,7 +100,7 @@ def test_an_in_memory_child_has_the_written_childs_logits(sweep_all, tiny_parent
 
     out, _, _ = sweep_all
     a, b = tiny_parents
-    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), MergeOptions(a=a, b=b, out=out), 1)
+    plan = build_plan((load_parent(a, "A"), load_parent(b, "B")), MergeOptions(a=a, b=b, out=out), 1)
     actor = MergeActor(2**20)
     stats = {s.name: s for s in actor.reduce(list(plan.tensors))}
     state = {t.name: actor.merged_tensor(t, slerp_coefficients(stats[t.name].reductions, 0.5) if t.op == "slerp" else None)

@@ -189,7 +189,7 @@ def test_a_nan_found_after_shards_were_finished_leaves_no_model(tiny_parents, cl
 
     a, b = tiny_parents
     options = MergeOptions(a=a, b=b, out=str(tmp_path / "x"), max_shard_size=parse_size("100KB"))
-    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), options, 1)
+    plan = build_plan((load_parent(a, "A"), load_parent(b, "B")), options, 1)
     assert len(plan.shards) > 2
     last = [t for t in plan.tensors if t.shard == len(plan.shards) - 1][-1].name
     w = load_file(os.path.join(b, "model.safetensors"))[last].clone()

@@ -247,7 +247,7 @@ def test_reading_ahead_from_a_bucket_gives_the_bytes_and_every_buffer_back(s3, t
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(storage, "_filesystems", {})  # this server's, not another test's
     a, b = "s3://models/parents/a", "s3://models/parents/b"
-    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), MergeOptions(a=a, b=b, out="unused"), 1)
+    plan = build_plan((load_parent(a, "A"), load_parent(b, "B")), MergeOptions(a=a, b=b, out="unused"), 1)
     local = load_file(os.path.join(tiny_parents[0], "model.safetensors"))
     buffers = Buffers()
     with ReadAhead(plan.tensors, buffers) as ahead:

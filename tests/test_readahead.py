@@ -109,7 +109,7 @@ def test_a_truncated_file_is_an_error_not_zeros(odd_file):
 
 def test_the_next_calls_tensors_are_carried_over_not_read_again(tiny_parents, monkeypatch):
     a, b = tiny_parents
-    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), MergeOptions(a=a, b=b, out="x"), 1)
+    plan = build_plan((load_parent(a, "A"), load_parent(b, "B")), MergeOptions(a=a, b=b, out="x"), 1)
     tensors = list(plan.tensors)
     reads = _count_reads(monkeypatch, lambda e: e.name)
     first, second = tensors[:5], tensors[5:10]
@@ -131,7 +131,7 @@ def test_a_merge_reads_every_parent_tensor_once(tiny_parents, tmp_path, monkeypa
     shards equal a merge made by the two-pass path (reduce, then write with the coefficients)."""
     a, b = tiny_parents
     options = MergeOptions(a=a, b=b, out=str(tmp_path), max_shard_size=200_000)
-    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), options, 1)
+    plan = build_plan((load_parent(a, "A"), load_parent(b, "B")), options, 1)
     reads = _count_reads(monkeypatch, lambda e: (e.file, e.name))
     actor = MergeActor(options.block_bytes)
     mmap_reads = []
@@ -176,7 +176,7 @@ def test_read_ahead_views_cached_tensors_and_reads_the_others(odd_file, cached, 
 
     class T:  # a planned tensor of one parent
         def __init__(self, e):
-            self.name, self.a, self.b = e.name, e, None
+            self.name, self.a, self.b, self.inputs = e.name, e, None, (e, None)
 
     how = []
     monkeypatch.setattr(readahead, "read_entry", lambda fds, e, buf, real=readahead.read_entry:
@@ -210,7 +210,7 @@ def test_tensors_carried_over_stay_valid_after_their_read_ahead_closes(odd_file,
 
     class T:
         def __init__(self, e):
-            self.name, self.a, self.b = e.name, e, None
+            self.name, self.a, self.b, self.inputs = e.name, e, None, (e, None)
 
     with ReadAhead([T(e) for e in entries], keep_from=1) as ahead:
         ahead.take(0)
@@ -237,7 +237,7 @@ def test_a_failing_call_gives_back_the_buffers_read_for_the_next_one(odd_file):
 
     class T:
         def __init__(self, e):
-            self.name, self.a, self.b = e.name, e, None
+            self.name, self.a, self.b, self.inputs = e.name, e, None, (e, None)
 
     buffers = Buffers()
     with pytest.raises(OSError, match="No space left"):

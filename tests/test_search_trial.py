@@ -32,7 +32,7 @@ def setup(tiny_parents, session_dir):
     text_path.write_text(" ".join(f"w{rng.randrange(900)}" for _ in range(600)) + "\n")
     options = MergeOptions(a=a_path, b=b_path, out="unused", eval_text=str(text_path), context=CONTEXT)
     a, b = load_parent(a_path, "A"), load_parent(b_path, "B")
-    plan = build_plan(a, b, options, 1)
+    plan = build_plan((a, b), options, 1)
     inputs = prepare(options.scoring, a, b, plan)
     tokenizer = (a if plan.tokenizer_from == "a" else b).tokenizer
     text = text_path.read_text()

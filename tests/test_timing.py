@@ -33,7 +33,7 @@ def test_an_inner_phase_counts_for_itself_only():
 def test_a_write_call_reports_every_phase(tiny_parents, tmp_path, monkeypatch):
     a, b = tiny_parents
     options = MergeOptions(a=a, b=b, out=str(tmp_path), t=(0.5,))
-    plan = build_plan(load_parent(a, "A"), load_parent(b, "B"), options, 1)
+    plan = build_plan((load_parent(a, "A"), load_parent(b, "B")), options, 1)
     # Every block handed to the background writer waits 5 ms, as it would behind a full queue:
     # inside a combination, that wait is the write phase's alone.
     waits = []

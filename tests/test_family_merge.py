@@ -1,0 +1,184 @@
+"""Merges by the SLERP family (multislerp, karcher, nuslerp) of 3 and 4 parents and of two parents
+plus a base, on parents as transformers writes them (Llama, Qwen2, Mixtral), against the direct
+float64 transcriptions of mergekit's formulas in test_family.py.
+
+The numeric cases run the merge actor in this process (the plan, the reductions and the writes a
+merge makes, without Ray); ``test_actor_counts_write_the_same_bytes`` runs the same merges on the
+session's Ray with 1, 2 and 3 actors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hfparents import save_parent, tiny_config
+from reference import load_dir, ulp
+from test_family import karcher_direct, multislerp_direct, nuslerp_merge_direct
+
+from raymerge import readahead
+from raymerge.actors import MergeActor, WriteJob
+from raymerge.cli import build_options
+from raymerge.driver import load_parents
+from raymerge.plan import build_plan
+from raymerge.readahead import ReadAhead
+
+F64 = torch.float64
+ARCHS = ["llama", "qwen2", "mixtral"]
+
+
+@pytest.fixture(scope="session")
+def families(session_dir):
+    """Per architecture: a base and four fine-tunes of it (small task vectors, as fine-tunes have)."""
+    made = {}
+    for arch in ARCHS:
+        root = session_dir / "family" / arch
+        config = tiny_config(arch)
+        base = save_parent(str(root / "base"), config, seed=1)
+        tunes = [save_parent(str(root / f"ft{i}"), config, seed=1, noise_seed=10 + i, noise=0.05) for i in range(4)]
+        made[arch] = (base, tunes)
+    return made
+
+
+def merge_here(out, *, max_shard_size: int = 10**9, **values) -> dict[str, dict[str, torch.Tensor]]:
+    """Plan and write a merge with one in-process MergeActor; every output's tensors, by subdir."""
+    options = build_options(out=str(out), max_shard_size=str(max_shard_size), **values)
+    inputs = load_parents(options)
+    plan = build_plan(inputs, options, 1)
+    actor = MergeActor(options.block_bytes)
+    subdirs = options.output_dirs()
+    for sub in subdirs:
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+    for i, shard in enumerate(plan.shards):
+        mine = plan.shard_tensors(i)
+        ts = {t.name: options.t_for(t.name, plan.n_layers) for t in mine if t.op in ("slerp", "mix")}
+        paths = tuple(os.path.join(out, sub, shard.filename) for sub in subdirs)
+        done = actor.write(WriteJob.for_shard(plan, i, paths, ts=ts))
+        assert done.refused is None
+    return {sub: load_dir(os.path.join(out, sub)) for sub in subdirs}
+
+
+def check_within_one_ulp(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """``got`` (the output dtype) within one of its ulps of the float64 ``want``."""
+    bad = (got.to(F64) - want).abs() > ulp(want.to(got.dtype)).to(F64)
+    assert not bad.any(), f"{name}: {int(bad.sum())} of {got.numel()} elements more than one ulp off"
+
+
+def multislerp_or_base(xs, weights, base):
+    """mergekit's multislerp; where every task vector is zero (a tensor no fine-tune changed),
+    the base, where mergekit stops with an error for three parents or more (a documented
+    deviation, family.py)."""
+    if all(not bool((x - (0 if base is None else base)).any()) for x in xs) and len(xs) > 2:
+        with pytest.raises(AssertionError):  # the direct version refuses: mergekit's ValueError
+            multislerp_direct(xs, weights, base=base)
+        return torch.zeros_like(xs[0]) if base is None else base.clone()
+    return multislerp_direct(xs, weights, base=base)
+
+
+def check_all(child: dict, parents: list[dict], base: dict | None, direct) -> None:
+    assert sorted(child) == sorted(parents[0])
+    for name, got in child.items():
+        xs = [p[name].to(F64) for p in parents]
+        want = direct(xs, None if base is None else base[name].to(F64))
+        assert got.dtype == parents[0][name].dtype
+        check_within_one_ulp(got, want, name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("n, with_base", [(3, False), (4, True)])
+def test_multislerp_matches_the_direct_formula(families, arch, n, with_base, tmp_path):
+    base_dir, tunes = families[arch]
+    weights = [(1.0, 2.0, 0.5, 1.5)[:n], (1.0,) * n]
+    children = merge_here(tmp_path, parents=tuple(tunes[:n]), method="multislerp",
+                          base=base_dir if with_base else None,
+                          weights=tuple(",".join(str(w) for w in ws) for ws in weights))
+    parents, base = [load_dir(d) for d in tunes[:n]], load_dir(base_dir) if with_base else None
+    for ws, child in zip(weights, children.values()):
+        check_all(child, parents, base, lambda xs, b, ws=ws: multislerp_or_base(xs, list(ws), b))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("n", [3, 4])
+def test_karcher_matches_the_direct_formula(families, arch, n, tmp_path):
+    _, tunes = families[arch]
+    (child,) = merge_here(tmp_path, parents=tuple(tunes[:n]), method="karcher").values()
+    check_all(child, [load_dir(d) for d in tunes[:n]], None, lambda xs, b: karcher_direct(xs))
+
+
+def _recipe(path, models, method, base=None, **parameters) -> str:
+    doc = {"models": [{"model": m, "parameters": {"weight": w}} for m, w in models], "merge_method": method}
+    if base:
+        doc["base_model"] = base
+    if parameters:
+        doc["parameters"] = parameters
+    with open(path, "w") as f:
+        yaml.safe_dump(doc, f)
+    return str(path)
+
+
+@pytest.mark.parametrize("flatten, row_wise", [(True, False), (False, False), (False, True)],
+                         ids=["flatten", "rows", "columns"])
+@pytest.mark.parametrize("with_base", [False, True], ids=["no base", "base"])
+@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+def test_nuslerp_matches_the_direct_formula(families, arch, flatten, row_wise, with_base, tmp_path):
+    from raymerge.recipe import load_recipe
+
+    base_dir, tunes = families[arch]
+    recipe = load_recipe(_recipe(tmp_path / "r.yml", [(tunes[0], 1.0), (tunes[1], 3.0)], "nuslerp",
+                                 base_dir if with_base else None, nuslerp_flatten=flatten, nuslerp_row_wise=row_wise))
+    (child,) = merge_here(tmp_path / "out", **recipe.merge_values()).values()
+    parents, base = [load_dir(d) for d in tunes[:2]], load_dir(base_dir) if with_base else None
+    check_all(child, parents, base, lambda xs, b: nuslerp_merge_direct(
+        xs, [1.0, 3.0], base=b, dim=0 if row_wise else -1, flatten=flatten))
+
+
+def test_a_weight_sweep_reads_every_input_byte_once(families, tmp_path, monkeypatch):
+    """Five weight vectors of four parents and a base: five children from one read of each tensor."""
+    base_dir, tunes = families["llama"]
+    reads = []
+    read, mapped = readahead.read_entry, ReadAhead._mapped
+    monkeypatch.setattr(readahead, "read_entry", lambda fds, e, buf: reads.append((e.file, e.name)) or read(fds, e, buf))
+    monkeypatch.setattr(ReadAhead, "_mapped", lambda self, e: reads.append((e.file, e.name)) or mapped(self, e))
+    sweep = ["1,1,1,1", "2,1,1,1", "1,2,1,1", "1,1,2,1", "1,1,1,2"]
+    children = merge_here(tmp_path, parents=tuple(tunes), base=base_dir, method="multislerp", weights=tuple(sweep),
+                          max_shard_size=20_000)
+    assert sorted(children) == sorted(f"w-{w}" for w in sweep)
+    inputs = [*tunes, base_dir]
+    want = sorted((os.path.join(d, "model.safetensors"), name) for d in inputs
+                  for name in load_file(os.path.join(d, "model.safetensors")))
+    assert sorted(reads) == want, "every tensor of every input read exactly once"
+    parents, base = [load_dir(d) for d in tunes], load_dir(base_dir)
+    for w, child in zip(sweep, (children[f"w-{w}"] for w in sweep)):
+        check_all(child, parents, base,
+                  lambda xs, b, w=w: multislerp_or_base(xs, [float(x) for x in w.split(",")], b))
+
+
+@pytest.fixture
+def written(cli, tmp_path):
+    """``written(args, workers)``: the shards' bytes of a merge on the session's Ray."""
+
+    def get(args: list[str], workers: int) -> dict[str, bytes]:
+        out = tmp_path / f"out-{workers}"
+        done = cli("merge", *args, "-o", out, "--workers", workers, "--max-shard-size", "20KB", "--quiet")
+        assert done.returncode == 0, done.stderr
+        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.safetensors"))}
+
+    return get
+
+
+@pytest.mark.parametrize("method", ["multislerp", "karcher", "nuslerp"])
+def test_actor_counts_write_the_same_bytes(families, written, method):
+    base_dir, tunes = families["qwen2"]
+    args = {"multislerp": [*tunes[:3], "--method", "multislerp", "--base", base_dir, "--weights", "1,2,3",
+                           "--weights", "3,2,1"],
+            "karcher": [*tunes, "--method", "karcher"],
+            "nuslerp": [*tunes[:2], "--method", "nuslerp", "--base", base_dir, "--weights", "1,3"]}[method]
+    one = written(args, 1)
+    assert len(one) >= 3, "several shards, so that several actors share them"
+    assert written(args, 2) == one
+    assert written(args, 3) == one
