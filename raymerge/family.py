@@ -110,7 +110,7 @@ def multislerp_coefficients(
 
     Differences from mergekit: one parent is refused (mergekit returns it unchanged); weights
     that sum to zero up to rounding are refused when normalised (mergekit divides by the sum);
-    the parents are summed in the recipe's order (mergekit's follows a Python set's); a tensor
+    the parents are summed in the recipe's order; a tensor
     that every input holds as zeros (every parent equal to the base there) gives zeros (the base),
     where mergekit, for three parents or more, stops the merge ("the weighted sum of the input
     tensors is zero").
@@ -262,9 +262,8 @@ def nuslerp_coefficients(
     ``|sin(theta)| < eps``. A zero vector is at pi/2 from the other (no linear fallback), as in
     mergekit. ``nuslerp_flatten: true`` is one ``[2, 2]`` matrix per tensor; with flatten off,
     pass a ``[R, 2, 2]`` batch, one matrix per vector mergekit interpolates separately, and get
-    ``[R, 2]`` (``[R, 3]``) back: vectors along the last dimension by default, along the first with
-    ``nuslerp_row_wise`` (mergekit transposes dim 0 with -1: in PyTorch's ``[out, in]`` layout
-    those are columns). Which vectors to reduce is the caller's; the maths is the same.
+    ``[R, 2]`` (``[R, 3]``) back. Which vectors to reduce is the caller's (``FamilyMethod.vectors``);
+    the maths is the same.
 
     Differences from mergekit: none in the formula; t outside [0, 1] is allowed as there. Choosing
     the parents (exactly two, the base not among them) is the caller's; a Gram matrix over more
@@ -343,13 +342,19 @@ class FamilyMethod:
         return self.name != "karcher"
 
     def vectors(self, shape: tuple[int, ...]) -> str:
-        """What one angle is taken over: ``tensor`` (the whole tensor, flattened), ``rows``
-        (vectors along the last dimension: mergekit's nuslerp with flatten off) or ``columns``
-        (vectors along the first dimension: with ``nuslerp_row_wise`` too). A tensor of one
-        dimension is one vector either way, as in mergekit."""
+        """What one angle is taken over: ``tensor`` (the whole tensor, flattened), or with
+        ``nuslerp_flatten: false``, ``rows`` (vectors along the last dimension, with
+        ``nuslerp_row_wise: true``) or ``columns`` (vectors along the first dimension, by default).
+        A tensor of one dimension is one vector either way, as in mergekit.
+
+        This is mergekit's documentation ("nuslerp_row_wise: SLERP row vectors instead of column
+        vectors"), not its code, which takes vectors along the last dimension by default and
+        along the first with ``nuslerp_row_wise``: in PyTorch's ``[out, in]`` layout, columns for
+        "row-wise". A recipe with flatten off therefore gives what mergekit 0.1.5 gives with the
+        flag negated (README, "Merging more than two models")."""
         if self.name != "nuslerp" or self.nuslerp_flatten or len(shape) < 2:
             return "tensor"
-        return "columns" if self.nuslerp_row_wise else "rows"
+        return "rows" if self.nuslerp_row_wise else "columns"
 
     def coefficients(self, gram: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
         """Coefficients over the inputs (the base last, with one): ``[N]``, or ``[V, N]`` for a

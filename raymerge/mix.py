@@ -13,9 +13,9 @@ float64, one multiply and one add per input in the inputs' order, then rounds on
 output dtype.
 
 Angles over a whole tensor sum each chunk of about ``REDUCTION_CHUNK`` elements and the chunks'
-sums by pairwise halving; nuslerp's per-row angles (flatten off) sum each row the same way (a
-row is one chunk); its per-column angles (``nuslerp_row_wise``) sum each chunk of whole rows per
-column by pairwise halving and add the chunks' sums in row order.
+sums by pairwise halving; nuslerp's per-row angles (flatten off, ``nuslerp_row_wise``) sum each
+row the same way (a row is one chunk); its per-column angles (flatten off, the default) sum each
+chunk of whole rows per column by pairwise halving and add the chunks' sums in row order.
 """
 
 from __future__ import annotations

@@ -94,16 +94,18 @@ def parse_t(setting, kind: str = "t") -> Schedule:
     return Schedule(default=_values(setting, kind), kind=kind)
 
 
-def _model(entry, where: str, allowed: tuple[str, ...] = ()) -> str:
+def _model(entry, where: str, allowed: tuple[str, ...] | None = None) -> str:
+    """A recipe's model entry's path; ``allowed``: the per-model parameters it may have (None:
+    slerp's, which takes none)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
         raise InputError(f"recipe: {where} needs 'model: PATH'")
     params = entry.get("parameters") or {}
-    extra = sorted(set(params) - set(allowed)) if isinstance(params, dict) else [repr(params)]
-    if extra and not allowed:
+    extra = sorted(set(params) - set(allowed or ())) if isinstance(params, dict) else [repr(params)]
+    if extra and allowed is None:
         raise InputError(f"recipe: per-model parameters ({where}) are not supported; use parameters.t")
     if extra:
         raise InputError(f"recipe: per-model parameters {', '.join(extra)} ({where}) are not supported; "
-                         f"a model takes {', '.join(allowed)}")
+                         + (f"a model takes {', '.join(allowed)}" if allowed else "this method takes none"))
     return entry["model"]
 
 

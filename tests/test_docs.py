@@ -124,11 +124,17 @@ NOT_RUN = {
 
 @pytest.fixture(scope="module")
 def workdir(tiny_parents, ray_head, tmp_path_factory):
-    """Where the examples run: parent-a and parent-b are the tiny fixture parents, heldout.txt a
+    """Where the examples run: parent-a and parent-b are the tiny fixture parents (parent-c and
+    parent-d two more fine-tunes of parent-a, for the SLERP family's examples), heldout.txt a
     text in their word-level vocabulary, longer than one scoring window (their 256 positions)."""
+    from raymerge.synthetic import build_parent, llama_config
+
     work = tmp_path_factory.mktemp("docs")
     for name, parent in zip(("parent-a", "parent-b"), tiny_parents):
         os.symlink(parent, work / name)
+    config = llama_config(vocab_size=1000)  # the tiny parents' (conftest.py)
+    for name, seed in (("parent-c", 3), ("parent-d", 4)):
+        build_parent(str(work / name), config, seed=seed, base=(config, 1))
     r = random.Random(0)
     (work / "heldout.txt").write_text(" ".join(f"w{r.randrange(900)}" for _ in range(300)) + "\n")
     return work
@@ -139,7 +145,7 @@ def _outputs(args: list[str]) -> list[str]:
     out = args[args.index("-o") + 1]
     if os.path.isfile(os.path.join(out, "config.json")):
         return [out]
-    return sorted(os.path.join(out, d) for d in os.listdir(out) if d.startswith("t-"))
+    return sorted(os.path.join(out, d) for d in os.listdir(out) if d.startswith(("t-", "w-")))
 
 
 def run_raymerge(args: list[str]) -> str:

@@ -122,7 +122,7 @@ def _recipe(path, models, method, base=None, **parameters) -> str:
 
 
 @pytest.mark.parametrize("flatten, row_wise", [(True, False), (False, False), (False, True)],
-                         ids=["flatten", "rows", "columns"])
+                         ids=["flatten", "columns", "rows"])
 @pytest.mark.parametrize("with_base", [False, True], ids=["no base", "base"])
 @pytest.mark.parametrize("arch", ["llama", "mixtral"])
 def test_nuslerp_matches_the_direct_formula(families, arch, flatten, row_wise, with_base, tmp_path):
@@ -133,8 +133,10 @@ def test_nuslerp_matches_the_direct_formula(families, arch, flatten, row_wise, w
                                  base_dir if with_base else None, nuslerp_flatten=flatten, nuslerp_row_wise=row_wise))
     (child,) = merge_here(tmp_path / "out", **recipe.merge_values()).values()
     parents, base = [load_dir(d) for d in tunes[:2]], load_dir(base_dir) if with_base else None
+    # mergekit's documented layout (family.FamilyMethod.vectors): row vectors, along the last
+    # dimension, with row_wise; columns, along the first, without. Its code has them the other way.
     check_all(child, parents, base, lambda xs, b: nuslerp_merge_direct(
-        xs, [1.0, 3.0], base=b, dim=0 if row_wise else -1, flatten=flatten))
+        xs, [1.0, 3.0], base=b, dim=-1 if row_wise else 0, flatten=flatten))
 
 
 def test_a_weight_sweep_reads_every_input_byte_once(families, tmp_path, monkeypatch):
@@ -182,3 +184,114 @@ def test_actor_counts_write_the_same_bytes(families, written, method):
     assert len(one) >= 3, "several shards, so that several actors share them"
     assert written(args, 2) == one
     assert written(args, 3) == one
+
+
+REFUSALS = [
+    # (arguments after the parents' placeholders, the refusal's words)
+    (["{ft0}", "--method", "multislerp"], "give at least two parents"),
+    (["{ft0}", "{ft1}", "{ft2}"], "slerp merges two parents; for 3, choose --method multislerp or karcher"),
+    (["{ft0}", "{ft1}", "{ft2}", "--method", "nuslerp"], "nuslerp merges exactly two parents"),
+    (["{ft0}", "{ft1}", "--method", "nuslerp", "--base", "{ft1}"], "is also one of the parents"),
+    (["{ft0}", "{ft1}", "--method", "multislerp", "--weights", "1,-1"], "sum to zero, so they cannot be normalised"),
+    (["{ft0}", "{ft1}", "{ft2}", "--method", "multislerp", "--weights", "1,2"], "2 weights for 3 parents"),
+    (["{ft0}", "{ft1}", "--method", "karcher", "--weights", "1,2"], "karcher takes no weights"),
+    (["{ft0}", "{ft1}", "--method", "karcher", "--base", "{base}"], "karcher takes no base_model"),
+    (["{ft0}", "{ft1}", "--method", "multislerp", "-t", "0.3"], "-t, --t-range and --t-for are SLERP's"),
+    (["{ft0}", "{ft1}", "--method", "karcher", "--eval", "text.txt"], "--eval is not supported with karcher"),
+    (["{ft0}", "{other}", "--method", "karcher"], "the parents' configs differ in intermediate_size (A 64, B 96)"),
+]
+
+BAD_RECIPES = [
+    ("merge_method: multislerp\nmodels:\n  - model: {ft0}\n    parameters: {{weight: 1}}\n"
+     "  - model: {ft1}\n    parameters: {{weight: 1}}\nparameters:\n  nuslerp_flatten: false\n",
+     "multislerp takes no parameter 'nuslerp_flatten' (it takes normalize_weights, eps, weight)"),
+    ("merge_method: karcher\nmodels:\n  - model: {ft0}\n  - model: {ft1}\nparameters:\n  max_iter: [1, 2]\n",
+     "max_iter must be a single int"),
+    ("merge_method: multislerp\nmodels:\n  - model: {ft0}\n    parameters: {{weight: 1}}\n  - model: {ft1}\n",
+     "multislerp needs a weight for every model (mergekit has no default); none for {ft1}"),
+    ("merge_method: nuslerp\nbase_model: {ft0}\nmodels:\n  - model: {ft0}\n    parameters: {{weight: 1}}\n"
+     "  - model: {ft1}\n    parameters: {{weight: 1}}\n",
+     "nuslerp merges at least two models besides the base_model; got 1 ({ft0} is the base)"),
+    ("merge_method: multislerp\nslices:\n  - sources:\n      - model: {ft0}\n        layer_range: [0, 2]\n",
+     "multislerp takes its parents as 'models'"),
+    ("merge_method: karcher\nmodels:\n  - model: {ft0}\n    parameters: {{density: 0.5}}\n  - model: {ft1}\n",
+     "per-model parameters density (models) are not supported"),
+    ("merge_method: ties\nmodels:\n  - model: {ft0}\n  - model: {ft1}\n", "merge_method 'ties' is not supported"),
+]
+
+
+@pytest.fixture(scope="module")
+def other_config(families, tmp_path_factory):
+    """A Llama like the family's, with a wider MLP: its tensors' shapes differ."""
+    return save_parent(str(tmp_path_factory.mktemp("wider") / "wide"), tiny_config("llama", intermediate_size=96), seed=3)
+
+
+@pytest.mark.parametrize("args, expected", REFUSALS)
+def test_family_refusals_are_one_line(families, other_config, cli, tmp_path, args, expected):
+    base, tunes = families["llama"]
+    names = {"ft0": tunes[0], "ft1": tunes[1], "ft2": tunes[2], "base": base, "other": other_config}
+    (tmp_path / "text.txt").write_text("w1 w2\n")
+    done = cli("merge", *[a.format(**names) for a in args], "-o", tmp_path / "out", "--quiet")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and expected in lines[0], done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, expected", BAD_RECIPES)
+def test_family_recipes_refused_in_one_line(families, cli, tmp_path, text, expected):
+    _, tunes = families["llama"]
+    names = {"ft0": tunes[0], "ft1": tunes[1]}
+    recipe = tmp_path / "bad.yml"
+    recipe.write_text(text.format(**names))
+    done = cli("run", recipe, "-o", tmp_path / "out", "--quiet")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and expected.format(**names) in lines[0], done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_three_vocabularies_are_aligned_by_token_string(cli, tmp_path):
+    """Three parents whose tokenizers add different tokens: the child's vocabulary is the first's
+    tokens, then each next parent's new ones in its id order; a row a parent lacks is the first
+    other parent's (in order) that has the token; the child's tokenizer gives those ids."""
+    from transformers import AutoTokenizer
+
+    from raymerge.synthetic import build_parent, llama_config
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    c100, c102 = llama_config(vocab_size=100, **small), llama_config(vocab_size=102, **small)
+    p0 = build_parent(str(tmp_path / "p0"), c100, seed=1)
+    p1 = build_parent(str(tmp_path / "p1"), c102, seed=2, base=(c100, 1), base_vocab=100)  # + <extra_0>, <extra_1>
+    p2 = build_parent(str(tmp_path / "p2"), c102, seed=3, base=(c100, 1), tokenizer=False)
+    tok = AutoTokenizer.from_pretrained(p0)
+    tok.add_tokens(["<extra_1>", "<p2_only>"])
+    tok.save_pretrained(p2)
+    parents = [p0, p1, p2]
+    vocabs = [AutoTokenizer.from_pretrained(p).get_vocab() for p in parents]
+    union = sorted(vocabs[0], key=vocabs[0].get)
+    for v in vocabs[1:]:
+        union += [t for t in sorted(v, key=v.get) if t not in union]
+    assert union[100:] == ["<extra_0>", "<extra_1>", "<p2_only>"]
+
+    out = tmp_path / "child"
+    done = cli("merge", *parents, "-o", out, "--method", "multislerp", "--weights", "1,2,3", "--quiet")
+    assert done.returncode == 0, done.stderr
+    child_tok = AutoTokenizer.from_pretrained(out)
+    assert [child_tok.convert_ids_to_tokens(i) for i in range(len(union))] == union
+    assert json.load(open(out / "config.json"))["vocab_size"] == len(union)
+
+    weights = [load_dir(p) for p in parents]
+    child = load_dir(out)
+
+    def aligned(i: int, name: str) -> torch.Tensor:
+        rows = []
+        for token in union:
+            owner = i if token in vocabs[i] else next(j for j in range(3) if token in vocabs[j])
+            rows.append(weights[owner][name][vocabs[owner][token]])
+        return torch.stack(rows).to(F64)
+
+    for name, got in child.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            xs = [aligned(i, name) for i in range(3)]
+        else:
+            xs = [w[name].to(F64) for w in weights]
+        check_within_one_ulp(got, multislerp_direct(xs, [1.0, 2.0, 3.0]), name)
