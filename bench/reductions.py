@@ -73,7 +73,44 @@ def reduction_table(reps: int = 50) -> list[str]:
     lines = ["bench/reductions.py: the float64 reductions of one 1 MiB block (64 x 4096 bf16), "
              f"median of {reps}.", "", "| reduction | ms per block | vs three dots |", "|---|---|---|"]
     lines += [f"| {name} | {ms:.2f} | {ms / dots:.2f}x |" for name, ms in rows]
-    return lines
+    return lines + [""] + gram_table(reps)
+
+
+def gram_table(reps: int) -> list[str]:
+    """Markdown lines: a Gram matrix of N inputs (the SLERP family's pass 1, mix.py) per 1 MiB
+    block of each, against as many float64 dots, one thread."""
+    from raymerge.family import FamilyMethod
+    from raymerge.mix import GramSums
+
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for n, base in ((3, False), (4, False), (4, True)):
+            blocks = tuple(torch.randn(64, 4096, generator=g).to(torch.bfloat16) for _ in range(n + base))
+            method = FamilyMethod("multislerp", base=base)
+
+            def gram(*_):
+                sums = GramSums(method, (64, 4096), n)
+                sums.add(blocks)
+                return sums.result()
+
+            def dots(*_):
+                flat = [x.reshape(-1).double() for x in blocks]
+                if base:
+                    flat = [x - flat[-1] for x in flat[:-1]]
+                return [float(flat[i] @ flat[j]) for i in range(n) for j in range(i, n)]
+
+            pairs = n * (n + 1) // 2
+            d, k = _median_ms(dots, None, None, reps), _median_ms(gram, None, None, reps)
+            what = f"{n} parents" + (" + base (task vectors)" if base else "")
+            rows.append(f"| {what} | {pairs} | {k:.2f} | {d:.2f} | {k / d:.2f}x |")
+    finally:
+        torch.set_num_threads(threads)
+    return ["The SLERP family's Gram matrix per 1 MiB block of each input (mix.py, fixed order, compiled "
+            "kernel), against as many float64 dots (1 thread):", "",
+            "| inputs | sums | Gram ms | dots ms | ratio |", "|---|---|---|---|---|", *rows]
 
 
 def merge_table(reps: int) -> list[str]:

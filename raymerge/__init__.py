@@ -1,4 +1,4 @@
-"""raymerge: SLERP-merge two Hugging Face causal language models, distributed over Ray."""
+"""raymerge: SLERP-merge Hugging Face causal language models, distributed over Ray."""
 
 from __future__ import annotations
 
@@ -30,3 +30,43 @@ def merge(a: str, b: str, out: str, t: float | list[float] = 0.5, **options):
         if key in options:
             options[key] = parse_size(options[key])
     return run_merge(MergeOptions(a=a, b=b, out=out, t=ts, progress=options.pop("progress", False), **options))
+
+
+def merge_family(parents: list[str], out: str, method: str, base: str | None = None,
+                 weights: list[float] | list[list[float]] | None = None, **options):
+    """Merge two or more ``parents`` into ``out`` by ``multislerp``, ``nuslerp`` or ``karcher``;
+    the same code path as ``raymerge merge --method``.
+
+    Args:
+        parents: the parents, in order (model directories, hub ids or bucket URIs).
+        out: output directory (``out/w-<weights>`` per weight vector when ``weights`` is a list
+            of them).
+        method: ``multislerp``, ``nuslerp`` or ``karcher``, with mergekit's default parameters;
+            pass ``family=raymerge.family.FamilyMethod(method, ...)`` in ``options`` for others.
+        base: a base model (multislerp, nuslerp): the parents are merged as task vectors.
+        weights: one weight per parent (default: all 1), or a list of such vectors: a sweep.
+        **options: any other field of ``raymerge.options.MergeOptions`` (dtype, workers, ...).
+
+    Example:
+        >>> import raymerge
+        >>> raymerge.merge_family(["ft-1", "ft-2", "ft-3"], "child", "multislerp", base="base",
+        ...                       weights=[1, 2, 1])  # doctest: +SKIP
+    """
+    from raymerge.driver import merge as run_merge
+    from raymerge.family import FamilyMethod
+    from raymerge.options import DEFAULT_SIZES, MergeOptions, parse_size
+    from raymerge.schedule import Schedule
+
+    if len(parents) < 2:
+        from raymerge.errors import InputError
+
+        raise InputError(f"give at least two parents to merge; got {len(parents)}")
+    vectors = [] if weights is None else ([weights] if not isinstance(weights[0], (list, tuple)) else weights)
+    options.setdefault("family", FamilyMethod(method, base=base is not None))
+    for key in DEFAULT_SIZES:
+        if key in options:
+            options[key] = parse_size(options[key])
+    return run_merge(MergeOptions(
+        a=parents[0], b=parents[1], more=tuple(parents[2:]), base=base, out=out,
+        weights=tuple(tuple(Schedule((float(w),), kind="weight") for w in ws) for ws in vectors),
+        progress=options.pop("progress", False), **options))

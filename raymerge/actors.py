@@ -46,7 +46,7 @@ from safetensors import safe_open
 from raymerge import storage
 from raymerge.align import pad_rows
 from raymerge.family import FamilyMethod
-from raymerge.mix import GramSums, mix_block
+from raymerge.mix import GramSums, mix_block, mix_inputs
 from raymerge.placement import cuda_problem
 from raymerge.plan import MergePlan, TensorPlan
 from raymerge.readahead import Buffers, ReadAhead
@@ -436,8 +436,9 @@ class MergeActor:
         """One block (from row ``r0``) of the tensor in every output: one SLERP per t, one
         weighted sum per output of the SLERP family, or the copied rows."""
         if t.op == "mix":
+            inputs = mix_inputs(src, family.base)  # once for every output of a sweep
             for coef in coefs:
-                yield mix_block(src, coef, family, t.shape, r0, out_dtype)
+                yield mix_block(inputs, coef, family, t.shape, r0, out_dtype)
         elif t.op == "slerp":
             with self._clock.gpu("gpu copy"):
                 src = tuple(x.to(self.device, non_blocking=True) for x in src)

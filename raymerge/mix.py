@@ -8,9 +8,9 @@ matrix, hence every coefficient and output byte, is the same for any block size,
 actor count or node. With a base, the products are those of the task vectors ``x_i - base``,
 formed in float64 (exact for bfloat16, float16 and float32 values).
 
-Pass 2 (``mix_block``) computes ``sum_i c_i x_i``, or ``base + sum_i c_i (x_i - base)``, in
-float64, one multiply and one add per input in the inputs' order, then rounds once to the
-output dtype.
+Pass 2 (``mix_inputs`` once, then ``mix_block`` per output) computes ``sum_i c_i x_i``, or
+``base + sum_i c_i (x_i - base)``, in float64, one multiply and one add per input in the inputs'
+order, then rounds once to the output dtype.
 
 Angles over a whole tensor sum each chunk of about ``REDUCTION_CHUNK`` elements and the chunks'
 sums by pairwise halving; nuslerp's per-row angles (flatten off, ``nuslerp_row_wise``) sum each
@@ -89,13 +89,23 @@ class GramSums:
         return gram, tuple(finite)
 
 
-def mix_block(blocks: tuple[torch.Tensor, ...], coef: torch.Tensor, method: FamilyMethod,
-              shape: tuple[int, ...], r0: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """One block of the output: the inputs' rows (parents, then the base) weighted by ``coef``
-    (``[N]``, or ``[V, N]`` per row or column of the tensor), in float64, rounded once."""
+def mix_inputs(blocks: tuple[torch.Tensor, ...], base: bool) -> list[torch.Tensor]:
+    """What pass 2 weighs, in float64, once for every output of a sweep: the parents' rows, or
+    their task vectors ``x_i - base`` (exact in float64) followed by the base's rows."""
     xs = [x.to(torch.float64) for x in blocks]
+    if base:
+        return [x - xs[-1] for x in xs[:-1]] + [xs[-1]]
+    return xs
+
+
+def mix_block(inputs: list[torch.Tensor], coef: torch.Tensor, method: FamilyMethod,
+              shape: tuple[int, ...], r0: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """One block of the output from ``mix_inputs`` (rows from ``r0``): ``sum_i c_i x_i``, or
+    ``base + sum_i c_i (x_i - base)``, with ``coef`` ``[N]`` or, per row or column of the tensor,
+    ``[V, N]``; float64, one multiply and one add per input in order, rounded once."""
     vectors = method.vectors(shape)
-    block_shape = xs[0].shape
+    block_shape = inputs[0].shape
+    xs = inputs
     if vectors == "rows":
         xs = [x.reshape(-1, shape[-1]) for x in xs]
         per_row = math.prod(shape[1:-1])
@@ -112,10 +122,9 @@ def mix_block(blocks: tuple[torch.Tensor, ...], coef: torch.Tensor, method: Fami
 
     n = len(xs) - 1 if method.base else len(xs)
     if method.base:
-        base = xs[-1]
-        out = base.clone()
+        out = xs[-1].clone()
         for i in range(n):
-            out += c(i) * (xs[i] - base)
+            out += c(i) * xs[i]
     else:
         out = c(0) * xs[0]
         for i in range(1, n):

@@ -151,10 +151,8 @@ class TokenMap:
                  + (f"; the tokenizers first differ at id {self.first_difference}" if self.first_difference is not None else "")]
         if self.added:
             shown = ", ".join(repr(t) for t in self.added[:5]) + (", ..." if len(self.added) > 5 else "")
-            first = self.labels[0]
-            lines.append(f"  {len(self.added)} token(s) only "
-                         + (f"B has, appended after A's: " if len(self.labels) == 2 else f"later inputs have, appended after {first}'s: ")
-                         + shown)
+            who = "B has" if len(self.labels) == 2 else "later inputs have"
+            lines.append(f"  {len(self.added)} token(s) only {who}, appended after {self.labels[0]}'s: {shown}")
         if self.dropped:
             if len(self.labels) == 2:
                 lines.append(f"  {self.dropped} token(s) of parent {'B' if self.mode == 'a' else 'A'} dropped")

@@ -25,6 +25,7 @@ from raymerge import readahead
 from raymerge.actors import MergeActor, WriteJob
 from raymerge.cli import build_options
 from raymerge.driver import load_parents
+from raymerge.family import FamilyMethod
 from raymerge.plan import build_plan
 from raymerge.readahead import ReadAhead
 
@@ -90,7 +91,7 @@ def check_all(child: dict, parents: list[dict], base: dict | None, direct) -> No
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("n, with_base", [(3, False), (4, True)])
+@pytest.mark.parametrize("n, with_base", [(2, True), (3, False), (4, True)])
 def test_multislerp_matches_the_direct_formula(families, arch, n, with_base, tmp_path):
     base_dir, tunes = families[arch]
     weights = [(1.0, 2.0, 0.5, 1.5)[:n], (1.0,) * n]
@@ -124,7 +125,7 @@ def _recipe(path, models, method, base=None, **parameters) -> str:
 @pytest.mark.parametrize("flatten, row_wise", [(True, False), (False, False), (False, True)],
                          ids=["flatten", "columns", "rows"])
 @pytest.mark.parametrize("with_base", [False, True], ids=["no base", "base"])
-@pytest.mark.parametrize("arch", ["llama", "mixtral"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_nuslerp_matches_the_direct_formula(families, arch, flatten, row_wise, with_base, tmp_path):
     from raymerge.recipe import load_recipe
 
@@ -139,25 +140,40 @@ def test_nuslerp_matches_the_direct_formula(families, arch, flatten, row_wise, w
         xs, [1.0, 3.0], base=b, dim=-1 if row_wise else 0, flatten=flatten))
 
 
-def test_a_weight_sweep_reads_every_input_byte_once(families, tmp_path, monkeypatch):
-    """Five weight vectors of four parents and a base: five children from one read of each tensor."""
+SWEEP = ["1,1,1,1", "2,1,1,1", "1,2,1,1", "1,1,2,1", "1,1,1,2"]
+READ_CASES = {
+    "multislerp, base, 5 weight vectors": dict(parents=4, base=True, method="multislerp", weights=SWEEP),
+    "nuslerp per column, base, 5 weight vectors": dict(parents=2, base=True, method="nuslerp",
+                                                       weights=["1,1", "2,1", "1,2", "3,1", "1,3"],
+                                                       family=FamilyMethod("nuslerp", base=True, nuslerp_flatten=False)),
+    "karcher": dict(parents=4, base=False, method="karcher", weights=[]),
+}
+
+
+@pytest.mark.parametrize("case", READ_CASES)
+def test_a_merge_reads_every_input_byte_once(families, tmp_path, monkeypatch, case):
+    """A sweep's children (or one child) from one read of every tensor of every input."""
+    spec = dict(READ_CASES[case])
     base_dir, tunes = families["llama"]
     reads = []
     read, mapped = readahead.read_entry, ReadAhead._mapped
     monkeypatch.setattr(readahead, "read_entry", lambda fds, e, buf: reads.append((e.file, e.name)) or read(fds, e, buf))
     monkeypatch.setattr(ReadAhead, "_mapped", lambda self, e: reads.append((e.file, e.name)) or mapped(self, e))
-    sweep = ["1,1,1,1", "2,1,1,1", "1,2,1,1", "1,1,2,1", "1,1,1,2"]
-    children = merge_here(tmp_path, parents=tuple(tunes), base=base_dir, method="multislerp", weights=tuple(sweep),
-                          max_shard_size=20_000)
-    assert sorted(children) == sorted(f"w-{w}" for w in sweep)
-    inputs = [*tunes, base_dir]
+    parents = tunes[:spec.pop("parents")]
+    base = base_dir if spec.pop("base") else None
+    sweep = spec.pop("weights")
+    children = merge_here(tmp_path, parents=tuple(parents), base=base, weights=tuple(sweep), max_shard_size=20_000,
+                          **spec)
+    assert sorted(children) == (sorted(f"w-{w}" for w in sweep) if len(sweep) > 1 else [""])
+    inputs = [*parents, *([base] if base else [])]
     want = sorted((os.path.join(d, "model.safetensors"), name) for d in inputs
                   for name in load_file(os.path.join(d, "model.safetensors")))
     assert sorted(reads) == want, "every tensor of every input read exactly once"
-    parents, base = [load_dir(d) for d in tunes], load_dir(base_dir)
-    for w, child in zip(sweep, (children[f"w-{w}"] for w in sweep)):
-        check_all(child, parents, base,
-                  lambda xs, b, w=w: multislerp_or_base(xs, [float(x) for x in w.split(",")], b))
+    if spec["method"] == "multislerp":
+        loaded, base_tensors = [load_dir(d) for d in parents], load_dir(base)
+        for w in sweep:
+            check_all(children[f"w-{w}"], loaded, base_tensors,
+                      lambda xs, b, w=w: multislerp_or_base(xs, [float(x) for x in w.split(",")], b))
 
 
 @pytest.fixture
