@@ -35,13 +35,14 @@ import contextlib
 import ctypes
 import errno
 import math
+import mmap
 import os
 import socket
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import safe_open
 
 from raymerge import storage
 from raymerge.align import pad_rows
@@ -57,6 +58,8 @@ from raymerge.timing import CallTimer
 
 # Row blocks of a GPU actor, as float32 bytes (the block size never changes an output byte).
 GPU_BLOCK_BYTES = 64 * 2**20
+# A streamed tensor's bytes asked of storage ahead of the rows being worked on.
+STREAM_AHEAD = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -203,9 +206,7 @@ class MergeActor:
         if isinstance(handle, dict):  # a .bin state dict of memory-mapped tensors
             tensor = handle[entry.name]
             return tensor.clone() if not entry.shape else tensor[r0:r1].clone()
-        if not entry.shape:
-            return handle.get_tensor(entry.name)
-        return handle.get_slice(entry.name)[r0:r1]
+        return _mapped_rows(handle, entry, r0, r1)
 
     def _rows(self, t: TensorPlan, i: int, r0: int, r1: int, means=None) -> torch.Tensor:
         """Rows [r0, r1) of input ``i``'s tensor as aligned: padded rows synthesized, mapped rows gathered."""
@@ -498,10 +499,43 @@ def _reuse_freed_memory() -> None:
 
 
 def _open(file: str):
-    """safetensors files through safe_open; PyTorch .bin files memory-mapped, weights only."""
+    """A safetensors file mapped for streaming (``_mapped_rows``); a PyTorch .bin file as its
+    state dict, memory-mapped, weights only."""
     if file.endswith(".bin"):
         return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    return safe_open(file, framework="pt")
+    with open(file, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    if hasattr(m, "madvise"):
+        # No read-around on a page fault: the kernel would read megabytes (the device's
+        # read-ahead) on both sides of a streamed tensor's pages, into its neighbours, which the
+        # read-ahead reads whole with O_DIRECT: those bytes would come from storage twice.
+        # _mapped_rows asks for exactly the rows it streams, and a little more of the tensor.
+        m.madvise(mmap.MADV_RANDOM)
+    return m
+
+
+def _mapped_rows(m: mmap.mmap, entry: TensorEntry, r0: int, r1: int) -> torch.Tensor:
+    """Rows [r0, r1) of a safetensors entry as a read-only view of the mapped file's pages."""
+    dtype = TORCH_DTYPES[entry.dtype]
+    row = entry.nbytes // entry.shape[0] if entry.shape else entry.nbytes
+    r0, r1 = (r0, r1) if entry.shape else (0, 1)
+    shape = (r1 - r0, *entry.shape[1:]) if entry.shape else ()
+    if r1 <= r0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():  # the view is never written: torch warns of read-only memory
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(m, dtype=torch.uint8, count=(r1 - r0) * row, offset=entry.start + r0 * row)
+    if entry.start % dtype.itemsize:
+        raw = raw.clone()
+    if hasattr(m, "madvise"):
+        # These rows and the next STREAM_AHEAD bytes of the tensor, never past its end: with
+        # MADV_RANDOM, a page not asked for would be read alone, one fault at a time (a
+        # posix_fadvise(WILLNEED) of the whole tensor is cut by the kernel to its read-ahead size).
+        lo = entry.start + r0 * row
+        lo -= lo % mmap.PAGESIZE
+        hi = min(entry.start + entry.nbytes, entry.start + r1 * row + STREAM_AHEAD)
+        m.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
+    return raw.view(dtype).reshape(shape)
 
 
 def remote_actor_class(num_cpus: float, num_gpus: float, max_restarts: int = 3):

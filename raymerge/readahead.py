@@ -11,10 +11,12 @@ and not yet used:
   of the file's pages, no copy); any other is read with ``O_DIRECT`` from storage straight into a
   buffer, in large sequential reads (a copy through the page cache costs this kernel about one
   CPU second per GB, more than the maths);
-- a larger tensor (a big vocabulary's embedding) is streamed by the actor in row blocks; the
-  thread only asks the kernel to start reading its byte ranges (``posix_fadvise(WILLNEED)``,
-  where the platform has it), so the blocks come from the page cache, where they stay for the
-  combination's second look.
+- a larger tensor (a big vocabulary's embedding) is streamed by the actor in row blocks from
+  the page cache, where they stay for the combination's second look; the thread only asks the
+  kernel to start reading its byte ranges (``posix_fadvise(WILLNEED)``, where the platform has
+  it), and the actor asks for each block's bytes and a few MB more of the tensor as it goes,
+  never past the tensor's end (actors.py, ``_mapped_rows``): the kernel's own read-around would
+  read its neighbours a second time.
 
 Tensors are read into byte buffers the actor keeps for its whole life (``Buffers``): their pages
 are faulted in once, not once per tensor (a fresh allocation per tensor cost more system time

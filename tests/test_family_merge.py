@@ -311,3 +311,25 @@ def test_three_vocabularies_are_aligned_by_token_string(cli, tmp_path):
         else:
             xs = [w[name].to(F64) for w in weights]
         check_within_one_ulp(got, multislerp_direct(xs, [1.0, 2.0, 3.0]), name)
+
+
+def test_recipe_weights_vary_by_filter_and_layer(families, tmp_path):
+    """Per-model weights as gradients and filters: each tensor is merged at its own weights,
+    mergekit's gradient across the layers (schedule.py), still from one pass."""
+    from raymerge.recipe import load_recipe
+    from raymerge.schedule import position
+
+    base_dir, tunes = families["qwen2"]
+    text = (f"merge_method: multislerp\nbase_model: {base_dir}\nmodels:\n"
+            f"  - model: {tunes[0]}\n    parameters:\n      weight: [{{filter: mlp, value: [0.5, 2]}}, {{value: 1}}]\n"
+            f"  - model: {tunes[1]}\n    parameters:\n      weight: [1, 3]\n"
+            f"  - model: {tunes[2]}\n    parameters:\n      weight: 1\n")
+    (tmp_path / "r.yml").write_text(text)
+    (child,) = merge_here(tmp_path / "out", **load_recipe(str(tmp_path / "r.yml")).merge_values()).values()
+    parents, base = [load_dir(d) for d in tunes[:3]], load_dir(base_dir)
+    n_layers = 2
+    for name, got in child.items():
+        x = position(name, n_layers)
+        weights = [0.5 + 1.5 * x if "mlp" in name else 1.0, 1.0 + 2.0 * x, 1.0]
+        want = multislerp_or_base([p[name].to(F64) for p in parents], weights, base[name].to(F64))
+        check_within_one_ulp(got, want, name)
