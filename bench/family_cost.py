@@ -76,7 +76,7 @@ def family_section(reps: int) -> list[str]:
             print(f"rep {rep + 1}/{reps} {name:44s} {run.wall_s:6.1f} s  read {ratio:.3f}x the inputs  "
                   f"merge phase {runs[name][-1][2]:.1f} s", flush=True)
     slerp = statistics.median(w for w, _, _ in runs[names[0]])
-    lines = [f"bench/family_cost.py --reps {reps}: the ~0.85B parents (1.7 GB of bf16 each) and a third fine-tune "
+    lines = [f"bench/family_cost.py --reps {reps}: the ~0.85B parents (1.9 GB of bf16 each) and a third fine-tune "
              "of A, every input evicted from the page cache before each run; embedded Ray; medians.", "",
              "| merge | inputs | wall s | vs slerp | read from storage (x the inputs' bytes) | merge phase s |",
              "|---|---|---|---|---|---|"]

@@ -56,7 +56,7 @@ def _run_guarded(debug: bool, fn):
 @click.group()
 @click.version_option(package_name="raymerge")
 def main():
-    """SLERP-merge two Hugging Face causal language models, distributed over Ray."""
+    """SLERP-merge Hugging Face causal language models (two by SLERP, more by its family), distributed over Ray."""
 
 
 def _apply(f, decorators):

@@ -1,4 +1,5 @@
-"""The SLERP family over N parents (multislerp, karcher, nuslerp) as coefficients: pure torch.
+"""The SLERP family over N parents (multislerp, karcher, nuslerp): the methods, their parameters and
+their coefficients, pure torch.
 
 Every method here outputs a weighted sum of its inputs, ``out = sum_i c_i * x_i``, whose
 coefficients depend only on the method's parameters and on the inputs' Gram matrix
