@@ -185,6 +185,7 @@ def _family_recipe(doc: dict, method: str, path: str) -> Recipe:
     family = FamilyMethod(method)
     allowed = ("weight",) if family.weighted else ()
     entries = [(entry, _model(entry, "models", allowed)) for entry in doc["models"]]
+    base_listed = any(m == base for _, m in entries)
     # As in mergekit, a listed model equal to base_model is the base, not one more parent.
     entries = [(entry, m) for entry, m in entries if m != base]
     notes = []
@@ -221,7 +222,7 @@ def _family_recipe(doc: dict, method: str, path: str) -> Recipe:
     parents = tuple(m for _, m in entries)
     if len(parents) < 2:
         raise InputError(f"recipe {path}: {method} merges at least two models besides the base_model; got "
-                         f"{len(parents)}" + (f" ({base} is the base)" if base in [m for _, m in doc_models(doc)] else ""))
+                         f"{len(parents)}" + (f" ({base} is the base)" if base_listed else ""))
     if len(set(parents)) != len(parents):
         raise InputError(f"recipe {path}: a model is listed twice: {list(parents)}")
     dtype = doc.get("out_dtype") or doc.get("dtype")
@@ -230,10 +231,6 @@ def _family_recipe(doc: dict, method: str, path: str) -> Recipe:
             raise InputError(f"recipe {path}: {key} {doc[key]!r} is not supported ({', '.join(DTYPES)})")
     return Recipe(parents, None, DTYPES.get(dtype), None, _vocab(doc, list(parents), base, path), family, base,
                   weights, tuple(notes))
-
-
-def doc_models(doc: dict) -> list:
-    return [(e, e.get("model")) for e in doc.get("models") or [] if isinstance(e, dict)]
 
 
 def _vocab(doc: dict, parents: list[str], base: str | None, path: str) -> str:
