@@ -61,7 +61,7 @@ def merge_family(parents: list[str], out: str, method: str, base: str | None = N
         from raymerge.errors import InputError
 
         raise InputError(f"give at least two parents to merge; got {len(parents)}")
-    vectors = [] if weights is None else ([weights] if not isinstance(weights[0], (list, tuple)) else weights)
+    vectors = [] if not weights else ([weights] if not isinstance(weights[0], (list, tuple)) else weights)
     options.setdefault("family", FamilyMethod(method, base=base is not None))
     for key in DEFAULT_SIZES:
         if key in options:

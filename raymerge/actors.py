@@ -58,7 +58,7 @@ from raymerge.timing import CallTimer
 
 # Row blocks of a GPU actor, as float32 bytes (the block size never changes an output byte).
 GPU_BLOCK_BYTES = 64 * 2**20
-# A streamed tensor's bytes asked of storage ahead of the rows being worked on.
+# The pieces a streamed tensor's bytes are asked of storage in (_advise).
 STREAM_AHEAD = 8 * 2**20
 
 
@@ -136,6 +136,7 @@ class MergeActor:
             # A 1 MiB block suits a CPU's cache; a GPU wants few, large kernels and copies.
             self.block_bytes = max(block_bytes, GPU_BLOCK_BYTES)
         self._handles: dict[str, object] = {}
+        self._advised: set[tuple[str, str]] = set()  # streamed entries whose bytes were asked for (_advise)
         self._loaded: dict[tuple[str, str], torch.Tensor] = {}  # the current tensor's bytes, read ahead
         # What they are read into, reused from call to call (pinned for a GPU: its copies then
         # run without a staging copy).
@@ -148,6 +149,7 @@ class MergeActor:
         """Forget the last merge before the next (an actor kept for reuse, pool.py): its open
         parent files (a parent rewritten in place is read anew) and what it read ahead."""
         self._handles.clear()
+        self._advised.clear()
         self._loaded = {}
         self._on_device.clear()
         for _, bufs in self._carried.values():
@@ -206,6 +208,9 @@ class MergeActor:
         if isinstance(handle, dict):  # a .bin state dict of memory-mapped tensors
             tensor = handle[entry.name]
             return tensor.clone() if not entry.shape else tensor[r0:r1].clone()
+        if (entry.file, entry.name) not in self._advised:
+            self._advised.add((entry.file, entry.name))
+            _advise(handle, entry)
         return _mapped_rows(handle, entry, r0, r1)
 
     def _rows(self, t: TensorPlan, i: int, r0: int, r1: int, means=None) -> torch.Tensor:
@@ -509,7 +514,7 @@ def _open(file: str):
         # No read-around on a page fault: the kernel would read megabytes (the device's
         # read-ahead) on both sides of a streamed tensor's pages, into its neighbours, which the
         # read-ahead reads whole with O_DIRECT: those bytes would come from storage twice.
-        # _mapped_rows asks for exactly the rows it streams, and a little more of the tensor.
+        # _advise asks for exactly the streamed tensor's bytes.
         m.madvise(mmap.MADV_RANDOM)
     return m
 
@@ -527,15 +532,19 @@ def _mapped_rows(m: mmap.mmap, entry: TensorEntry, r0: int, r1: int) -> torch.Te
         raw = torch.frombuffer(m, dtype=torch.uint8, count=(r1 - r0) * row, offset=entry.start + r0 * row)
     if entry.start % dtype.itemsize:
         raw = raw.clone()
-    if hasattr(m, "madvise"):
-        # These rows and the next STREAM_AHEAD bytes of the tensor, never past its end: with
-        # MADV_RANDOM, a page not asked for would be read alone, one fault at a time (a
-        # posix_fadvise(WILLNEED) of the whole tensor is cut by the kernel to its read-ahead size).
-        lo = entry.start + r0 * row
-        lo -= lo % mmap.PAGESIZE
-        hi = min(entry.start + entry.nbytes, entry.start + r1 * row + STREAM_AHEAD)
-        m.madvise(mmap.MADV_WILLNEED, lo, hi - lo)
     return raw.view(dtype).reshape(shape)
+
+
+def _advise(m: mmap.mmap, entry: TensorEntry) -> None:
+    """Ask storage for a streamed entry's whole byte range, once, never past its end: with
+    MADV_RANDOM a page not asked for would be read alone, one fault at a time. The kernel cuts
+    one request to its read-ahead size, so the range is asked for in STREAM_AHEAD pieces."""
+    if not hasattr(m, "madvise") or entry.nbytes == 0:
+        return
+    lo = entry.start - entry.start % mmap.PAGESIZE
+    end = entry.start + entry.nbytes
+    for start in range(lo, end, STREAM_AHEAD):
+        m.madvise(mmap.MADV_WILLNEED, start, min(STREAM_AHEAD, end - start))
 
 
 def remote_actor_class(num_cpus: float, num_gpus: float, max_restarts: int = 3):

@@ -73,12 +73,16 @@ class GramSums:
     def result(self) -> tuple[torch.Tensor, tuple[bool, ...]]:
         """The Gram matrix (``[N, N]``, or ``[V, N, N]`` per row or column) and whether each input
         (parents, then the base) is finite."""
+        pairs = len(self.pairs)
         if self.vectors == "tensor":
-            sums = torch.tensor(totals(self._partials), dtype=torch.float64)
+            sums = (torch.tensor(totals(self._partials), dtype=torch.float64) if self._partials
+                    else torch.zeros(pairs, dtype=torch.float64))  # a tensor of no elements
         elif self.vectors == "rows":
-            sums = torch.cat(self._partials, dim=1).t()
+            sums = (torch.cat(self._partials, dim=1).t() if self._partials
+                    else torch.zeros((0, pairs), dtype=torch.float64))
         else:
-            sums = self._columns.t()
+            sums = (self._columns.t() if self._columns is not None
+                    else torch.zeros((math.prod(self.shape[1:]), pairs), dtype=torch.float64))
         finite = [bool(torch.isfinite(sums[..., k]).all()) for k, (i, j) in enumerate(self.pairs) if i == j]
         if self.method.base and not finite[-1]:
             # A non-finite base makes every task vector non-finite: only the base is to blame.

@@ -176,7 +176,8 @@ class MergeOptions:
             raise InputError(f"unknown dtype {self.dtype!r}: choose from {', '.join(DTYPE_CHOICES)}")
         if self.pad is not None and self.pad not in PAD_STRATEGIES:
             raise InputError(f"unknown pad strategy {self.pad!r}: choose from {', '.join(PAD_STRATEGIES)}")
-        if self.vocab not in VOCAB_MODES:
+        family_letters = [chr(ord("a") + i) for i in range(len(self.inputs))] if self.family else []
+        if self.vocab not in VOCAB_MODES and self.vocab not in family_letters:
             raise InputError(f"unknown vocabulary alignment {self.vocab!r}: choose from {', '.join(VOCAB_MODES)}")
         if self.tokenizer_from not in (None, "a", "b"):
             raise InputError("--tokenizer-from must be 'a' or 'b'")

@@ -333,3 +333,26 @@ def test_recipe_weights_vary_by_filter_and_layer(families, tmp_path):
         weights = [0.5 + 1.5 * x if "mlp" in name else 1.0, 1.0 + 2.0 * x, 1.0]
         want = multislerp_or_base([p[name].to(F64) for p in parents], weights, base[name].to(F64))
         check_within_one_ulp(got, want, name)
+
+
+@pytest.mark.parametrize("method", [FamilyMethod("multislerp"), FamilyMethod("karcher"),
+                                    FamilyMethod("nuslerp", nuslerp_flatten=False)])
+def test_a_tensor_of_no_elements_has_a_zero_gram_matrix(method):
+    from raymerge.mix import GramSums
+
+    for shape in ((0,), (0, 4), (4, 0)):
+        gram, finite = GramSums(method, shape, 2).result()  # no blocks were added
+        assert all(finite) and not gram.any()
+        method.coefficients(gram, [1.0, 1.0])
+
+
+def test_a_recipe_may_take_the_third_models_tokenizer(families, tmp_path):
+    from raymerge.recipe import load_recipe
+
+    _, tunes = families["llama"]
+    text = ("merge_method: karcher\nmodels:\n" + "".join(f"  - model: {t}\n" for t in tunes[:3])
+            + f"tokenizer_source: {tunes[2]}\n")
+    (tmp_path / "r.yml").write_text(text)
+    recipe = load_recipe(str(tmp_path / "r.yml"))
+    options = build_options(out=str(tmp_path / "out"), **recipe.merge_values(), vocab=recipe.vocab)
+    assert options.vocab == "c"
