@@ -55,6 +55,7 @@ from raymerge.shards import TORCH_DTYPES, ShardFile, TensorEntry, WriteBehind, c
 from raymerge.slerp import (Coefficients, Reductions, chunk_elems, chunk_rows, chunk_sums, combine_block,
                             slerp_coefficients, to_work, total)
 from raymerge.timing import CallTimer
+from raymerge.tokens import input_letter
 
 # Row blocks of a GPU actor, as float32 bytes (the block size never changes an output byte).
 GPU_BLOCK_BYTES = 64 * 2**20
@@ -218,7 +219,7 @@ class MergeActor:
         entry = t.inputs[i]
         if t.rowmap is not None:
             return self._mapped_rows(t, i, r0, r1, means)
-        pad, parent = t.pad, letter(i)
+        pad, parent = t.pad, input_letter(i)
         if pad is None or pad.short != parent or r1 <= pad.n:
             return self._slice(entry, r0, r1)
         long_entry = t.b if parent == "a" else t.a
@@ -257,7 +258,7 @@ class MergeActor:
         lacking = ~have
         fill = t.rowmap.fill
         if fill == "mean" and entry is not None:
-            block[lacking] = means[letter(i)].to(torch.float32)
+            block[lacking] = means[input_letter(i)].to(torch.float32)
         elif fill == "copy":
             for j, other in enumerate(entries):
                 if j == i or other is None or not bool(lacking.any()):
@@ -307,7 +308,7 @@ class MergeActor:
         if t.pad is not None and t.pad.strategy == "mean":
             return {t.pad.short: self._mean_row(t.a if t.pad.short == "a" else t.b)}
         if t.rowmap is not None and t.rowmap.fill == "mean":
-            return {letter(i): self._mean_row(e) for i, e in enumerate(t.inputs) if e is not None}
+            return {input_letter(i): self._mean_row(e) for i, e in enumerate(t.inputs) if e is not None}
         return {}
 
     # ---- reductions ----------------------------------------------------------------------
@@ -461,11 +462,6 @@ class MergeActor:
             # perhaps before the background writer has written this block.
             x = src[0].to(out_dtype, copy=True)
             yield from [x] * n_outputs
-
-
-def letter(i: int) -> str:
-    """Input ``i``'s letter: ``a``, ``b``, ... (pad specs, fills and mean rows name inputs so)."""
-    return chr(ord("a") + i)
 
 
 def tensor_coefficients(t: TensorPlan, s: TensorStats, settings: tuple, family: FamilyMethod | None):

@@ -34,6 +34,7 @@ from raymerge.plan import MergePlan, assign_actors, build_plan
 from raymerge.pool import ActorPool
 from raymerge.report import tensor_report
 from raymerge.session import RaySession
+from raymerge.tokens import input_letter
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class Choice:
 def load_parents(options: MergeOptions) -> tuple[Parent, ...]:
     """What the merge reads, in the plan's input order: the parents (A, B, C, ...), then the
     SLERP family's base model."""
-    labels = [chr(ord("A") + i) for i in range(len(options.parents))] + (["base"] if options.base else [])
+    labels = [input_letter(i).upper() for i in range(len(options.parents))] + (["base"] if options.base else [])
     return tuple(load_parent(spec, label) for spec, label in zip(options.inputs, labels))
 
 

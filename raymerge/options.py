@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from raymerge.errors import InputError
 from raymerge.family import FamilyMethod
 from raymerge.schedule import Schedule, check_t
+from raymerge.tokens import input_letter
 
 # The one map of dtype names: what users and config.json say -> what safetensors headers say.
 DTYPE_CHOICES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64"}
@@ -176,7 +177,7 @@ class MergeOptions:
             raise InputError(f"unknown dtype {self.dtype!r}: choose from {', '.join(DTYPE_CHOICES)}")
         if self.pad is not None and self.pad not in PAD_STRATEGIES:
             raise InputError(f"unknown pad strategy {self.pad!r}: choose from {', '.join(PAD_STRATEGIES)}")
-        family_letters = [chr(ord("a") + i) for i in range(len(self.inputs))] if self.family else []
+        family_letters = [input_letter(i) for i in range(len(self.inputs))] if self.family else []
         if self.vocab not in VOCAB_MODES and self.vocab not in family_letters:
             raise InputError(f"unknown vocabulary alignment {self.vocab!r}: choose from {', '.join(VOCAB_MODES)}")
         if self.tokenizer_from not in (None, "a", "b"):

@@ -29,6 +29,7 @@ from raymerge.errors import InputError
 from raymerge.family import METHODS, PARAMETERS, FamilyMethod
 from raymerge.options import DTYPE_ALIASES, DTYPE_CHOICES
 from raymerge.schedule import Schedule
+from raymerge.tokens import input_letter
 
 KNOWN_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "tokenizer_source", "tokenizer",
               "out_dtype"}
@@ -253,7 +254,7 @@ def _vocab(doc: dict, parents: list[str], base: str | None, path: str) -> str:
             raise InputError(f"recipe {path}: tokenizer_source 'base', but the recipe has no base_model")
         source = base or parents[0]
     if source in inputs:
-        return chr(ord("a") + inputs.index(source))
+        return input_letter(inputs.index(source))
     raise InputError(f"recipe {path}: tokenizer_source {source!r} is not union, base or one of the models")
 
 

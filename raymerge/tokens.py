@@ -95,8 +95,14 @@ class RowMap:
         return self.sources[i]
 
 
+def input_letter(i: int) -> str:
+    """Input ``i``'s letter: ``a``, ``b``, ... (vocabulary modes, pad specs, fills and mean rows
+    name inputs so; upper case in messages)."""
+    return chr(ord("a") + i)
+
+
 def input_index(mode: str) -> int:
-    """The input a one-tokenizer mode names: ``a`` is the first, ``b`` the second, ..."""
+    """The input a letter names: ``a`` is the first, ``b`` the second, ..."""
     return ord(mode) - ord("a")
 
 
@@ -199,7 +205,7 @@ def inputs_token_map(vocabs: tuple[Vocab, ...], rows: tuple[int, ...], mode: str
         >>> m.tokens, [s.tolist() for s in m.rowmap.sources]
         (('x', 'y', 'z'), [[0, -1, -1], [0, 1, -1], [1, -1, 0]])
     """
-    labels = labels or tuple(chr(ord("A") + i) for i in range(len(vocabs)))
+    labels = labels or tuple(input_letter(i).upper() for i in range(len(vocabs)))
     ids = [v.ids() for v in vocabs]
     if mode == "union":
         tokens, seen = list(vocabs[0].tokens), set(ids[0])
