@@ -210,24 +210,31 @@ def all_stopped(pid: int) -> bool:
     return all(state(int(t)) in "Tt" for t in threads)
 
 
-def freeze_a_writer(c, out: str, planned: dict[str, int]) -> tuple[int, str, int] | None:
+def freeze_a_writer(c, out: str, planned: dict[str, int], driver: subprocess.Popen) -> tuple[int, str, int] | None:
     """Stop (SIGSTOP) an actor mid-shard: it holds a shard of ``out`` open (it is inside a write
     call) with some but not all of its ``planned`` bytes written, so it is not yet in the fsync
-    of ``close``, in which s3fs uploads the whole shard. (A thread stops once its system call
-    returns: the size is read when all have.) Returns the actor, the shard's name and its bytes
-    written, or None if no actor is so now."""
-    for pid in merge_actor_pids(c.head, c.worker):
-        if not any(0 < size < planned[shard] for shard, size in open_shards(pid, out).items()):
-            continue
-        try:
-            os.kill(pid, signal.SIGSTOP)
-        except ProcessLookupError:
-            continue
-        if wait_for(lambda: all_stopped(pid), timeout=0.05, step=0.002):
-            for shard, size in open_shards(pid, out).items():
-                if 0 < size < planned[shard]:
-                    return pid, shard, size
-        resume(pid)
+    of ``close``, in which s3fs uploads the whole shard. Watches the actors until one is so, or
+    until the driver exits. (A thread stops once its system call returns: the sizes are read
+    again when all have; a busy machine may take a while to stop all of an actor's threads, and
+    a shard finished meanwhile means trying the next.) Returns the actor, the shard's name and
+    its bytes written, or None."""
+    actors: list[int] = []
+    while driver.poll() is None:
+        if len(actors) < 2:  # MEDIUM's two actors; their processes are found once
+            actors = merge_actor_pids(c.head, c.worker)
+        for pid in actors:
+            if not any(0 < size < planned[shard] for shard, size in open_shards(pid, out).items()):
+                continue
+            try:
+                os.kill(pid, signal.SIGSTOP)
+            except ProcessLookupError:
+                continue
+            if wait_for(lambda: all_stopped(pid), timeout=10, step=0.002):
+                for shard, size in open_shards(pid, out).items():
+                    if 0 < size < planned[shard]:
+                        return pid, shard, size
+            resume(pid)
+        time.sleep(0.002)
     return None
 
 
@@ -279,8 +286,8 @@ def test_a_merge_killed_mid_shard_then_resumed(medium_parents, bucket_cluster, m
     try:
         # A writer frozen mid-shard first (most of a merge offers one), then the other actor's
         # work goes on until some shard is finished, which the resume will keep.
-        victim = wait_for(lambda: freeze_a_writer(c, out, planned), step=0.01)
-        assert victim, "no actor was seen mid-shard"
+        victim = freeze_a_writer(c, out, planned, driver)
+        assert victim, f"no actor was seen mid-shard; the merge's output:\n{(tmp_path / 'interrupted.log').read_text()}"
         assert wait_for(finished_shards, timeout=120), "no shard was finished while a writer was frozen"
         assert driver.poll() is None, "the kill must land mid-merge"
     finally:
