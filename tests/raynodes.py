@@ -44,6 +44,25 @@ def start_time(pid: int) -> int | None:
         return None
 
 
+def state(pid: int) -> str:
+    """The process's (or thread's) state letter (T: stopped, Z: a zombie), or X once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
+
+
+def all_stopped(pid: int) -> bool:
+    """Every thread of the process is stopped (SIGSTOP takes effect on a thread once its system
+    call returns)."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return all(state(int(t)) in "Tt" for t in threads)
+
+
 def descendants(pid: int) -> list[int]:
     tree, out, todo = _children(), [], [pid]
     while todo:

@@ -24,7 +24,7 @@ import pytest
 
 from raymerge import cli as raymerge_cli
 from buckets import S3Mount, pyarrow_s3, list_objects, read_object, run_in_node, s3fs_open_files, start_in_node
-from raynodes import merge_actor_pids
+from raynodes import all_stopped, merge_actor_pids, state
 from reference import check_merged
 
 CLI = [sys.executable, "-m", "raymerge.cli"]
@@ -191,23 +191,6 @@ def open_shards(pid: int, out: str) -> dict[str, int]:
     except OSError:
         return {}
     return held
-
-
-def state(pid: int) -> str:
-    """The process's (or thread's) state letter (T: stopped, Z: a zombie), or X once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "X"
-
-
-def all_stopped(pid: int) -> bool:
-    try:
-        threads = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return False
-    return all(state(int(t)) in "Tt" for t in threads)
 
 
 def freeze_a_writer(c, out: str, planned: dict[str, int], driver: subprocess.Popen) -> tuple[int, str, int] | None:
