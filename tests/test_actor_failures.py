@@ -22,17 +22,28 @@ def _job(parents, tmp_path, paths):
     return WriteJob.for_shard(plan, 0, tuple(paths), reduced=True, coefficients=coefs)
 
 
-def _open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+def _open_fds(*roots) -> list[str]:
+    """The files under ``roots`` (the parents', the output's) this process holds open; other
+    descriptors come and go with the session's Ray and its threads."""
+    roots = tuple(os.path.realpath(r) + os.sep for r in roots)
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith(roots):
+            held.append(target)
+    return sorted(held)
 
 
 def test_a_shard_that_cannot_be_opened_leaks_no_descriptor(tiny_parents, tmp_path):
     job = _job(tiny_parents, tmp_path, [str(tmp_path / "ok.safetensors"), str(tmp_path / "missing" / "x.safetensors")])
     actor = MergeActor(2**20)
-    before = _open_fds()
+    before = _open_fds(*tiny_parents, tmp_path)
     with pytest.raises(FileNotFoundError):
         actor.write(job)
-    assert _open_fds() == before
+    assert _open_fds(*tiny_parents, tmp_path) == before
 
 
 def test_a_failure_is_not_hidden_by_a_sync(tiny_parents, tmp_path, monkeypatch):
@@ -45,7 +56,7 @@ def test_a_failure_is_not_hidden_by_a_sync(tiny_parents, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device", "/somewhere/shard")
 
     monkeypatch.setattr(actor, "_out_blocks", broken)
-    before = _open_fds()
+    before = _open_fds(*tiny_parents, tmp_path)
     with pytest.raises(OSError) as info:
         actor.write(job)
     assert info.value.errno == 28, "the real error, not the sync's"
@@ -54,4 +65,4 @@ def test_a_failure_is_not_hidden_by_a_sync(tiny_parents, tmp_path, monkeypatch):
     # descriptors); once it is gone, nothing may remain open.
     del info
     gc.collect()
-    assert _open_fds() == before
+    assert _open_fds(*tiny_parents, tmp_path) == before

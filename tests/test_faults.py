@@ -218,7 +218,11 @@ def test_ctrl_c_or_sigterm_stops_cleans_up_and_resumes(medium_parents, ray_head,
     """Ctrl-C, or SIGTERM as `ray job stop` sends it, mid-merge: exit 130, no partial shards, no
     config.json, and --resume completes byte-identical to an undisturbed run."""
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "raymerge.cli", "merge", *medium_parents, "-o", out, "-t", "0.5",
+    # The command as a terminal starts it: with Ctrl-C's default (a shell without job control
+    # starts a background pipeline, as pytest may be, with SIGINT ignored, which Python keeps).
+    terminal = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "from raymerge.cli import entry; entry()")
+    cmd = [sys.executable, "-c", terminal, "merge", *medium_parents, "-o", out, "-t", "0.5",
            # Small blocks (which never change an output byte) stretch the merge phase, so that the
            # interrupt after the first finished shard lands mid-merge even on a busy machine.
            "--workers", "2", "--max-shard-size", "10MB", "--block-size", "16KiB", "--address", ray_head.address]
