@@ -176,30 +176,39 @@ def test_a_merge_reads_every_input_byte_once(families, tmp_path, monkeypatch, ca
                       lambda xs, b, w=w: multislerp_or_base(xs, [float(x) for x in w.split(",")], b))
 
 
-@pytest.fixture
-def written(cli, tmp_path):
-    """``written(args, workers)``: the shards' bytes of a merge on the session's Ray."""
-
-    def get(args: list[str], workers: int) -> dict[str, bytes]:
-        out = tmp_path / f"out-{workers}"
-        done = cli("merge", *args, "-o", out, "--workers", workers, "--max-shard-size", "20KB", "--quiet")
-        assert done.returncode == 0, done.stderr
-        return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.safetensors"))}
-
-    return get
+ACTOR_COUNT_ARGS = {
+    "multislerp": lambda base, tunes: [*tunes[:3], "--method", "multislerp", "--base", base, "--weights", "1,2,3",
+                                       "--weights", "3,2,1"],
+    "karcher": lambda base, tunes: [*tunes, "--method", "karcher"],
+    "nuslerp": lambda base, tunes: [*tunes[:2], "--method", "nuslerp", "--base", base, "--weights", "1,3"],
+}
 
 
-@pytest.mark.parametrize("method", ["multislerp", "karcher", "nuslerp"])
-def test_actor_counts_write_the_same_bytes(families, written, method):
+@pytest.fixture(scope="module")
+def by_actor_count(families, ray_head, tmp_path_factory):
+    """{method: [the shards' bytes with 1, 2 and 3 actors]}, on the session's Ray. The merges go
+    by actor count, so that each count's actors serve every method (pool.py keeps them)."""
+    from raymerge import cli
+
     base_dir, tunes = families["qwen2"]
-    args = {"multislerp": [*tunes[:3], "--method", "multislerp", "--base", base_dir, "--weights", "1,2,3",
-                           "--weights", "3,2,1"],
-            "karcher": [*tunes, "--method", "karcher"],
-            "nuslerp": [*tunes[:2], "--method", "nuslerp", "--base", base_dir, "--weights", "1,3"]}[method]
-    one = written(args, 1)
+    root = tmp_path_factory.mktemp("actor-counts")
+    written: dict[str, list] = {method: [] for method in ACTOR_COUNT_ARGS}
+    for workers in (1, 2, 3):
+        for method, args in ACTOR_COUNT_ARGS.items():
+            out = root / f"{method}-{workers}"
+            argv = ["merge", *map(str, args(base_dir, tunes)), "-o", str(out), "--workers", str(workers),
+                    "--max-shard-size", "20KB", "--quiet"]
+            assert cli.run(argv) == 0, argv
+            written[method].append({str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.safetensors"))})
+    return written
+
+
+@pytest.mark.parametrize("method", list(ACTOR_COUNT_ARGS))
+def test_actor_counts_write_the_same_bytes(by_actor_count, method):
+    one, two, three = by_actor_count[method]
     assert len(one) >= 3, "several shards, so that several actors share them"
-    assert written(args, 2) == one
-    assert written(args, 3) == one
+    assert two == one
+    assert three == one
 
 
 REFUSALS = [
