@@ -257,7 +257,7 @@ def bucket_cluster(workdir: str, bucket: str = "raymerge-test"):
         for name, resource in (("head", "node_a"), ("worker", "node_b")):
             peer = {"head": False, "address": nodes[0][0].address} if nodes else {}
             node = mounted_node(os.path.join(workdir, f"{name}.log"), argv, mount, num_cpus=1,
-                                resources=f'{{"{resource}": 1}}', env=env, **peer)
+                                resources=f'{{"{resource}": 1}}', env=env, dashboard=False, **peer)
             nodes.append((node, None))
             node.wait_ready()  # by now unshare has made the namespace and sh has exec-ed Ray
             nodes[-1] = (node, _mount_ns(node.proc.pid))

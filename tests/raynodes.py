@@ -98,11 +98,13 @@ class RayNode:
 
     def __init__(self, log_path: str, head: bool = True, address: str | None = None, num_cpus: int = 2,
                  resources: str | None = None, env: dict | None = None, extra_args: list[str] | None = None,
-                 autoscaled: dict | None = None, wrap: list[str] | None = None):
+                 autoscaled: dict | None = None, wrap: list[str] | None = None, dashboard: bool = True):
         """``autoscaled``: worker node types (``available_node_types``) for Ray's own autoscaler,
         which then starts them as processes of this machine (its fake multi-node provider).
         ``wrap``: argv put before ``ray start ...``; it must end up exec-ing its arguments, so
-        that ``proc`` stays the node (``buckets.py`` mounts a bucket in a namespace so)."""
+        that ``proc`` stays the node (``buckets.py`` mounts a bucket in a namespace so).
+        ``dashboard``: a head's dashboard, which `ray job submit` and Ray's state API need; without
+        it a head starts faster and idles on less CPU."""
         ray = os.path.join(os.path.dirname(sys.executable), "ray")
         self.port = free_port()
         env = dict(env or {})
@@ -123,6 +125,8 @@ class RayNode:
             cmd += ["--head", f"--port={self.port}", "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}",
                     f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
                     f"--ray-client-server-port={free_port()}"]
+            if not dashboard:
+                cmd.append("--include-dashboard=false")
         else:
             cmd += [f"--address={address}", "--node-ip-address=127.0.0.1"]
         # The dashboard agent listens on 52365 unless told otherwise: a second node on this machine

@@ -88,7 +88,7 @@ def autoscaling_head(tmp_path_factory):
     """A CPU head whose Ray autoscaler can add one node with a GPU (Ray's fake multi-node provider
     starts it as processes of this machine; the GPU is declared, and this torch is a CPU build)."""
     node = RayNode(str(tmp_path_factory.mktemp("autoscale") / "head.log"), num_cpus=1,
-                   autoscaled={"gpu_workers": {"resources": {"CPU": 1, "GPU": 1}, "max_workers": 1}})
+                   autoscaled={"gpu_workers": {"resources": {"CPU": 1, "GPU": 1}, "max_workers": 1}}, dashboard=False)
     try:
         node.wait_ready()
         yield node
@@ -115,7 +115,8 @@ def test_a_gpu_request_waits_for_the_autoscaler(tiny_parents, autoscaling_head, 
 def fake_gpu_head(tmp_path_factory):
     """A one-node cluster that declares a GPU it does not have (Ray schedules by declared
     resources); this machine's torch is a CPU build."""
-    node = RayNode(str(tmp_path_factory.mktemp("gpu") / "gpu-head.log"), num_cpus=2, extra_args=["--num-gpus=1"])
+    node = RayNode(str(tmp_path_factory.mktemp("gpu") / "gpu-head.log"), num_cpus=2, extra_args=["--num-gpus=1"],
+                   dashboard=False)
     try:
         node.wait_ready()
         yield node

@@ -196,7 +196,7 @@ def test_the_resume_kept_the_ended_trials_and_ran_only_the_others(searched, tiny
 def two_nodes(tmp_path_factory):
     """A Ray cluster of two nodes of one CPU each: one scoring actor fits on each."""
     logs = tmp_path_factory.mktemp("two-nodes")
-    head = RayNode(str(logs / "head.log"), num_cpus=1)
+    head = RayNode(str(logs / "head.log"), num_cpus=1, dashboard=False)
     nodes = [head]
     try:
         head.wait_ready()
