@@ -13,7 +13,7 @@ import torch
 
 import raymerge
 from raymerge.actors import MergeActor
-from raymerge.evaluation import load_child
+from raymerge.evaluation import kept_labels, load_child
 from raymerge.options import MergeOptions
 from raymerge.parents import load_parent
 from raymerge.plan import build_plan
@@ -59,11 +59,11 @@ def test_a_scored_sweep_calls_no_killed_actor(sweep_all):
 
 
 @pytest.fixture(scope="module")
-def sweep_best(tiny_parents, ray_head, text, session_dir):
-    """The same sweep keeping the best child only, on one actor (two above)."""
+def sweep_two(tiny_parents, ray_head, text, session_dir):
+    """The same sweep keeping the two best children, on one actor (two above)."""
     a, b = tiny_parents
-    out = str(session_dir / "eval-best")
-    result = raymerge.merge(a, b, out, t=TS, eval_text=text, context=CONTEXT, keep="best", workers=1)
+    out = str(session_dir / "eval-two")
+    result = raymerge.merge(a, b, out, t=TS, eval_text=text, context=CONTEXT, keep="2", workers=1)
     return out, result
 
 
@@ -113,27 +113,26 @@ def test_an_in_memory_child_has_the_written_childs_logits(sweep_all, tiny_parent
         assert torch.equal(in_memory(ids).logits, written(ids).logits)
 
 
-def test_keep_writes_exactly_the_chosen_children(sweep_all, sweep_best, tiny_parents, ray_head, text, tmp_path):
+def test_keep_writes_exactly_the_chosen_children(sweep_all, sweep_two, tiny_parents, ray_head, tmp_path):
+    """`--keep 2` writes the two best children, each as `--keep all` wrote it; `best` is the one
+    best (README's `--keep best` example runs in test_docs)."""
     out_all, result, _ = sweep_all
     assert sorted(d for d in os.listdir(out_all) if d.startswith("t-")) == ["t-0", "t-0.5", "t-1"]
     ranked = [r["name"] for r in sorted((r for r in result.scores.to_pylist() if r["kind"] == "child"),
                                         key=lambda r: r["bits_per_byte"])]
+    assert kept_labels(result.scores, "best") == ranked[:1] == kept_labels(result.scores, "1")
+    assert kept_labels(result.scores, "2") == ranked[:2]
+    out = sweep_two[0]
+    assert sorted(d for d in os.listdir(out) if d.startswith("t-")) == sorted(f"t-{n}" for n in ranked[:2])
+    for name in ranked[:2]:
+        assert _shards(os.path.join(out, f"t-{name}")) == _shards(os.path.join(out_all, f"t-{name}"))
     a, b = tiny_parents
-    for keep, expected in (("best", ranked[:1]), ("2", ranked[:2])):
-        if keep == "best":
-            out = sweep_best[0]
-        else:
-            out = str(tmp_path / keep)
-            raymerge.merge(a, b, out, t=TS, eval_text=text, context=CONTEXT, keep=keep, workers=2)
-        assert sorted(d for d in os.listdir(out) if d.startswith("t-")) == sorted(f"t-{n}" for n in expected)
-        for name in expected:
-            assert _shards(os.path.join(out, f"t-{name}")) == _shards(os.path.join(out_all, f"t-{name}"))
     plain = str(tmp_path / "plain")
     raymerge.merge(a, b, plain, t=0.5, workers=2)
     assert _shards(plain) == _shards(os.path.join(out_all, "t-0.5")), "a kept child is a plain merge"
 
 
-def test_the_plot_has_one_point_per_t_and_the_table_repeats(sweep_all, sweep_best, tmp_path):
+def test_the_plot_has_one_point_per_t_and_the_table_repeats(sweep_all, sweep_two, tmp_path):
     out, result, _ = sweep_all
     with open(os.path.join(out, "sweep.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -143,7 +142,7 @@ def test_the_plot_has_one_point_per_t_and_the_table_repeats(sweep_all, sweep_bes
     from raymerge.report import plot_sweep
 
     assert plot_sweep(result.scores, str(tmp_path / "again.png")) == TS
-    _, again = sweep_best
+    _, again = sweep_two
     drop = lambda rows: [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in rows]  # noqa: E731
     assert drop(again.scores.to_pylist()) == drop(result.scores.to_pylist())
 
