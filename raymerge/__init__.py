@@ -22,14 +22,8 @@ def merge(a: str, b: str, out: str, t: float | list[float] = 0.5, **options):
         >>> import raymerge
         >>> raymerge.merge("parent-a", "parent-b", "child", t=0.5)  # doctest: +SKIP
     """
-    from raymerge.driver import merge as run_merge
-    from raymerge.options import DEFAULT_SIZES, MergeOptions, parse_size
-
     ts = tuple(float(x) for x in t) if isinstance(t, (list, tuple)) else (float(t),)
-    for key in DEFAULT_SIZES:  # sizes as the command line takes them: "500MB", or bytes
-        if key in options:
-            options[key] = parse_size(options[key])
-    return run_merge(MergeOptions(a=a, b=b, out=out, t=ts, progress=options.pop("progress", False), **options))
+    return _run(a=a, b=b, out=out, t=ts, **options)
 
 
 def merge_family(parents: list[str], out: str, method: str, base: str | None = None,
@@ -52,9 +46,7 @@ def merge_family(parents: list[str], out: str, method: str, base: str | None = N
         >>> raymerge.merge_family(["ft-1", "ft-2", "ft-3"], "child", "multislerp", base="base",
         ...                       weights=[1, 2, 1])  # doctest: +SKIP
     """
-    from raymerge.driver import merge as run_merge
     from raymerge.family import FamilyMethod
-    from raymerge.options import DEFAULT_SIZES, MergeOptions, parse_size
     from raymerge.schedule import Schedule
 
     if len(parents) < 2:
@@ -63,10 +55,18 @@ def merge_family(parents: list[str], out: str, method: str, base: str | None = N
         raise InputError(f"give at least two parents to merge; got {len(parents)}")
     vectors = [] if not weights else ([weights] if not isinstance(weights[0], (list, tuple)) else weights)
     options.setdefault("family", FamilyMethod(method, base=base is not None))
+    return _run(a=parents[0], b=parents[1], more=tuple(parents[2:]), base=base, out=out,
+                weights=tuple(tuple(Schedule((float(w),), kind="weight") for w in ws) for ws in vectors), **options)
+
+
+def _run(**fields):
+    """The merge of ``MergeOptions(**fields)``, with sizes as the command line takes them
+    ("500MB", or bytes) and no progress lines unless asked for."""
+    from raymerge.driver import merge as run_merge
+    from raymerge.options import DEFAULT_SIZES, MergeOptions, parse_size
+
     for key in DEFAULT_SIZES:
-        if key in options:
-            options[key] = parse_size(options[key])
-    return run_merge(MergeOptions(
-        a=parents[0], b=parents[1], more=tuple(parents[2:]), base=base, out=out,
-        weights=tuple(tuple(Schedule((float(w),), kind="weight") for w in ws) for ws in vectors),
-        progress=options.pop("progress", False), **options))
+        if key in fields:
+            fields[key] = parse_size(fields[key])
+    fields.setdefault("progress", False)
+    return run_merge(MergeOptions(**fields))

@@ -63,6 +63,26 @@ def all_stopped(pid: int) -> bool:
     return all(state(int(t)) in "Tt" for t in threads)
 
 
+def freeze(pid: int, still_wanted) -> bool:
+    """Stop (SIGSTOP) a process and, once every thread has stopped (a busy machine may take a
+    while), keep it so if ``still_wanted()``; otherwise let it go on (SIGCONT). Whether it is
+    kept stopped."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + 10
+    while not all_stopped(pid) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    if all_stopped(pid) and still_wanted():
+        return True
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+    return False
+
+
 def descendants(pid: int) -> list[int]:
     tree, out, todo = _children(), [], [pid]
     while todo:

@@ -24,7 +24,7 @@ import pytest
 
 from raymerge import cli as raymerge_cli
 from buckets import S3Mount, pyarrow_s3, list_objects, read_object, run_in_node, s3fs_open_files, start_in_node
-from raynodes import all_stopped, merge_actor_pids, state
+from raynodes import freeze, merge_actor_pids, state
 from reference import check_merged
 
 CLI = [sys.executable, "-m", "raymerge.cli"]
@@ -201,31 +201,20 @@ def freeze_a_writer(c, out: str, planned: dict[str, int], driver: subprocess.Pop
     again when all have; a busy machine may take a while to stop all of an actor's threads, and
     a shard finished meanwhile means trying the next.) Returns the actor, the shard's name and
     its bytes written, or None."""
+
+    def mid_shard(pid: int) -> tuple[str, int] | None:
+        return next(((shard, size) for shard, size in open_shards(pid, out).items() if 0 < size < planned[shard]),
+                    None)
+
     actors: list[int] = []
     while driver.poll() is None:
         if len(actors) < 2:  # MEDIUM's two actors; their processes are found once
             actors = merge_actor_pids(c.head, c.worker)
         for pid in actors:
-            if not any(0 < size < planned[shard] for shard, size in open_shards(pid, out).items()):
-                continue
-            try:
-                os.kill(pid, signal.SIGSTOP)
-            except ProcessLookupError:
-                continue
-            if wait_for(lambda: all_stopped(pid), timeout=10, step=0.002):
-                for shard, size in open_shards(pid, out).items():
-                    if 0 < size < planned[shard]:
-                        return pid, shard, size
-            resume(pid)
+            if mid_shard(pid) and freeze(pid, lambda: mid_shard(pid)):
+                return (pid, *mid_shard(pid))
         time.sleep(0.002)
     return None
-
-
-def resume(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGCONT)
-    except ProcessLookupError:
-        pass
 
 
 def wait_for(predicate, timeout: float = 120.0, step: float = 0.05):

@@ -19,7 +19,7 @@ import raymerge
 from raymerge.errors import InputError
 from raymerge.schedule import Schedule
 from raymerge.synthetic import build_parent, llama_config
-from raynodes import all_stopped, merge_actor_pids
+from raynodes import freeze, merge_actor_pids
 
 # Small row blocks make the merge of the medium parents take seconds, so a kill lands mid-merge.
 # Shards of 10 MB: a dozen, each written whole by one actor, so that a test can see some finished
@@ -232,13 +232,7 @@ def test_ctrl_c_or_sigterm_stops_cleans_up_and_resumes(medium_parents, ray_head,
         """The driver stopped (SIGSTOP) while some shard is finished and another is not: it cannot
         leave the merge until it runs again (on a busy machine, the merge could otherwise end
         between a look at OUT and the signal). Let go at once if the look comes too late."""
-        if not (_finished_shards(out) and _partial_files(out)):
-            return False
-        proc.send_signal(signal.SIGSTOP)
-        if _wait_for(lambda: all_stopped(proc.pid), timeout=10, step=0.002) and _partial_files(out):
-            return True
-        proc.send_signal(signal.SIGCONT)
-        return False
+        return bool(_finished_shards(out) and _partial_files(out)) and freeze(proc.pid, lambda: _partial_files(out))
 
     assert _wait_for(frozen_mid_merge, step=0.01), "no shard was finished while others were written"
     assert proc.poll() is None, "the interrupt must land mid-merge"
