@@ -79,10 +79,12 @@ def medium_parents(session_dir):
 
 @pytest.fixture(scope="session")
 def ray_head(session_dir):
-    """A Ray head on 127.0.0.1 (token authentication), and this process attached to it."""
+    """A Ray head on 127.0.0.1 (token authentication, one CPU), and this process attached to it."""
     import ray
 
-    node = RayNode(str(session_dir / "ray-head.log"), num_cpus=2)
+    # One CPU: pytest-xdist's two processes each have a head, and this machine has two cores. A
+    # merge then starts one actor by default; tests of several actors ask for them (--workers).
+    node = RayNode(str(session_dir / "ray-head.log"), num_cpus=1)
     try:
         node.wait_ready()
         # Actors' output is not forwarded, as the CLI's own Ray does not forward it: an in-process

@@ -55,7 +55,7 @@ def written(float32_parents, ray_head, tmp_path_factory):
 
 
 def test_one_two_and_three_actors_write_the_same_bytes(written):
-    # On the 2-CPU head: 2 threads, 1 thread, a fraction of a CPU each.
+    # On the session's 1-CPU head: one CPU, then a fraction of one each (thread counts: test_slerp).
     outputs = [written(workers, 2**20) for workers in (1, 2, 3)]
     assert len(outputs[0]) > 2, "several shards"
     assert outputs[0] == outputs[1] == outputs[2]

@@ -77,13 +77,13 @@ def test_second_run_is_byte_identical(merged, tiny_parents, tmp_path):
 
 def test_cli_merges_into_a_single_shard(tiny_parents, cli, tmp_path):
     out = tmp_path / "cli"
-    proc = cli("merge", *tiny_parents, "-o", out, "-t", "0.7", "--quiet")
+    proc = cli("merge", *tiny_parents, "-o", out, "-t", "0.7", "--workers", "2", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert _shards(out) == ["model.safetensors"]
     assert not (out / "model.safetensors.index.json").exists()
     check_merged(str(out), *tiny_parents, t=0.7)
-    # The whole summary, line by line: counts (one shard has one writer: one actor, though the
-    # head has two CPUs), the output, and every phase of the time line by name and in order.
+    # The whole summary, line by line: counts (one shard has one writer: one actor of the two
+    # asked for), the output, and every phase of the time line by name and in order.
     seconds = r"(\d+\.\d) s"
     summary = re.fullmatch(
         rf"merged 39 tensors with 1 actors on 1 node\(s\) in {seconds} \(0\.00 GB written\)\n"

@@ -80,15 +80,15 @@ def _wait_resources(*args):
 
 
 def test_wait_resources_returns_once_the_cluster_has_them(ray_head):
-    proc = _wait_resources("CPU=2", "--address", ray_head.address)
+    proc = _wait_resources("CPU=1", "--address", ray_head.address)
     assert proc.returncode == 0, proc.stderr
-    assert "wait-resources: the cluster has CPU=2" in proc.stdout
+    assert "wait-resources: the cluster has CPU=1" in proc.stdout
 
 
 def test_wait_resources_gives_up_at_its_timeout(ray_head):
     proc = _wait_resources("CPU=1", "GPU=2", "--timeout", "2", "--address", ray_head.address)
     assert proc.returncode == 1
-    assert "still short of GPU=2 after 2 s (the cluster has CPU=2, GPU=0)" in proc.stderr, proc.stderr
+    assert "still short of GPU=2 after 2 s (the cluster has CPU=1, GPU=0)" in proc.stderr, proc.stderr
 
 
 # --- Kubernetes: the RayJob and its volume claim ------------------------------------------------
