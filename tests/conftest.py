@@ -3,6 +3,7 @@ session, and a two-node cluster sharing a mounted S3 bucket."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -95,6 +96,32 @@ def ray_head(session_dir):
         if ray.is_initialized():
             ray.shutdown()
         node.stop()
+
+
+@pytest.fixture
+def attach(ray_head):
+    """``with attach(node):`` runs the block with this process attached to another cluster's Ray
+    instead of the session's (its merges and ``cli`` calls run there, without the seconds a new
+    Python spends importing torch and transformers), then attaches it back to the session's head.
+    Merge actors kept for reuse are stopped on either side of the switch."""
+    import ray
+
+    from raymerge import pool
+
+    def switch(address: str) -> None:
+        pool.release_idle()
+        ray.shutdown()
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+
+    @contextlib.contextmanager
+    def attached(node):
+        switch(node.address)
+        try:
+            yield node
+        finally:
+            switch(ray_head.address)
+
+    return attached
 
 
 @dataclass

@@ -1,12 +1,11 @@
 """Cluster paths on this machine: an autoscaler, a head declaring a GPU this machine lacks, fail-fast
-resource checks (`ray job submit`: test_jobs.py). Every Ray process a test starts, it stops by process id."""
+resource checks (`ray job submit`: test_jobs.py). Every Ray process a test starts, it stops by process id.
+Commands run in this process, attached to the cluster under test for the while (conftest's ``attach``)."""
 
 from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,10 +14,6 @@ from raymerge.placement import actor_shape
 from raymerge.errors import InputError
 from raymerge.options import ClusterOptions, MergeOptions
 from raynodes import RayNode
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CLI = [sys.executable, "-m", "raymerge.cli"]
-
 
 def _options(**kw) -> ClusterOptions:
     return MergeOptions(a="a", b="b", out="o", **kw).cluster
@@ -96,13 +91,13 @@ def autoscaling_head(tmp_path_factory):
         node.stop()
 
 
-def test_a_gpu_request_waits_for_the_autoscaler(tiny_parents, autoscaling_head, tmp_path):
+def test_a_gpu_request_waits_for_the_autoscaler(tiny_parents, autoscaling_head, attach, cli, tmp_path):
     """`--device gpu` on a cluster with no live GPU: the merge waits, saying so, the autoscaler
     adds a GPU node, and the actor placed there reports its device (here: unusable, so the merge
     stops in one line, before writing anything). Without the autoscaler it is refused at once."""
-    proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(tmp_path / "out"), "--device", "gpu",
-                           "--schedule-timeout", "120", "--address", autoscaling_head.address],
-                          capture_output=True, text=True, timeout=240)
+    with attach(autoscaling_head):
+        proc = cli("merge", *tiny_parents, "-o", tmp_path / "out", "--device", "gpu", "--schedule-timeout", "120",
+                   "--address", autoscaling_head.address)
     assert proc.returncode == 1
     lines = proc.stderr.splitlines()
     assert lines[0].startswith("waiting for resources: 0 of 1 actor(s) placed; the cluster has 1 CPUs and 0 GPUs"), lines
@@ -124,10 +119,10 @@ def fake_gpu_head(tmp_path_factory):
         node.stop()
 
 
-def test_impossible_request_fails_within_seconds(tiny_parents, fake_gpu_head, tmp_path):
+def test_impossible_request_fails_within_seconds(tiny_parents, fake_gpu_head, attach, cli, tmp_path):
     started = time.monotonic()
-    proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(tmp_path / "out"), "--workers", "2",
-                           "--address", fake_gpu_head.address], capture_output=True, text=True, timeout=120)
+    with attach(fake_gpu_head):
+        proc = cli("merge", *tiny_parents, "-o", tmp_path / "out", "--workers", "2", "--address", fake_gpu_head.address)
     assert proc.returncode == 1
     assert proc.stderr == ("raymerge: error: 2 actor(s) with 1 GPU(s) each can never be scheduled: the cluster "
                            "has 2 CPUs and 1 GPUs on 1 node(s) (largest node: 1 GPUs)\n"), proc.stderr
@@ -135,13 +130,13 @@ def test_impossible_request_fails_within_seconds(tiny_parents, fake_gpu_head, tm
     assert not (tmp_path / "out").exists()
 
 
-def test_an_actor_holding_a_gpu_it_cannot_use_stops_the_merge(tiny_parents, fake_gpu_head, tmp_path):
+def test_an_actor_holding_a_gpu_it_cannot_use_stops_the_merge(tiny_parents, fake_gpu_head, attach, cli, tmp_path):
     """No silent CPU fallback: the default (auto) puts an actor on the declared GPU, the actor's
     torch has no CUDA, and the merge stops in one line before writing anything."""
     import torch
 
-    proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(tmp_path / "out"),
-                           "--address", fake_gpu_head.address], capture_output=True, text=True, timeout=120)
+    with attach(fake_gpu_head):
+        proc = cli("merge", *tiny_parents, "-o", tmp_path / "out", "--address", fake_gpu_head.address)
     assert proc.returncode == 1
     assert re.fullmatch(r"raymerge: error: actor on node [0-9a-f]+ \(host [^)]+\) holds a GPU but torch cannot use "
                         rf"CUDA: this torch \({re.escape(torch.__version__)}\) is built without CUDA; run with "
@@ -149,48 +144,37 @@ def test_an_actor_holding_a_gpu_it_cannot_use_stops_the_merge(tiny_parents, fake
     assert not (tmp_path / "out").exists()
 
 
-def test_scoring_actors_holding_a_gpu_they_cannot_use_stop_the_sweep(tiny_parents, fake_gpu_head, tmp_path):
+def test_scoring_actors_holding_a_gpu_they_cannot_use_stop_the_sweep(tiny_parents, fake_gpu_head, attach, tmp_path):
     """`--eval`'s scoring actors follow the merge's rule: placed on the declared GPU, with a torch
     that has no CUDA, they stop the sweep in the same line a merge actor does (they used to score
     on the CPU instead, silently). Driven directly: on this one-node cluster the merge actors,
     placed first on the same GPU, would refuse before scoring starts."""
     import torch
 
+    from raymerge import evaluation
+    from raymerge.parents import load_parent
+    from raymerge.plan import build_plan
+
     text = tmp_path / "heldout.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    script = f"""
-import ray
-from raymerge.errors import InputError
-from raymerge import evaluation
-from raymerge.options import MergeOptions
-from raymerge.parents import load_parent
-from raymerge.plan import build_plan
-
-ray.init(address={fake_gpu_head.address!r}, logging_level="ERROR")
-options = MergeOptions(a={tiny_parents[0]!r}, b={tiny_parents[1]!r}, out="unused", eval_text={str(text)!r},
-                       schedule_timeout_s=60, progress=False)
-a, b = load_parent(options.a, "A"), load_parent(options.b, "B")
-plan = build_plan((a, b), options, 1)
-try:
-    evaluation.evaluate(options.cluster, plan, evaluation.prepare(options.scoring, a, b, plan), a, b, {{}}, {{}}, [])
-    print("scored")
-except InputError as e:
-    print(e)
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr
+    options = MergeOptions(a=tiny_parents[0], b=tiny_parents[1], out="unused", eval_text=str(text),
+                           schedule_timeout_s=60, progress=False)
+    a, b = load_parent(options.a, "A"), load_parent(options.b, "B")
+    plan = build_plan((a, b), options, 1)
+    with attach(fake_gpu_head), pytest.raises(InputError) as refused:
+        evaluation.evaluate(options.cluster, plan, evaluation.prepare(options.scoring, a, b, plan), a, b, {}, {}, [])
     assert re.fullmatch(r"actor on node [0-9a-f]+ \(host [^)]+\) holds a GPU but torch cannot use "
                         rf"CUDA: this torch \({re.escape(torch.__version__)}\) is built without CUDA; run with "
-                        r"--device cpu, or fix the node's torch\n", proc.stdout), proc.stdout
+                        r"--device cpu, or fix the node's torch", str(refused.value)), str(refused.value)
 
 
-def test_device_cpu_on_a_gpu_node_merges_the_same_bytes(tiny_parents, fake_gpu_head, cli, tmp_path):
+def test_device_cpu_on_a_gpu_node_merges_the_same_bytes(tiny_parents, fake_gpu_head, attach, cli, tmp_path):
     """`--device cpu` runs CPU actors on the GPU node; the output equals a merge on a node without
-    GPUs byte for byte (the session's head, in this process)."""
+    GPUs byte for byte (the session's head)."""
     outs = {"gpu-node": tmp_path / "gpu-node", "plain": tmp_path / "plain"}
-    proc = subprocess.run([*CLI, "merge", *tiny_parents, "-o", str(outs["gpu-node"]), "-t", "0.4", "--quiet",
-                           "--address", fake_gpu_head.address, "--device", "cpu"], capture_output=True, text=True,
-                          timeout=300)
+    with attach(fake_gpu_head):
+        proc = cli("merge", *tiny_parents, "-o", outs["gpu-node"], "-t", "0.4", "--quiet",
+                   "--address", fake_gpu_head.address, "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     plain = cli("merge", *tiny_parents, "-o", outs["plain"], "-t", "0.4", "--quiet")
     assert plain.returncode == 0, plain.stderr

@@ -208,12 +208,12 @@ def two_nodes(tmp_path_factory):
             node.stop()
 
 
-def test_parallel_trials_overlap_on_both_nodes(tiny_parents, text, two_nodes, tmp_path):
+def test_parallel_trials_overlap_on_both_nodes(tiny_parents, text, two_nodes, attach, cli, tmp_path):
     """``--parallel 2`` on two one-CPU nodes: trials run on both nodes at once."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "raymerge.cli", "search", *map(str, tiny_parents), "-o", str(out), "--eval", str(text),
-           "--context", str(CONTEXT), "--trials", "2", "--parallel", "2", "--address", two_nodes.address, "--quiet"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    with attach(two_nodes):
+        done = cli("search", *tiny_parents, "-o", out, "--eval", text, "--context", CONTEXT, "--trials", 2,
+                   "--parallel", 2, "--address", two_nodes.address, "--quiet")
     assert done.returncode == 0, done.stderr
     rows = pq.read_table(out / "search.parquet").to_pylist()
     assert len({r["node"] for r in rows}) == 2, "trials ran on both nodes"
