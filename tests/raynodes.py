@@ -19,18 +19,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+def _children(pid: int) -> list[int]:
+    """The process's children, as the kernel lists them per thread (``/proc/PID/task/TID/children``):
+    a few small reads, where scanning every process's stat file costs milliseconds of CPU, which
+    a test polling for an actor would take from the merge it watches."""
+    children = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return children
+    for tid in threads:
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        tree.setdefault(ppid, []).append(int(entry))
-    return tree
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                children += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return children
 
 
 def start_time(pid: int) -> int | None:
@@ -84,10 +88,9 @@ def freeze(pid: int, still_wanted) -> bool:
 
 
 def descendants(pid: int) -> list[int]:
-    tree, out, todo = _children(), [], [pid]
+    out, todo = [], [pid]
     while todo:
-        p = todo.pop()
-        for c in tree.get(p, []):
+        for c in _children(todo.pop()):
             out.append(c)
             todo.append(c)
     return out
@@ -135,7 +138,11 @@ class RayNode:
                 json.dump(_autoscaling_config(autoscaled, num_cpus, f"127.0.0.1:{self.port}"), f)
             extra_args.append(f"--autoscaling-config={config_path}")
             env.update(AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_FAKE_CLUSTER="1")
-        cmd = [ray, "start", "--block", f"--num-cpus={num_cpus}", "--disable-usage-stats"]
+        # No log monitor (drivers here never take workers' output: log_to_driver=False) and no
+        # workers started ahead of need (Ray prestarts one per CPU, which a test's actors may never
+        # use): CPU a 2-core machine running two test processes is short of.
+        cmd = [ray, "start", "--block", f"--num-cpus={num_cpus}", "--disable-usage-stats", "--include-log-monitor=false"]
+        env.update(RAY_enable_worker_prestart="0", RAY_prestart_worker_first_driver="0")
         self.temp_dir = None
         if head:
             self.dashboard_port = free_port()
