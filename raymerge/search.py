@@ -36,6 +36,7 @@ from raymerge import storage
 from raymerge.errors import InputError
 from raymerge.options import MergeOptions
 from raymerge.search_space import SEEDED_T, SearchSpace
+from raymerge.tune_files import whole_files
 
 SAMPLERS = ("tpe", "cmaes", "random")
 RESULT_FILES = ("search.parquet", "search.png", "recipe.yml")
@@ -291,10 +292,12 @@ def _tune(options: SearchOptions, ctx: _Context, parallel: int, resources: dict,
     trainable = tune.with_resources(tune.with_parameters(_trial, ctx=ctx), resources)
     storage = os.path.abspath(os.path.join(options.merge.out, TUNE_DIR))
     experiment = os.path.join(storage, "search")
-    if options.merge.resume and tune.Tuner.can_restore(experiment):
+    files = whole_files()  # a kill never leaves a record cut short (tune_files.py)
+    if options.merge.resume and tune.Tuner.can_restore(experiment, storage_filesystem=files):
         # Ended trials are kept; those running when the search stopped start again. The searcher,
         # the scheduler and the callbacks are Tune's, restored with the experiment.
-        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, restart_errored=True)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True, restart_errored=True,
+                                   storage_filesystem=files)
     else:
         shutil.rmtree(storage, ignore_errors=True)  # a search stopped before Tune recorded anything
         search = OptunaSearch(metric="dev_bits_per_byte", mode="min", points_to_evaluate=options.space.seeded(),
@@ -306,7 +309,8 @@ def _tune(options: SearchOptions, ctx: _Context, parallel: int, resources: dict,
             param_space={n: tune.uniform(0.0, 1.0) for n in options.space.names()},
             tune_config=tune.TuneConfig(metric="dev_bits_per_byte", mode="min", search_alg=search, scheduler=scheduler,
                                         num_samples=options.trials, max_concurrent_trials=parallel, reuse_actors=True),
-            run_config=tune.RunConfig(storage_path=storage, name="search", verbose=0, callbacks=callbacks),
+            run_config=tune.RunConfig(storage_path=storage, storage_filesystem=files, name="search", verbose=0,
+                                      callbacks=callbacks),
         )
     # Tune's own tables are not printed (raymerge prints its lines). A trial restarted by a resume
     # reports again the steps its killed run had reported, which Optuna warns of.

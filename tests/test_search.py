@@ -220,3 +220,19 @@ def test_parallel_trials_overlap_on_both_nodes(tiny_parents, text, two_nodes, at
     assert any(r["node"] != s["node"] and r["started"] < s["started"] + s["seconds"] and
                s["started"] < r["started"] + r["seconds"] for r in rows for s in rows), \
         [(r["node"][:8], r["started"], r["seconds"]) for r in rows]
+
+
+def test_a_record_write_killed_midway_leaves_the_last_whole_one(tmp_path):
+    """Tune rewrites its records in place at every checkpoint; a search killed mid-copy left one
+    cut short, and --resume failed on it (Tune: "Failed to restore the run state", then a
+    traceback). Through the search's filesystem, a process killed (os._exit) halfway through
+    rewriting a record leaves the last whole one, and a temporary file no name of Tune's matches."""
+    state = tmp_path / "experiment_state-2026.json"
+    state.write_text('{"trial_data": []}')
+    code = ("import os, sys; from raymerge.tune_files import whole_files\n"
+            "f = whole_files().open_output_stream(sys.argv[1]); f.write(b'{\"trial_da'); f.flush(); os._exit(9)")
+    killed = subprocess.run([sys.executable, "-c", code, str(state)], capture_output=True, text=True, timeout=60)
+    assert killed.returncode == 9, killed.stderr
+    assert state.read_text() == '{"trial_data": []}'
+    [left] = [p.name for p in tmp_path.iterdir() if p != state]
+    assert left.startswith(state.name + ".") and left.endswith(".partial")
