@@ -23,6 +23,9 @@ from raymerge.options import ClusterOptions
 
 # How often a merge waiting for resources says so.
 WAIT_REPORT_S = 5.0
+# How long a head just started may take to publish its monitor's first report (Ray's monitor
+# reports every 5 s): a request no live node can hold is refused once it has, not before.
+FIRST_REPORT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -109,12 +112,22 @@ def cluster_autoscales() -> bool:
     autoscaling config) its node provider is read-only and names each node's type after the node
     itself (``node_<id>``); an autoscaler names them after its config's node types
     (``gpu_workers``, ``ray.head.default``). The v2 autoscaler (KubeRay) reports the same through
-    its status API.
+    its status API. A head that has just started may not have published its first report yet:
+    the answer waits for it, up to ``FIRST_REPORT_S``.
     """
-    mapping = _autoscaler_report().get("node_type_mapping")
-    mapping = mapping if isinstance(mapping, dict) else {}
-    if any(not _read_only(node, kind) for node, kind in mapping.items()):
-        return True
+    deadline = time.monotonic() + FIRST_REPORT_S
+    while True:
+        mapping = _autoscaler_report().get("node_type_mapping")
+        mapping = mapping if isinstance(mapping, dict) else {}
+        if any(not _read_only(node, kind) for node, kind in mapping.items()) or _v2_autoscales():
+            return True
+        if mapping or time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+
+
+def _v2_autoscales() -> bool:
+    """Whether the v2 autoscaler's status names node types it launches, or launches some."""
     try:
         import ray
         from ray.autoscaler.v2.sdk import get_cluster_status
