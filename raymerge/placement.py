@@ -117,11 +117,12 @@ def cluster_autoscales() -> bool:
     """
     deadline = time.monotonic() + FIRST_REPORT_S
     while True:
-        mapping = _autoscaler_report().get("node_type_mapping")
+        report = _autoscaler_report()
+        mapping = (report or {}).get("node_type_mapping")
         mapping = mapping if isinstance(mapping, dict) else {}
         if any(not _read_only(node, kind) for node, kind in mapping.items()) or _v2_autoscales():
             return True
-        if mapping or time.monotonic() >= deadline:
+        if report is not None or time.monotonic() >= deadline:
             return False
         time.sleep(0.5)
 
@@ -227,14 +228,17 @@ def wait_placed(pool, where_args: tuple, timeout_s: float, nodes, show: bool, wa
     return [reports[i] for i in range(len(pool))]
 
 
-def _autoscaler_report() -> dict:
-    """The autoscaler part of the report Ray's monitor publishes in the GCS ({} before its first)."""
+def _autoscaler_report() -> dict | None:
+    """The autoscaler part of the report Ray's monitor publishes in the GCS: None before its
+    first, {} where it cannot be read."""
     try:  # Ray's private API: another Ray version may lack it, or publish another shape
         from ray._private import ray_constants
         from ray.experimental.internal_kv import _internal_kv_get
 
         raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
-        report = (json.loads(raw).get("autoscaler_report") or {}) if raw else {}
+        if not raw:
+            return None
+        report = json.loads(raw).get("autoscaler_report") or {}
         return report if isinstance(report, dict) else {}
     except Exception:  # noqa: BLE001 - no report to read: nothing more to learn
         return {}
@@ -242,7 +246,7 @@ def _autoscaler_report() -> dict:
 
 def _launching() -> str:
     """What the autoscaler says it is adding, as the end of a progress line."""
-    report = _autoscaler_report()
+    report = _autoscaler_report() or {}
     try:
         launching = dict(report.get("pending_launches") or {})
         for _node, kind, *_ in report.get("pending_nodes") or []:

@@ -2,11 +2,14 @@
 
 Tune rewrites its experiment state (``experiment_state-*.json``, the searcher's pickle, the trials'
 results) under ``OUT/.raymerge/tune`` at every checkpoint, copying each file over the last one from
-its staging directory. A search killed in the middle of a copy (``kill -9``, a lost node) left the
-file cut short, and ``--resume`` then failed on it. Tune writes through the ``pyarrow.fs``
-filesystem it is given (``RunConfig(storage_filesystem=...)``); this one is the local filesystem,
-except that a file is written under a temporary name beside its own, synced, and renamed over it
-when complete: a reader finds the previous complete file or the new one.
+its staging directory, on a thread, while the next save may already be rewriting the staging
+file. A search killed in the middle of a copy (``kill -9``, a lost node), or a copy of a staging
+file being rewritten, left the record cut short, and ``--resume`` then failed on it. Tune writes
+through the ``pyarrow.fs`` filesystem it is given (``RunConfig(storage_filesystem=...)``); this one
+is the local filesystem, except that a file is written under a temporary name beside its own,
+synced, and renamed over it when complete, and a record Tune restores from (its experiment state,
+JSON; its searcher's and callbacks' state, pickles) only if it reads back: a reader finds the
+previous whole record or the new one.
 
 Example:
     >>> import pyarrow.fs, tempfile, os
@@ -23,7 +26,9 @@ Example:
 from __future__ import annotations
 
 import io
+import json
 import os
+import pickle
 import uuid
 
 import pyarrow as pa
@@ -44,7 +49,25 @@ class _Replacing(io.FileIO):
             return
         os.fsync(self.fileno())
         super().close()
-        os.replace(self.name, self.final)
+        if _reads_back(self.final, self.name):
+            os.replace(self.name, self.final)
+        else:  # a copy of a staging file caught mid-rewrite: the last whole record stays
+            os.remove(self.name)
+
+
+def _reads_back(final: str, written: str) -> bool:
+    """Whether ``written`` is whole, for the records Tune restores from (other files: always)."""
+    name = os.path.basename(final)
+    try:
+        if name.startswith("experiment_state-") and name.endswith(".json"):
+            with open(written) as f:
+                json.load(f)
+        elif name.endswith(".pkl"):
+            with open(written, "rb") as f:
+                pickle.load(f)
+    except Exception:  # noqa: BLE001 - cut short: any error of JSON or of unpickling
+        return False
+    return True
 
 
 class WholeFiles(pafs.FileSystemHandler):

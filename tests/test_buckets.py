@@ -126,20 +126,6 @@ def tiny_reference(tiny_parents, bucket_cluster, ray_head, tmp_path_factory):
     return expected
 
 
-def test_a_merge_into_a_bucket_mounted_on_two_nodes(tiny_parents, bucket_cluster, tiny_reference, tmp_path):
-    """The merge is byte-identical to a local one; each shard was written by one actor, whole
-    (its recorded size and CRC-32 are those of the object), and both nodes wrote shards. This is
-    also the suite's two-node loopback cluster (a head and a worker of 1 CPU each): its actors
-    run on both nodes, and the fixture's teardown finds no process of theirs left."""
-    c = bucket_cluster
-    out = os.path.join(c.mount, "child")
-    merged = run_in_node(c.head, merge_argv(c, tiny_parents, out, TINY), env=c.env, timeout=300)
-    assert merged.returncode == 0, merged.stderr
-    assert "with 2 actors on 2 node(s)" in merged.stderr, merged.stderr
-    got = assert_bucket_holds(c, "child", tiny_reference, tmp_path)
-    assert len(assert_written_once(c, "child", got)) == 2, "both nodes wrote shards"
-
-
 @pytest.fixture(scope="module")
 def sweep_reference(tiny_parents, bucket_cluster, ray_head, tmp_path_factory):
     expected = merge_locally(tiny_parents, str(tmp_path_factory.mktemp("local") / "sweep"),
@@ -149,9 +135,16 @@ def sweep_reference(tiny_parents, bucket_cluster, ray_head, tmp_path_factory):
 
 
 def test_a_sweep_into_a_bucket_mounted_on_two_nodes(tiny_parents, bucket_cluster, sweep_reference, tmp_path):
-    """Each t of a sweep is byte-identical to a local sweep's, and is written as above."""
+    """Each t of a sweep is byte-identical to a local sweep's; each shard was written by one actor,
+    whole (its recorded size and CRC-32 are those of the object), and both nodes wrote shards.
+    This is also the suite's two-node loopback cluster (a head and a worker of 1 CPU each): its
+    actors run on both nodes, and the fixture's teardown finds no process of theirs left. (One t
+    written at OUT's root, on the same mount: the resume test below.)"""
     c = bucket_cluster
-    merge_into_bucket(c, tiny_parents, "sweep", (*TINY, *SWEEP))
+    out = os.path.join(c.mount, "sweep")
+    merged = run_in_node(c.head, merge_argv(c, tiny_parents, out, (*TINY, *SWEEP)), env=c.env, timeout=600)
+    assert merged.returncode == 0, merged.stderr
+    assert "with 2 actors on 2 node(s)" in merged.stderr, merged.stderr
     got = assert_bucket_holds(c, "sweep", sweep_reference, tmp_path)
     for sub in SWEEP_DIRS:
         assert len(assert_written_once(c, "sweep", got, sub)) == 2, f"{sub}: both nodes wrote shards"

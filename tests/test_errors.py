@@ -45,3 +45,18 @@ def test_a_changed_private_ray_api_means_no_autoscaler_not_a_crash(report, ray_h
     monkeypatch.setattr(internal_kv, "_internal_kv_get", get)
     assert placement.cluster_autoscales() is False
     assert placement._launching() == ""
+
+
+def test_a_head_just_started_is_asked_again_until_its_monitor_reports(ray_head, monkeypatch):
+    """Right after a head starts, Ray's monitor has published no report yet: that is not a fixed
+    cluster. The answer waits for the first report (a GPU merge sent to an autoscaling head
+    seconds after it started was refused as if no autoscaler could add GPU nodes)."""
+    import ray.experimental.internal_kv as internal_kv
+
+    reports = iter([None, None, json.dumps({"autoscaler_report": {"node_type_mapping": {
+        "0a1b": "ray.head.default", "2c3d": "gpu_workers"}}}).encode()])
+    monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda key, *a, **kw: next(reports))
+    assert placement.cluster_autoscales() is True
+    monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda key, *a, **kw: None)
+    monkeypatch.setattr(placement, "FIRST_REPORT_S", 0.6)
+    assert placement.cluster_autoscales() is False, "no report within FIRST_REPORT_S: a fixed cluster"

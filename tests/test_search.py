@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -236,3 +237,22 @@ def test_a_record_write_killed_midway_leaves_the_last_whole_one(tmp_path):
     assert state.read_text() == '{"trial_data": []}'
     [left] = [p.name for p in tmp_path.iterdir() if p != state]
     assert left.startswith(state.name + ".") and left.endswith(".partial")
+
+
+@pytest.mark.parametrize("name, cut", [("experiment_state-2026.json", b'{"trial_da'),
+                                       ("searcher-state-2026.pkl", pickle.dumps({"space": [0.5] * 64})[:-9])])
+def test_a_record_copied_while_tune_rewrote_it_is_not_put_in_place(tmp_path, name, cut):
+    """Tune copies a record from its staging file on a thread while its next save may be
+    rewriting that file (seen: an empty experiment state after a kill, then a failed resume). A
+    record that does not read back is dropped, and the last whole one stays."""
+    from raymerge.tune_files import whole_files
+
+    record = tmp_path / name
+    whole = b'{"trial_data": []}' if name.endswith(".json") else pickle.dumps({"space": []})
+    record.write_bytes(whole)
+    with whole_files().open_output_stream(str(record)) as f:
+        f.write(cut)
+    assert record.read_bytes() == whole and os.listdir(tmp_path) == [name]
+    with whole_files().open_output_stream(str(record)) as f:
+        f.write(b'{"trial_data": [1]}' if name.endswith(".json") else pickle.dumps({"space": [1]}))
+    assert record.read_bytes() != whole, "a whole record replaces the last one"
