@@ -12,7 +12,7 @@ JSON; its searcher's and callbacks' state, pickles) only if it reads back: a rea
 previous whole record or the new one.
 
 Example:
-    >>> import pyarrow.fs, tempfile, os
+    >>> import tempfile, os
     >>> fs = whole_files()
     >>> path = os.path.join(tempfile.mkdtemp(), "state.json")
     >>> with fs.open_output_stream(path) as f:
@@ -131,4 +131,5 @@ class WholeFiles(pafs.FileSystemHandler):
 
 
 def whole_files() -> pafs.FileSystem:
+    """The filesystem for ``RunConfig(storage_filesystem=...)`` and ``Tuner.restore``."""
     return pafs.PyFileSystem(WholeFiles())

@@ -115,8 +115,8 @@ def attach(ray_head):
 
     @contextlib.contextmanager
     def attached(node):
-        switch(node.address)
         try:
+            switch(node.address)
             yield node
         finally:
             switch(ray_head.address)

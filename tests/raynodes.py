@@ -141,7 +141,8 @@ class RayNode:
         # No log monitor (drivers here never take workers' output: log_to_driver=False) and no
         # workers started ahead of need (Ray prestarts one per CPU, which a test's actors may never
         # use): CPU a 2-core machine running two test processes is short of.
-        cmd = [ray, "start", "--block", f"--num-cpus={num_cpus}", "--disable-usage-stats", "--include-log-monitor=false"]
+        cmd = [ray, "start", "--block", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+               "--include-log-monitor=false"]
         env.update(RAY_enable_worker_prestart="0", RAY_prestart_worker_first_driver="0")
         self.temp_dir = None
         if head:

@@ -100,7 +100,8 @@ def test_a_gpu_request_waits_for_the_autoscaler(tiny_parents, autoscaling_head, 
                    "--address", autoscaling_head.address)
     assert proc.returncode == 1
     lines = proc.stderr.splitlines()
-    assert lines[0].startswith("waiting for resources: 0 of 1 actor(s) placed; the cluster has 1 CPUs and 0 GPUs"), lines
+    assert lines[0].startswith("waiting for resources: 0 of 1 actor(s) placed; the cluster has 1 CPUs and 0 GPUs"), \
+        lines
     assert re.fullmatch(r"raymerge: error: actor on node [0-9a-f]+ \(host [^)]+\) holds a GPU but torch cannot use "
                         r"CUDA: .*", lines[-1]), lines
     assert not (tmp_path / "out").exists()
