@@ -25,6 +25,9 @@ from raynodes import freeze, merge_actor_pids
 # Shards of 10 MB: a dozen, each written whole by one actor, so that a test can see some finished
 # while most are still to come.
 MERGE = dict(t=0.5, workers=2, max_shard_size="10MB", block_bytes=256 * 1024)
+# A resume may run with other blocks and another actor count (neither changes an output byte):
+# the defaults, here one actor on the session's one-CPU head.
+RESUME = dict(t=0.5, max_shard_size="10MB", resume=True)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +146,7 @@ def test_driver_killed_then_resumed(medium_parents, ray_head, undisturbed, tmp_p
         proc.wait(timeout=60)
     assert not os.path.exists(os.path.join(out, "config.json"))
     kept = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in _finished_shards(out)}
-    raymerge.merge(*medium_parents, out, resume=True, **MERGE)  # here, on the session's Ray
+    raymerge.merge(*medium_parents, out, **RESUME)  # here, on the session's Ray
     same_shards(out, undisturbed)
     for f, mtime in kept.items():
         assert os.stat(os.path.join(out, f)).st_mtime_ns == mtime, f"{f} was finished and should have been kept"
@@ -154,7 +157,7 @@ def test_truncated_shard_is_redone_on_resume(medium_parents, ray_head, undisturb
     shutil.copytree(undisturbed, out)  # a finished merge of these parents and options
     shard = os.path.join(out, sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))[1])
     os.truncate(shard, os.path.getsize(shard) // 2)
-    raymerge.merge(*medium_parents, out, resume=True, **MERGE)
+    raymerge.merge(*medium_parents, out, **RESUME)
     same_shards(out, undisturbed)
 
 
@@ -248,9 +251,12 @@ def test_ctrl_c_or_sigterm_stops_cleans_up_and_resumes(medium_parents, ray_head,
     kept = {f: os.stat(os.path.join(out, f)).st_mtime_ns for f in _finished_shards(out)}
     assert kept and sorted(kept) == sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
     # The interrupted merge's own command line, resumed in this process (on the session's Ray),
-    # with the default blocks: the block size never changes a byte, so a resume may change it.
-    small_blocks = cmd.index("--block-size")
-    again = cli(*cmd[3:small_blocks], *cmd[small_blocks + 2:], "--resume", "--quiet")
+    # with the default blocks and actor count: neither changes a byte, so a resume may change them.
+    options = cmd[3:]
+    for flag in ("--workers", "--block-size"):
+        at = options.index(flag)
+        del options[at:at + 2]
+    again = cli(*options, "--resume", "--quiet")
     assert again.returncode == 0, again.stderr
     same_shards(out, undisturbed)
     for f, mtime in kept.items():
