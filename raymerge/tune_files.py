@@ -79,9 +79,6 @@ class WholeFiles(pafs.FileSystemHandler):
     def __eq__(self, other) -> bool:
         return isinstance(other, WholeFiles)
 
-    def __ne__(self, other) -> bool:
-        return not self == other
-
     def get_type_name(self) -> str:
         return "raymerge-whole-files"
 

@@ -87,6 +87,25 @@ def freeze(pid: int, still_wanted) -> bool:
     return False
 
 
+def open_files(pid: int | str, *roots: str) -> dict[str, int]:
+    """The files under ``roots`` (paths as the process sees them) that process ``pid`` (or
+    ``"self"``) holds open, each with the bytes it has so far."""
+    prefixes = tuple(root.rstrip("/") + "/" for root in roots)
+    held = {}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return held
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith(prefixes):
+                held[target] = os.stat(f"/proc/{pid}/fd/{fd}").st_size
+        except OSError:  # closed meanwhile
+            continue
+    return held
+
+
 def descendants(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:

@@ -12,6 +12,7 @@ from raymerge.options import MergeOptions
 from raymerge.parents import load_parent
 from raymerge.plan import build_plan
 from raymerge.slerp import Coefficients
+from raynodes import open_files
 
 
 def _job(parents, tmp_path, paths):
@@ -25,16 +26,7 @@ def _job(parents, tmp_path, paths):
 def _open_fds(*roots) -> list[str]:
     """The files under ``roots`` (the parents', the output's) this process holds open; other
     descriptors come and go with the session's Ray and its threads."""
-    roots = tuple(os.path.realpath(r) + os.sep for r in roots)
-    held = []
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:  # closed meanwhile
-            continue
-        if target.startswith(roots):
-            held.append(target)
-    return sorted(held)
+    return sorted(open_files("self", *(os.path.realpath(r) for r in roots)))
 
 
 def test_a_shard_that_cannot_be_opened_leaks_no_descriptor(tiny_parents, tmp_path):

@@ -24,7 +24,7 @@ import pytest
 
 from raymerge import cli as raymerge_cli
 from buckets import S3Mount, pyarrow_s3, list_objects, read_object, run_in_node, s3fs_open_files, start_in_node
-from raynodes import freeze, merge_actor_pids, state
+from raynodes import freeze, merge_actor_pids, open_files, state
 from reference import check_merged
 
 CLI = [sys.executable, "-m", "raymerge.cli"]
@@ -175,15 +175,8 @@ def test_s3_parents_and_output_on_two_nodes(tiny_parents, bucket_cluster, tiny_r
 def open_shards(pid: int, out: str) -> dict[str, int]:
     """The shards under ``out`` (a path in the nodes' namespaces) that ``pid`` holds open, and
     how many bytes each has so far."""
-    held = {}
-    try:
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-            if link.startswith(out + "/") and link.endswith(".safetensors"):
-                held[os.path.basename(link)] = os.stat(f"/proc/{pid}/fd/{fd}").st_size
-    except OSError:
-        return {}
-    return held
+    return {os.path.basename(path): size for path, size in open_files(pid, out).items()
+            if path.endswith(".safetensors")}
 
 
 def freeze_a_writer(c, out: str, planned: dict[str, int], driver: subprocess.Popen) -> tuple[int, str, int] | None:

@@ -19,7 +19,7 @@ import raymerge
 from raymerge.errors import InputError
 from raymerge.schedule import Schedule
 from raymerge.synthetic import build_parent, llama_config
-from raynodes import freeze, merge_actor_pids
+from raynodes import freeze, merge_actor_pids, open_files
 
 # Small row blocks make the merge of the medium parents take seconds, so a kill lands mid-merge.
 # Shards of 10 MB: a dozen, each written whole by one actor, so that a test can see some finished
@@ -27,7 +27,7 @@ from raynodes import freeze, merge_actor_pids
 MERGE = dict(t=0.5, workers=2, max_shard_size="10MB", block_bytes=256 * 1024)
 # A resume may run with other blocks and another actor count (neither changes an output byte):
 # the defaults, here one actor on the session's one-CPU head.
-RESUME = dict(t=0.5, max_shard_size="10MB", resume=True)
+RESUME = dict(t=MERGE["t"], max_shard_size=MERGE["max_shard_size"], resume=True)
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +71,7 @@ def _finished_shards(out: str) -> list[str]:
 
 def _open_partial_shards(pid: int, out: str) -> list[str]:
     """Shards the process holds open: an actor does only inside a ``write`` call."""
-    root = os.path.realpath(out) + os.sep
-    try:
-        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
-    except OSError:
-        return []
-    return [link for link in links if link.startswith(root) and link.endswith(".safetensors")]
+    return [path for path in open_files(pid, os.path.realpath(out)) if path.endswith(".safetensors")]
 
 
 def test_actor_killed_mid_merge_is_replaced(medium_parents, ray_head, undisturbed, tmp_path):
@@ -225,10 +220,11 @@ def test_ctrl_c_or_sigterm_stops_cleans_up_and_resumes(medium_parents, ray_head,
     # starts a background pipeline, as pytest may be, with SIGINT ignored, which Python keeps).
     terminal = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
                 "from raymerge.cli import entry; entry()")
-    cmd = [sys.executable, "-c", terminal, "merge", *medium_parents, "-o", out, "-t", "0.5",
-           # Small blocks (which never change an output byte) stretch the merge phase, so that the
-           # interrupt after the first finished shard lands mid-merge even on a busy machine.
-           "--workers", "2", "--max-shard-size", "10MB", "--block-size", "16KiB", "--address", ray_head.address]
+    options = ["merge", *medium_parents, "-o", out, "-t", "0.5", "--max-shard-size", "10MB",
+               "--address", ray_head.address]
+    # Small blocks (which never change an output byte) stretch the merge phase, so that the
+    # interrupt after the first finished shard lands mid-merge even on a busy machine.
+    cmd = [sys.executable, "-c", terminal, *options, "--workers", "2", "--block-size", "16KiB"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def frozen_mid_merge() -> bool:
@@ -252,10 +248,6 @@ def test_ctrl_c_or_sigterm_stops_cleans_up_and_resumes(medium_parents, ray_head,
     assert kept and sorted(kept) == sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
     # The interrupted merge's own command line, resumed in this process (on the session's Ray),
     # with the default blocks and actor count: neither changes a byte, so a resume may change them.
-    options = cmd[3:]
-    for flag in ("--workers", "--block-size"):
-        at = options.index(flag)
-        del options[at:at + 2]
     again = cli(*options, "--resume", "--quiet")
     assert again.returncode == 0, again.stderr
     same_shards(out, undisturbed)

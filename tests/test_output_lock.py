@@ -14,16 +14,17 @@ import time
 from raymerge import cli
 from raymerge.verify import verify
 
+ARGS = ["-t", "0.5", "--max-shard-size", "10MB", "--quiet"]
 # Small row blocks (never an output byte's difference) stretch the medium parents' merge over
-# seconds, longer than the second merge takes to start and be refused.
-ARGS = ["-t", "0.5", "--workers", "2", "--max-shard-size", "10MB", "--block-size", "16KiB", "--quiet"]
+# seconds, longer than the second merge takes to start and be refused; a resume may drop them.
+SLOW = ["--workers", "2", "--block-size", "16KiB"]
 LOCKED = "is being written by another merge (pid "
 
 
 def test_two_merges_into_one_output_one_proceeds_and_a_killed_one_resumes(medium_parents, ray_head, tmp_path,
                                                                          capfd):
     out = str(tmp_path / "out")
-    cmd = [sys.executable, "-m", "raymerge.cli", "merge", *medium_parents, "-o", out, *ARGS,
+    cmd = [sys.executable, "-m", "raymerge.cli", "merge", *medium_parents, "-o", out, *ARGS, *SLOW,
            "--address", ray_head.address]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     try:
@@ -39,7 +40,7 @@ def test_two_merges_into_one_output_one_proceeds_and_a_killed_one_resumes(medium
         assert running.poll() is None, "the first merge goes on"
         # Neither --resume nor --overwrite takes an output another merge is writing.
         for extra in ("--resume", "--overwrite"):
-            assert cli.run(["merge", *medium_parents, "-o", out, *ARGS, extra]) == 1
+            assert cli.run(["merge", *medium_parents, "-o", out, *ARGS, *SLOW, extra]) == 1
             assert LOCKED in capfd.readouterr().err
         running.send_signal(signal.SIGKILL)
         running.wait(timeout=60)
@@ -50,8 +51,7 @@ def test_two_merges_into_one_output_one_proceeds_and_a_killed_one_resumes(medium
                 p.wait()
     assert not os.path.exists(os.path.join(out, "config.json")), "killed mid-merge"
     # Resumed with the default blocks and actor count, which never change an output byte.
-    resume = ["-t", "0.5", "--max-shard-size", "10MB", "--quiet", "--resume"]
-    assert cli.run(["merge", *medium_parents, "-o", out, *resume]) == 0, capfd.readouterr().err
+    assert cli.run(["merge", *medium_parents, "-o", out, *ARGS, "--resume"]) == 0, capfd.readouterr().err
     assert verify(out) == []
     assert not os.path.exists(os.path.join(out, ".raymerge")), "no lock or state is left behind"
 
