@@ -22,8 +22,11 @@ demo: install
 # slower here). TEST_WORKERS=0 runs one process.
 TEST_WORKERS ?= 2
 
+# A test process that dies (a test still running after pyproject.toml's timeout is ended so)
+# ends the run: pytest-xdist would give the test's file, that test first, to a new process.
 test: install
-	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --doctest-modules raymerge tests
+	$(BIN)/python -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile --max-worker-restart=0 \
+		--doctest-modules raymerge tests
 
 bench: install
 	$(BIN)/python bench/bench.py --reps 3 --scale2 --machine-note 'a disk shared with other machines'

@@ -30,7 +30,7 @@ STOP_TIMEOUT_S = 60.0
 IDLE_S = 3.0
 
 _idle_lock = threading.Lock()
-_idle: dict[tuple, list] = {}  # (Ray job, key) -> actors kept after a pass that ended well
+_idle: dict[tuple, list] = {}  # (Ray connection, key) -> actors kept after a pass that ended well
 _idle_timer: threading.Timer | None = None
 
 
@@ -43,7 +43,7 @@ class ActorPool:
     """
 
     def __init__(self, actor_cls, count: int, *args, keep_for: tuple | None = None, **kwargs):
-        self.key = (ray.get_runtime_context().get_job_id(), keep_for) if keep_for is not None else None
+        self.key = (_connection(), keep_for) if keep_for is not None else None
         self._in_flight: dict[Any, Any] = {}  # ref -> the caller's tag for it
         self.actors = _take_idle(self.key, count)
         try:
@@ -115,12 +115,26 @@ class ActorPool:
 
 
 def release_idle() -> None:
-    """Stop every actor kept for reuse (they hold CPUs and GPUs another pool may need)."""
+    """Stop every actor kept for reuse (they hold CPUs and GPUs another pool may need).
+
+    The kills happen under the lock, so that a caller about to leave its Ray (``ray.shutdown``)
+    after this returns never races the timer's kills. Actors kept on a Ray this process has left
+    are only forgotten: they ended with the connection that made them."""
     with _idle_lock:
-        actors = [a for kept in _idle.values() for a in kept]
+        try:
+            here = _connection() if ray.is_initialized() else None
+        except Exception:  # noqa: BLE001 - Ray is shutting down meanwhile
+            here = None
+        actors = [a for (connection, _), kept in _idle.items() if connection == here for a in kept]
         _idle.clear()
-    if actors and ray.is_initialized():
         _kill(actors)
+
+
+def _connection() -> tuple[str, str]:
+    """This process's current Ray connection: its job, and the node it attached to (a job id
+    alone repeats from one cluster to the next)."""
+    context = ray.get_runtime_context()
+    return context.get_job_id(), context.get_node_id()
 
 
 def _take_idle(key: tuple | None, count: int) -> list:

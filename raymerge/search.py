@@ -262,16 +262,20 @@ def _score_parents(a, b, text: str, context: int, holdout: float, pieces: int, s
     from raymerge import storage
     from raymerge.evaluation import EvalActor
     from raymerge.holdout import split_text
-    from raymerge.placement import check_reports
+    from raymerge.placement import check_reports, live_nodes, wait_placed
+    from raymerge.pool import ActorPool
     from raymerge.scoring import make_windows
 
     split = split_text(text, holdout, pieces)
-    actor = ray.remote(num_cpus=shape.num_cpus, num_gpus=shape.num_gpus,
-                       runtime_env=storage.actor_runtime_env())(EvalActor).remote(m.block_bytes, shape.threads,
-                                                                                shape.num_gpus > 0)
+    actor_cls = ray.remote(num_cpus=shape.num_cpus, num_gpus=shape.num_gpus,
+                           runtime_env=storage.actor_runtime_env())(EvalActor)
+    pool = ActorPool(actor_cls, 1, m.block_bytes, shape.threads, shape.num_gpus > 0)
     scores = {}
     try:
-        check_reports([ray.get(actor.where.remote())])  # a GPU it cannot use: one line, never the CPU
+        # Placed within --schedule-timeout, as every actor of a merge is; a GPU it cannot use: one
+        # line, never the CPU.
+        check_reports(wait_placed(pool, (), m.schedule_timeout_s, live_nodes, show=m.progress))
+        [actor] = pool.actors
         for p in (a, b):
             ray.get(actor.load_model.remote(p.label, p.path))
             bits = [ray.get(actor.score_built.remote(p.label, make_windows(p.tokenizer, part, context)))[0].bits
@@ -280,7 +284,7 @@ def _score_parents(a, b, text: str, context: int, holdout: float, pieces: int, s
             dev_bytes = len("".join(split.dev).encode("utf-8"))
             scores[p.label] = (sum(bits[:-1]) / dev_bytes, bits[-1] / len(split.test.encode("utf-8")))
     finally:
-        ray.kill(actor)
+        pool.stop()
     return scores
 
 

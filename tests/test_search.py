@@ -256,3 +256,34 @@ def test_a_record_copied_while_tune_rewrote_it_is_not_put_in_place(tmp_path, nam
     with whole_files().open_output_stream(str(record)) as f:
         f.write(b'{"trial_data": [1]}' if name.endswith(".json") else pickle.dumps({"space": [1]}))
     assert record.read_bytes() != whole, "a whole record replaces the last one"
+
+
+def test_the_parents_scoring_actor_waits_at_most_the_schedule_timeout(tiny_parents, text, ray_head):
+    """The search scores the parents on an actor placed as a merge's actors are: on a cluster
+    whose CPU stays taken, the search stops in one line after --schedule-timeout (it waited
+    without end before)."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from raymerge import pool
+    from raymerge.cli import build_options
+    from raymerge.errors import InputError
+    from raymerge.parents import load_parent
+    from raymerge.placement import live_nodes, scoring_shape
+    from raymerge.search import _score_parents
+
+    options = build_options(a=tiny_parents[0], b=tiny_parents[1], out="unused", eval_text=str(text), context=CONTEXT,
+                            quiet=True, schedule_timeout=2)
+    a, b = load_parent(options.a, "A"), load_parent(options.b, "B")
+    shape = scoring_shape(live_nodes(), 1, 0)
+    assert shape.num_cpus == 1, "the session's head has one CPU"
+    pool.release_idle()  # merge actors this process kept from an earlier test
+    taken = placement_group([{"CPU": 1}])  # the head's one CPU, reserved
+    try:
+        ray.get(taken.ready(), timeout=60)
+        with pytest.raises(InputError) as refused:
+            _score_parents(a, b, text.read_text(), CONTEXT, 0.3, 1, shape, options)
+    finally:
+        remove_placement_group(taken)
+    assert str(refused.value) == ("1 of 1 actor(s) were not scheduled within 2 s; the cluster has 1 CPUs and 0 GPUs "
+                                  "on 1 node(s)")
