@@ -34,8 +34,26 @@ start_head() {
     export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$WORK/token"
   fi
 
-  free_port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-  GCS_PORT=$(free_port) DASH_PORT=$(free_port) CLIENT_PORT=$(free_port) AGENT_PORT=$(free_port)
+  # Four free ports, none of Ray's worker ports (10002-19999) and none in the kernel's ephemeral
+  # range: a port of that range, free when chosen, may be an outgoing connection's source port by
+  # the time Ray binds it (a head whose client server cannot bind its port stops as a whole).
+  read -r GCS_PORT DASH_PORT CLIENT_PORT AGENT_PORT < <("$PY" - <<'PORTS'
+import random, socket
+low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+first, last = (20000, low - 1) if low - 20000 >= 1000 else (high + 1, 65535)
+ports = []
+for port in random.sample(range(first, last + 1), last - first + 1):
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            continue
+    ports.append(port)
+    if len(ports) == 4:
+        break
+print(*ports)
+PORTS
+)
 
   # Every port chosen free: the dashboard agent's default (52365) is taken by any other Ray node on
   # this machine, and a head without its agent cannot accept `ray job submit`.

@@ -13,10 +13,50 @@ import tempfile
 import time
 
 
+# Ray's worker processes listen on 10002-19999 (its --min/--max-worker-port defaults).
+_FIRST_PORT = 20000
+_next_port: int | None = None
+
+
+def _port_range() -> tuple[int, int]:
+    """The ports free_port draws from: above Ray's worker ports and below the kernel's ephemeral
+    range, which it hands out to every outgoing connection (and to every bind to port 0)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low, ephemeral_high = map(int, f.read().split())
+    except (OSError, ValueError):
+        ephemeral_low, ephemeral_high = 32768, 60999  # Linux's default
+    if ephemeral_low - _FIRST_PORT >= 1000:
+        return _FIRST_PORT, ephemeral_low - 1
+    return ephemeral_high + 1, 65535
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing holds now, and that nothing but a test's explicit choice will take.
+
+    A port is chosen some seconds before a Ray node's process binds it. A port of the kernel's
+    ephemeral range may meanwhile become the source port of any outgoing connection (seen: a
+    head's client server failed to bind its port, and `ray start --block` took the whole head,
+    and the test process attached to it, down). So ports come from outside that range, each test
+    process (pytest-xdist worker) from its own slice, in turn, never the same one twice in a row.
+    """
+    global _next_port
+    low, high = _port_range()
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    size = (high - low + 1) // max(workers, 1)
+    first = low + size * (worker % max(workers, 1))
+    if _next_port is None or not first <= _next_port < first + size:
+        _next_port = first + os.getpid() % size  # another run's nodes may linger on the slice's start
+    for _ in range(size):
+        port, _next_port = _next_port, first + (_next_port + 1 - first) % size
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # every address: a node binds 127.0.0.1 and this host's own
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {first}-{first + size - 1}")
 
 
 def _children(pid: int) -> list[int]:
@@ -179,7 +219,6 @@ class RayNode:
         # The dashboard agent listens on 52365 unless told otherwise: a second node on this machine
         # would lose its agent (and `ray job submit` its target) to the first.
         cmd.append(f"--dashboard-agent-listen-port={free_port()}")
-        # Ports from free_port() are ephemeral (32768+); Ray's worker ports (10002-19999) never clash.
         if resources:
             cmd.append(f"--resources={resources}")
         cmd += extra_args
