@@ -543,11 +543,11 @@ def _advise(m: mmap.mmap, entry: TensorEntry) -> None:
         m.madvise(mmap.MADV_WILLNEED, start, min(STREAM_AHEAD, end - start))
 
 
-def remote_actor_class(num_cpus: float, num_gpus: float, max_restarts: int = 3):
-    """The Ray actor class for MergeActor with its resource request. The driver's object-store
-    configuration (AWS_*, GOOGLE_*, GCS_* variables) goes with it to every node."""
+def remote_actor_class(num_cpus: float, num_gpus: float, runtime_env: dict | None, max_restarts: int = 3):
+    """The Ray actor class for MergeActor with its resource request and ``runtime_env``
+    (``storage.actor_runtime_env``: the driver's object-store configuration, to every node)."""
     import ray  # here, so that MergeActor itself runs (and is tested, and GPU-checked) without Ray
 
     return ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
                       max_task_retries=max_restarts,
-                      runtime_env=storage.actor_runtime_env())(MergeActor)
+                      runtime_env=runtime_env)(MergeActor)

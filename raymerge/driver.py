@@ -178,8 +178,9 @@ def _merge_into(out: OutputDir, inputs: tuple[Parent, ...], plan: MergePlan, opt
 def start_actors(options: ClusterOptions, shape: ActorShape, count: int, keep: bool) -> ActorPool:
     """The merge actors. ``keep``: this process keeps its Ray after the merge (the caller's own
     ray.init: a Python session, a test suite), so they may be kept for its next merge (pool.py)."""
-    actor_cls = remote_actor_class(shape.num_cpus, shape.num_gpus)
-    key = ("MergeActor", shape, options.block_bytes, json.dumps(storage.actor_runtime_env(), sort_keys=True))
+    runtime_env = storage.actor_runtime_env(options.object_storage)
+    actor_cls = remote_actor_class(shape.num_cpus, shape.num_gpus, runtime_env)
+    key = ("MergeActor", shape, options.block_bytes, json.dumps(runtime_env, sort_keys=True))
     return ActorPool(actor_cls, count, options.block_bytes, shape.threads, shape.num_gpus > 0, owns_process=True,
                      keep_for=key if keep else None)
 

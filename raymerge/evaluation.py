@@ -159,7 +159,7 @@ def evaluate(options: ClusterOptions, plan: MergePlan, inputs: EvalInputs, a: Pa
     """Score every output (one per label) and both parents on Ray actors; return the table."""
     shape = scoring_shape(live_nodes(), len(labels) + 2, plan.total_size(), options.device)
     actor_cls = ray.remote(num_cpus=shape.num_cpus, num_gpus=shape.num_gpus, max_restarts=1, max_task_retries=1,
-                           runtime_env=storage.actor_runtime_env())(EvalActor)
+                           runtime_env=storage.actor_runtime_env(options.object_storage))(EvalActor)
     pool = ActorPool(actor_cls, shape.count, options.block_bytes, shape.threads, shape.num_gpus > 0)
     rows = []
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from raymerge import storage
 from raymerge.errors import InputError
 from raymerge.family import FamilyMethod
 from raymerge.schedule import Schedule, check_t
@@ -78,6 +79,7 @@ class ClusterOptions:
     block_bytes: int
     schedule_timeout_s: float
     progress: bool
+    object_storage: bool = False  # a parent or the output is a URI: actors get its configuration
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,8 @@ class MergeOptions:
     def cluster(self) -> ClusterOptions:
         """What placement and the actor pools need."""
         return ClusterOptions(self.workers, self.address, self.gpus_per_actor, self.device, self.block_bytes,
-                              self.schedule_timeout_s, self.progress)
+                              self.schedule_timeout_s, self.progress,
+                              any(storage.is_uri(p) for p in (*self.inputs, self.out)))
 
     @property
     def scoring(self) -> ScoringOptions | None:

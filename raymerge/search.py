@@ -268,7 +268,7 @@ def _score_parents(a, b, text: str, context: int, holdout: float, pieces: int, s
 
     split = split_text(text, holdout, pieces)
     actor_cls = ray.remote(num_cpus=shape.num_cpus, num_gpus=shape.num_gpus,
-                           runtime_env=storage.actor_runtime_env())(EvalActor)
+                           runtime_env=storage.actor_runtime_env(m.cluster.object_storage))(EvalActor)
     pool = ActorPool(actor_cls, 1, m.block_bytes, shape.threads, shape.num_gpus > 0)
     scores = {}
     try:

@@ -36,10 +36,15 @@ _filesystems: dict[str, object] = {}  # one pyarrow filesystem per scheme and bu
 _lock = threading.Lock()
 
 
-def actor_runtime_env() -> dict | None:
+def actor_runtime_env(object_storage: bool) -> dict | None:
     """A Ray ``runtime_env`` that gives actors this process's object-store configuration (its
-    AWS_*, GOOGLE_* and GCS_* variables), or None when it has none."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(CREDENTIAL_PREFIXES)}
+    AWS_*, GOOGLE_* and GCS_* variables) when the run reads or writes object storage (a parent or
+    OUT is a URI); otherwise, or when it has none, None.
+
+    Only when needed: Ray starts a worker of its own for an actor with a runtime env, instead of
+    one of those it started ahead (which an embedded Ray has import torch while the driver plans),
+    and a shell's AWS_PROFILE or AWS_CA_BUNDLE would cost every local merge that start (~2 s)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(CREDENTIAL_PREFIXES)} if object_storage else {}
     return {"env_vars": env} if env else None
 
 

@@ -284,3 +284,24 @@ def test_small_files_are_written_in_place_where_rename_is_refused(tmp_path, monk
     monkeypatch.setattr(os, "replace", denied)
     with pytest.raises(PermissionError):
         storage.write_bytes(str(tmp_path / "other.json"), b"{}\n")
+
+
+def test_actors_get_the_credentials_only_where_a_path_is_a_uri(monkeypatch):
+    """A merge of local paths gives its actors no runtime_env, whatever AWS_* the shell holds (an
+    actor with one never takes a worker Ray started ahead); a parent or OUT in a bucket gives them
+    the driver's object-store variables."""
+    from raymerge.family import FamilyMethod
+    from raymerge.options import MergeOptions
+
+    monkeypatch.setenv("AWS_PROFILE", "merger")
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/keys/merger.json")
+    local = MergeOptions(a="/models/a", b="org/b", out="/models/out").cluster
+    assert not local.object_storage and storage.actor_runtime_env(local.object_storage) is None
+    for paths in (("s3://bucket/a", "/models/b", "/models/out"), ("/models/a", "/models/b", "gs://bucket/out")):
+        cluster = MergeOptions(a=paths[0], b=paths[1], out=paths[2]).cluster
+        env = storage.actor_runtime_env(cluster.object_storage)["env_vars"]
+        assert cluster.object_storage and env["AWS_PROFILE"] == "merger", paths
+        assert env["GOOGLE_APPLICATION_CREDENTIALS"] == "/keys/merger.json"
+    family = MergeOptions(a="/models/a", b="/models/b", more=("/models/c",), out="/models/out",
+                          base="s3://bucket/base", family=FamilyMethod("multislerp", base=True)).cluster
+    assert family.object_storage, "a base model in a bucket counts too"
