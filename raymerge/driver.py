@@ -116,8 +116,7 @@ def _merge_into(out: OutputDir, inputs: tuple[Parent, ...], plan: MergePlan, opt
     plan = assign_actors(plan, shape.count)
     pool = start_actors(options.cluster, shape, plan.n_actors, keep=not session.owns_ray)
     try:
-        read_paths = sorted({e.file for t in plan.tensors for e in t.inputs if e is not None})
-        placed = wait_placed(pool, (read_paths, out.probe_dir()), options.schedule_timeout_s, live_nodes,
+        placed = wait_placed(pool, (plan.read_paths(), out.probe_dir()), options.schedule_timeout_s, live_nodes,
                              show=options.progress, waits=shape.waits)
         check_reports(placed, out.probe_dir())
         phases.lap("start actors")

@@ -106,6 +106,10 @@ class MergePlan:
     def total_size(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    def read_paths(self) -> list[str]:
+        """The parents' weight files the actors read (each actor checks it sees them)."""
+        return sorted({e.file for t in self.tensors for e in t.inputs if e is not None})
+
     def to_table(self) -> pa.Table:
         """The plan as a pyarrow table (one row per output tensor), e.g. to save as Parquet."""
         rows = []

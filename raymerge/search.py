@@ -153,7 +153,7 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
     from raymerge.assemble import child_config
     from raymerge.holdout import split_windows
     from raymerge.passes import check_stats, reduce_pass
-    from raymerge.placement import live_nodes, merge_shape, scoring_shape
+    from raymerge.placement import check_reports, live_nodes, merge_shape, scoring_shape, wait_placed
     from raymerge.plan import assign_actors, build_plan
     from raymerge.recipe import write_recipe
     from raymerge.report import plot_search
@@ -189,6 +189,9 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
         plan = assign_actors(plan, shape.count)
         pool = driver.start_actors(m.cluster, shape, plan.n_actors, keep=False)
         try:
+            # Placed within --schedule-timeout, each seeing the parents, as a merge's actors are.
+            check_reports(wait_placed(pool, (plan.read_paths(),), m.schedule_timeout_s, live_nodes,
+                                      show=m.progress, waits=shape.waits))
             stats = reduce_pass(pool, plan.tensors, m.progress)
             check_stats(plan, stats)
         finally:

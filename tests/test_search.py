@@ -258,10 +258,10 @@ def test_a_record_copied_while_tune_rewrote_it_is_not_put_in_place(tmp_path, nam
     assert record.read_bytes() != whole, "a whole record replaces the last one"
 
 
-def test_the_parents_scoring_actor_waits_at_most_the_schedule_timeout(tiny_parents, text, ray_head):
-    """The search scores the parents on an actor placed as a merge's actors are: on a cluster
-    whose CPU stays taken, the search stops in one line after --schedule-timeout (it waited
-    without end before)."""
+def test_actors_the_search_waits_for_wait_at_most_the_schedule_timeout(tiny_parents, text, ray_head, cli, tmp_path):
+    """The search's own actors are placed as a merge's are: on a cluster whose CPU stays taken,
+    the first pass's merge actors, and the actor scoring the parents after the trials, stop the
+    search in one line after --schedule-timeout (both waited without end before)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
@@ -272,6 +272,7 @@ def test_the_parents_scoring_actor_waits_at_most_the_schedule_timeout(tiny_paren
     from raymerge.placement import live_nodes, scoring_shape
     from raymerge.search import _score_parents
 
+    refusal = "1 of 1 actor(s) were not scheduled within 2 s; the cluster has 1 CPUs and 0 GPUs on 1 node(s)"
     options = build_options(a=tiny_parents[0], b=tiny_parents[1], out="unused", eval_text=str(text), context=CONTEXT,
                             quiet=True, schedule_timeout=2)
     a, b = load_parent(options.a, "A"), load_parent(options.b, "B")
@@ -281,9 +282,11 @@ def test_the_parents_scoring_actor_waits_at_most_the_schedule_timeout(tiny_paren
     taken = placement_group([{"CPU": 1}])  # the head's one CPU, reserved
     try:
         ray.get(taken.ready(), timeout=60)
-        with pytest.raises(InputError) as refused:
+        search = cli("search", *tiny_parents, "-o", tmp_path / "out", "--eval", text, "--context", CONTEXT,
+                     "--trials", 2, "--schedule-timeout", 2, "--quiet")
+        with pytest.raises(InputError) as scoring:
             _score_parents(a, b, text.read_text(), CONTEXT, 0.3, 1, shape, options)
     finally:
         remove_placement_group(taken)
-    assert str(refused.value) == ("1 of 1 actor(s) were not scheduled within 2 s; the cluster has 1 CPUs and 0 GPUs "
-                                  "on 1 node(s)")
+    assert (search.returncode, search.stderr) == (1, f"raymerge: error: {refusal}\n")
+    assert str(scoring.value) == refusal
