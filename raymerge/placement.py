@@ -230,7 +230,11 @@ def wait_placed(pool, where_args: tuple, timeout_s: float, nodes, show: bool, wa
 
 def _autoscaler_report() -> dict | None:
     """The autoscaler part of the report Ray's monitor publishes in the GCS: None before its
-    first, {} where it cannot be read."""
+    first, {} where it cannot be read.
+
+    The monitor publishes its status from its first round on, but the autoscaler part only once
+    its autoscaler has had the nodes' load (the rounds before log "Autoscaler has not yet
+    received load metrics"): a status without it is no report yet."""
     try:  # Ray's private API: another Ray version may lack it, or publish another shape
         from ray._private import ray_constants
         from ray.experimental.internal_kv import _internal_kv_get
@@ -238,7 +242,12 @@ def _autoscaler_report() -> dict | None:
         raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
         if not raw:
             return None
-        report = json.loads(raw).get("autoscaler_report") or {}
+        status = json.loads(raw)
+        if not isinstance(status, dict):
+            return {}
+        if "autoscaler_report" not in status:
+            return None
+        report = status["autoscaler_report"] or {}
         return report if isinstance(report, dict) else {}
     except Exception:  # noqa: BLE001 - no report to read: nothing more to learn
         return {}

@@ -53,7 +53,9 @@ def test_a_head_just_started_is_asked_again_until_its_monitor_reports(ray_head, 
     seconds after it started was refused as if no autoscaler could add GPU nodes)."""
     import ray.experimental.internal_kv as internal_kv
 
-    reports = iter([None, None, json.dumps({"autoscaler_report": {"node_type_mapping": {
+    # Its first statuses may also come before its autoscaler's first round: load metrics only.
+    early = json.dumps({"load_metrics_report": {"usage": {}}}).encode()
+    reports = iter([None, early, early, json.dumps({"autoscaler_report": {"node_type_mapping": {
         "0a1b": "ray.head.default", "2c3d": "gpu_workers"}}}).encode()])
     monkeypatch.setattr(internal_kv, "_internal_kv_get", lambda key, *a, **kw: next(reports))
     assert placement.cluster_autoscales() is True
