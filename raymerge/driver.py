@@ -29,7 +29,7 @@ from raymerge.options import ClusterOptions, MergeOptions
 from raymerge.outdir import OutputDir
 from raymerge.parents import Parent, load_parent
 from raymerge.passes import check_stats, coefficients, reduce_pass, write_pass
-from raymerge.placement import ActorShape, check_reports, live_nodes, merge_shape, wait_placed
+from raymerge.placement import ActorShape, check_reports, merge_shape, place
 from raymerge.plan import MergePlan, assign_actors, build_plan
 from raymerge.pool import ActorPool
 from raymerge.report import tensor_report
@@ -116,9 +116,7 @@ def _merge_into(out: OutputDir, inputs: tuple[Parent, ...], plan: MergePlan, opt
     plan = assign_actors(plan, shape.count)
     pool = start_actors(options.cluster, shape, plan.n_actors, keep=not session.owns_ray)
     try:
-        placed = wait_placed(pool, (plan.read_paths(), out.probe_dir()), options.schedule_timeout_s, live_nodes,
-                             show=options.progress, waits=shape.waits)
-        check_reports(placed, out.probe_dir())
+        placed = place(pool, options.cluster, (plan.read_paths(), out.probe_dir()), out.probe_dir(), waits=shape.waits)
         phases.lap("start actors")
         choice, coefs, means = Choice(tuple(range(len(options.t_labels())))), None, {}
         if eval_inputs is not None:

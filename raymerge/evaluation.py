@@ -26,7 +26,7 @@ from raymerge.actors import MergeActor
 from raymerge.errors import InputError
 from raymerge.options import ClusterOptions, ScoringOptions
 from raymerge.parents import Parent
-from raymerge.placement import check_reports, cuda_problem, live_nodes, scoring_shape, wait_placed
+from raymerge.placement import ActorShape, cuda_problem, live_nodes, place, scoring_shape
 from raymerge.plan import MergePlan
 from raymerge.pool import ActorPool
 from raymerge.scoring import Score, Windows, default_context, make_windows, read_text, score
@@ -158,9 +158,7 @@ def evaluate(options: ClusterOptions, plan: MergePlan, inputs: EvalInputs, a: Pa
              coefficients: dict[str, tuple[Coefficients, ...]], means: dict, labels: list[str]) -> pa.Table:
     """Score every output (one per label) and both parents on Ray actors; return the table."""
     shape = scoring_shape(live_nodes(), len(labels) + 2, plan.total_size(), options.device)
-    actor_cls = ray.remote(num_cpus=shape.num_cpus, num_gpus=shape.num_gpus, max_restarts=1, max_task_retries=1,
-                           runtime_env=storage.actor_runtime_env(options.object_storage))(EvalActor)
-    pool = ActorPool(actor_cls, shape.count, options.block_bytes, shape.threads, shape.num_gpus > 0)
+    pool = start_scorers(options, shape, shape.count, restarts=1)
     rows = []
 
     def scored(task, result):
@@ -172,7 +170,6 @@ def evaluate(options: ClusterOptions, plan: MergePlan, inputs: EvalInputs, a: Pa
                   f"(built in {build_s:.1f} s, scored in {score_s:.1f} s)", file=sys.stderr, flush=True)
 
     try:
-        check_reports(wait_placed(pool, (), options.schedule_timeout_s, live_nodes, show=options.progress))
         plan_ref, child_windows = ray.put(plan), ray.put(inputs.child)
         for i, label in enumerate(labels):
             coefs = {name: c[i] for name, c in coefficients.items()}
@@ -187,6 +184,22 @@ def evaluate(options: ClusterOptions, plan: MergePlan, inputs: EvalInputs, a: Pa
     order = {label: i for i, label in enumerate(labels)}
     rows.sort(key=lambda r: (r["kind"] != "parent", r["name"] if r["kind"] == "parent" else order[r["name"]]))
     return pa.Table.from_pylist(rows)
+
+
+def start_scorers(options: ClusterOptions, shape: ActorShape, count: int, restarts: int) -> ActorPool:
+    """``count`` scoring actors of ``shape`` (each restarted up to ``restarts`` times), placed
+    within --schedule-timeout and able to use their device; else one InputError, and none is
+    left running."""
+    actor_cls = ray.remote(num_cpus=shape.num_cpus, num_gpus=shape.num_gpus, max_restarts=restarts,
+                           max_task_retries=restarts,
+                           runtime_env=storage.actor_runtime_env(options.object_storage))(EvalActor)
+    pool = ActorPool(actor_cls, count, options.block_bytes, shape.threads, shape.num_gpus > 0)
+    try:
+        place(pool, options)
+    except BaseException:
+        pool.stop()
+        raise
+    return pool
 
 
 def _row(kind: str, label: str, result: Score, build_s: float, score_s: float) -> dict:

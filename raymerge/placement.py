@@ -228,6 +228,15 @@ def wait_placed(pool, where_args: tuple, timeout_s: float, nodes, show: bool, wa
     return [reports[i] for i in range(len(pool))]
 
 
+def place(pool, options: ClusterOptions, where_args: tuple = (), write_path: str | None = None,
+          waits: bool = False) -> list[dict]:
+    """Every actor's report once all are placed (``wait_placed``, with the options' timeout and
+    progress) and able to do their work (``check_reports``); else one InputError."""
+    reports = wait_placed(pool, where_args, options.schedule_timeout_s, live_nodes, show=options.progress, waits=waits)
+    check_reports(reports, write_path)
+    return reports
+
+
 def _autoscaler_report() -> dict | None:
     """The autoscaler part of the report Ray's monitor publishes in the GCS: None before its
     first, {} where it cannot be read.

@@ -153,7 +153,7 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
     from raymerge.assemble import child_config
     from raymerge.holdout import split_windows
     from raymerge.passes import check_stats, reduce_pass
-    from raymerge.placement import check_reports, live_nodes, merge_shape, scoring_shape, wait_placed
+    from raymerge.placement import live_nodes, merge_shape, place, scoring_shape
     from raymerge.plan import assign_actors, build_plan
     from raymerge.recipe import write_recipe
     from raymerge.report import plot_search
@@ -190,8 +190,7 @@ def run_search(options: SearchOptions, session=None) -> SearchResult:
         pool = driver.start_actors(m.cluster, shape, plan.n_actors, keep=False)
         try:
             # Placed within --schedule-timeout, each seeing the parents, as a merge's actors are.
-            check_reports(wait_placed(pool, (plan.read_paths(),), m.schedule_timeout_s, live_nodes,
-                                      show=m.progress, waits=shape.waits))
+            place(pool, m.cluster, (plan.read_paths(),), waits=shape.waits)
             stats = reduce_pass(pool, plan.tensors, m.progress)
             check_stats(plan, stats)
         finally:
@@ -262,22 +261,16 @@ def _score_parents(a, b, text: str, context: int, holdout: float, pieces: int, s
     with the parent's own tokenizer, on one scoring actor."""
     import ray
 
-    from raymerge import storage
-    from raymerge.evaluation import EvalActor
+    from raymerge.evaluation import start_scorers
     from raymerge.holdout import split_text
-    from raymerge.placement import check_reports, live_nodes, wait_placed
-    from raymerge.pool import ActorPool
     from raymerge.scoring import make_windows
 
     split = split_text(text, holdout, pieces)
-    actor_cls = ray.remote(num_cpus=shape.num_cpus, num_gpus=shape.num_gpus,
-                           runtime_env=storage.actor_runtime_env(m.cluster.object_storage))(EvalActor)
-    pool = ActorPool(actor_cls, 1, m.block_bytes, shape.threads, shape.num_gpus > 0)
+    # Placed within --schedule-timeout, as every actor of a merge is; a GPU it cannot use: one
+    # line, never the CPU.
+    pool = start_scorers(m.cluster, shape, 1, restarts=0)
     scores = {}
     try:
-        # Placed within --schedule-timeout, as every actor of a merge is; a GPU it cannot use: one
-        # line, never the CPU.
-        check_reports(wait_placed(pool, (), m.schedule_timeout_s, live_nodes, show=m.progress))
         [actor] = pool.actors
         for p in (a, b):
             ray.get(actor.load_model.remote(p.label, p.path))
